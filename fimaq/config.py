@@ -1,0 +1,80 @@
+"""Typed configuration objects shared by the stages (LightningCLI builds them from YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fimaq.errors import FimaqError
+from fimaq.quant.quantizer import check_bits
+
+
+@dataclass
+class QuantSpec:
+    """What gets quantized and at which bit-width.
+
+    Attributes:
+        w_bits: weight bits of every quantized layer (2..8).
+        a_bits: activation bits (linear inputs and both matmul operands), 2..8.
+        head_a_bits: input bits of the classifier head; ``None`` = ``a_bits`` (as every official config).
+        patch_embed_a_bits: input bits of the patch-embedding conv; ``None`` keeps the image FP.
+        overrides: per-layer exceptions, ``{layer name: {"w_bits": b, "a_bits": b}}``; 32 or null = FP.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    head_a_bits: int | None = None
+    patch_embed_a_bits: int | None = None
+    overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        check_bits(self.head_a_bits, "head_a_bits")
+        check_bits(self.patch_embed_a_bits, "patch_embed_a_bits")
+        for name, bits in self.overrides.items():
+            unknown = set(bits) - {"w_bits", "a_bits"}
+            if unknown:
+                raise FimaqError(f"override for '{name}' has unknown keys {sorted(unknown)} (use w_bits, a_bits)")
+            for key, value in bits.items():
+                check_bits(value, f"overrides[{name!r}].{key}")
+
+    def bits_for(self, name: str, role: str) -> tuple[int | None, int | None]:
+        """(weight bits, input bits) for a layer; ``role`` is linear, head, patch_embed or matmul."""
+        w, a = self.w_bits, self.a_bits
+        if role == "head" and self.head_a_bits is not None:
+            a = self.head_a_bits
+        if role == "patch_embed":
+            a = self.patch_embed_a_bits
+        if name in self.overrides:
+            o = self.overrides[name]
+            w = o.get("w_bits", w)
+            a = o.get("a_bits", a)
+        return check_bits(w), check_bits(a)
+
+
+@dataclass
+class CalibConfig:
+    """Scale search of the calibration stage (ALGORITHM section 2).
+
+    Attributes:
+        num_images: calibration images (taken from the data module's calibration set).
+        eq_n: candidates per grid.
+        search_rounds: alternating weight/activation rounds after the initial search.
+        batch_size: images per forward pass while capturing.
+        candidate_chunk: candidates evaluated at once (bounds memory; no effect on the result).
+        fold_layernorm: fold per-channel input scales of qkv/fc1/reduction into the preceding LayerNorm.
+    """
+
+    num_images: int = 128
+    eq_n: int = 128
+    search_rounds: int = 3
+    batch_size: int = 32
+    candidate_chunk: int = 16
+    fold_layernorm: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("num_images", "eq_n", "batch_size", "candidate_chunk"):
+            if getattr(self, key) < 1:
+                raise FimaqError(f"calibration {key} must be >= 1, got {getattr(self, key)}")
+        if self.search_rounds < 0:
+            raise FimaqError(f"calibration search_rounds must be >= 0, got {self.search_rounds}")

@@ -1,0 +1,200 @@
+"""scikit-learn's 8x8 handwritten digits as a tiny, offline image data set for ViT quantization.
+
+The data ships inside the scikit-learn wheel, so tests and demos run without network access. The
+preprocessing below is a fixed recipe (stratified 75/25 split, bilinear upsampling, channel repeat,
+normalisation to [-1, 1]) so that checkpoints trained on it and tensors derived from it are
+bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from fimaq.errors import FimaqError
+
+log = logging.getLogger(__name__)
+
+NUM_SAMPLES = 1797
+NUM_TRAIN = 1347
+NUM_VAL = NUM_SAMPLES - NUM_TRAIN
+NUM_CLASSES = 10
+SPLIT_SEED = 0
+TEST_FRACTION = 0.25
+
+
+def _prepare_images(images: np.ndarray, img_size: int, in_chans: int) -> Tensor:
+    """Turn raw 0..16 digit images into normalised float32 tensors.
+
+    Args:
+        images: Array of shape ``(N, 8, 8)`` with values in ``[0, 16]``.
+        img_size: Output side length; bilinear upsampling is skipped when it is 8.
+        in_chans: Number of output channels (the grey channel is repeated).
+
+    Returns:
+        Contiguous float32 tensor of shape ``(N, in_chans, img_size, img_size)`` in ``[-1, 1]``.
+    """
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 16.0
+    if img_size != 8:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    x = x.repeat(1, in_chans, 1, 1)
+    x = (x - 0.5) / 0.5
+    return x.contiguous().to(torch.float32)
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """Lightning data module over scikit-learn's ``load_digits`` (1347 train / 450 val images).
+
+    Calibration and reconstruction sets are drawn from the training split with one seeded
+    permutation, so the calibration images are exactly the first rows of the reconstruction images.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 32,
+        in_chans: int = 3,
+        calib_size: int = 128,
+        recon_size: int = 1024,
+        batch_size: int = 32,
+        val_batch_size: int = 256,
+        seed: int = 3407,
+        num_workers: int = 0,
+    ) -> None:
+        """Validate and store the options; tensors are built lazily in :meth:`setup`.
+
+        Args:
+            img_size: Side length the 8x8 digits are upsampled to (at least 8).
+            in_chans: Channels of the produced images, 1 (grey) or 3 (grey repeated).
+            calib_size: Number of training images used for calibration (1..1347).
+            recon_size: Number of training images used for block reconstruction (1..1347).
+            batch_size: Batch size of the train, calibration and reconstruction loaders.
+            val_batch_size: Batch size of the validation and test loaders.
+            seed: Seed of the calibration/reconstruction permutation and the train shuffle.
+            num_workers: Worker processes of every data loader.
+        """
+        super().__init__()
+        if not isinstance(img_size, int) or img_size < 8:
+            raise FimaqError(f"img_size must be an integer >= 8, got {img_size!r}")
+        if in_chans not in (1, 3):
+            raise FimaqError(f"in_chans must be 1 or 3, got {in_chans!r}")
+        for name, value in (("calib_size", calib_size), ("recon_size", recon_size)):
+            if not isinstance(value, int) or not 1 <= value <= NUM_TRAIN:
+                raise FimaqError(f"{name} must be between 1 and {NUM_TRAIN} (digits train split), got {value!r}")
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise FimaqError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise FimaqError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        self.save_hyperparameters()
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.calib_size = calib_size
+        self.recon_size = recon_size
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.num_classes = NUM_CLASSES
+        self._train: tuple[Tensor, Tensor] | None = None
+        self._val: tuple[Tensor, Tensor] | None = None
+        self._calib: tuple[Tensor, Tensor] | None = None
+        self._recon: tuple[Tensor, Tensor] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build all tensors once; later calls are no-ops.
+
+        Args:
+            stage: Lightning stage name (ignored: every split is built together).
+        """
+        if self._train is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images, targets = digits.images, digits.target
+        train_idx, test_idx = train_test_split(
+            np.arange(len(targets)),
+            test_size=TEST_FRACTION,
+            random_state=SPLIT_SEED,
+            stratify=targets,
+        )
+        labels = torch.from_numpy(targets.astype(np.int64))
+        train_x = _prepare_images(images[train_idx], self.img_size, self.in_chans)
+        train_y = labels[torch.from_numpy(train_idx)].contiguous()
+        val_x = _prepare_images(images[test_idx], self.img_size, self.in_chans)
+        val_y = labels[torch.from_numpy(test_idx)].contiguous()
+        perm = torch.from_numpy(np.random.RandomState(self.seed).permutation(len(train_idx)))
+        calib_idx, recon_idx = perm[: self.calib_size], perm[: self.recon_size]
+        self._train = (train_x, train_y)
+        self._val = (val_x, val_y)
+        self._calib = (train_x[calib_idx].contiguous(), train_y[calib_idx].contiguous())
+        self._recon = (train_x[recon_idx].contiguous(), train_y[recon_idx].contiguous())
+        log.info(
+            "digits: %d train, %d val, %d calib, %d recon images of %dx%dx%d",
+            len(train_x),
+            len(val_x),
+            self.calib_size,
+            self.recon_size,
+            self.in_chans,
+            self.img_size,
+            self.img_size,
+        )
+
+    def _built(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        self.setup()
+        assert self._train is not None and self._val is not None
+        assert self._calib is not None and self._recon is not None
+        return self._train, self._val, self._calib, self._recon
+
+    def _loader(self, tensors: tuple[Tensor, Tensor], batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            TensorDataset(*tensors),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
+
+    def train_tensors(self) -> tuple[Tensor, Tensor]:
+        """Return the full training split (images, labels) in split order."""
+        return self._built()[0]
+
+    def val_tensors(self) -> tuple[Tensor, Tensor]:
+        """Return the 450 validation/test images and labels."""
+        return self._built()[1]
+
+    def calibration_tensors(self) -> tuple[Tensor, Tensor]:
+        """Return the calibration images and labels (the first rows of the reconstruction set)."""
+        return self._built()[2]
+
+    def reconstruction_tensors(self) -> tuple[Tensor, Tensor]:
+        """Return the reconstruction images and labels in permutation order."""
+        return self._built()[3]
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) loader over the training split, for training the float model."""
+        return self._loader(self.train_tensors(), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Loader over the 450 validation images, in fixed order."""
+        return self._loader(self.val_tensors(), self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Same as :meth:`val_dataloader` (digits has no separate test split)."""
+        return self.val_dataloader()
+
+    def calib_dataloader(self) -> DataLoader:
+        """Loader over the calibration set, not shuffled."""
+        return self._loader(self.calibration_tensors(), self.batch_size, shuffle=False)
+
+    def recon_dataloader(self) -> DataLoader:
+        """Loader over the reconstruction set, not shuffled."""
+        return self._loader(self.reconstruction_tensors(), self.batch_size, shuffle=False)

@@ -1,0 +1,66 @@
+"""The quantizer module: qparams with their final shapes from construction on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fimaq.errors import FimaqError
+from fimaq.quant.fake_quant import fake_quant
+
+MIN_BITS, MAX_BITS = 2, 8
+FP_BITS = (None, 32)
+
+
+def check_bits(bits: int | None, what: str = "bits") -> int | None:
+    """Validate a bit-width: 2..8 quantizes, ``None`` or 32 means full precision (returned as None)."""
+    if bits in FP_BITS:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise FimaqError(f"{what}={bits!r} is outside the supported range {MIN_BITS}..{MAX_BITS} (or 32/null for FP)")
+    return bits
+
+
+class UniformQuantizer(nn.Module):
+    """Asymmetric uniform fake-quantizer with a learnable scale and a fixed integer zero point.
+
+    Args:
+        bits: bit-width (2..8); ``None`` builds a pass-through quantizer.
+        scale_shape: shape of ``scale`` (broadcast against the input).
+        zero_point_shape: shape of ``zero_point``.
+    """
+
+    def __init__(self, bits: int | None, scale_shape: Sequence[int], zero_point_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.scale = nn.Parameter(torch.ones(tuple(scale_shape)))
+        self.register_buffer("zero_point", torch.zeros(tuple(zero_point_shape)))
+        self.enabled = False  # switched on after calibration; calibration itself runs in FP
+        self.ste = False  # straight-through rounding while reconstructing
+        self.drop_prob = 0.0  # QDrop: probability of keeping the FP value per element
+        self.generator: torch.Generator | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.bits is not None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scale={tuple(self.scale.shape)}, zero_point={tuple(self.zero_point.shape)}"
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Copy (broadcast) calibrated qparams into the fixed-shape parameters."""
+        with torch.no_grad():
+            self.scale.copy_(scale.to(self.scale).expand_as(self.scale))
+            self.zero_point.copy_(zero_point.to(self.zero_point).expand_as(self.zero_point))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        scale = self.scale.to(torch.float32) if x.dtype != self.scale.dtype else self.scale
+        out = fake_quant(x, scale, self.zero_point, self.bits, ste=self.ste).to(x.dtype)
+        if self.drop_prob > 0 and self.training:
+            keep_fp = torch.rand(x.shape, device=x.device, generator=self.generator) < self.drop_prob
+            out = torch.where(keep_fp, x, out)
+        return out
