@@ -62,6 +62,7 @@ class CalibConfig:
         search_rounds: alternating weight/activation rounds after the initial search.
         batch_size: images per forward pass while capturing.
         candidate_chunk: candidates evaluated at once (bounds memory; no effect on the result).
+        images_per_chunk: images per slice of the pruned output-error searches (speed only).
         fold_layernorm: fold per-channel input scales of qkv/fc1/reduction into the preceding LayerNorm.
     """
 
@@ -69,11 +70,12 @@ class CalibConfig:
     eq_n: int = 128
     search_rounds: int = 3
     batch_size: int = 32
-    candidate_chunk: int = 16
+    candidate_chunk: int = 32
+    images_per_chunk: int = 16
     fold_layernorm: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("num_images", "eq_n", "batch_size", "candidate_chunk"):
+        for key in ("num_images", "eq_n", "batch_size", "candidate_chunk", "images_per_chunk"):
             if getattr(self, key) < 1:
                 raise FimaqError(f"calibration {key} must be >= 1, got {getattr(self, key)}")
         if self.search_rounds < 0:

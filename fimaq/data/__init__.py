@@ -1,5 +1,6 @@
 """Data modules: offline scikit-learn digits and ImageNet in ImageFolder layout."""
 
 from fimaq.data.digits import DigitsDataModule
+from fimaq.data.imagenet import ImageNetDataModule
 
-__all__ = ["DigitsDataModule"]
+__all__ = ["DigitsDataModule", "ImageNetDataModule"]

@@ -85,7 +85,9 @@ class DigitsDataModule(L.LightningDataModule):
             raise FimaqError(f"in_chans must be 1 or 3, got {in_chans!r}")
         for name, value in (("calib_size", calib_size), ("recon_size", recon_size)):
             if not isinstance(value, int) or not 1 <= value <= NUM_TRAIN:
-                raise FimaqError(f"{name} must be between 1 and {NUM_TRAIN} (digits train split), got {value!r}")
+                raise FimaqError(
+                    f"{name} must be between 1 and {NUM_TRAIN} (digits train split), got {value!r}"
+                )
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise FimaqError(f"{name} must be a positive integer, got {value!r}")

@@ -36,6 +36,7 @@ class QLayer:
     name: str
     module: nn.Module
     role: str  # patch_embed | qkv | proj | fc1 | fc2 | reduction | head | matmul1 | matmul2
+    unit: str  # the reconstruction unit holding it: a block, a patch merging, patch_embed or the head
     norm: nn.LayerNorm | None = None
 
 
@@ -139,15 +140,21 @@ def iter_qlayers(model: nn.Module) -> Iterator[QLayer]:
                           id(mod.matmul2): "matmul2"})
         elif isinstance(mod, types["Mlp"]):
             roles.update({id(mod.fc1): "fc1", id(mod.fc2): "fc2"})
+    unit_types = (types["Block"], types["SwinBlock"], types["PatchMerging"])
+    unit = None
     for name, mod in model.named_modules():
+        if isinstance(mod, unit_types):
+            unit = name
+        in_unit = unit is not None and name.startswith(unit + ".")
         if isinstance(mod, QuantConv2d):
-            yield QLayer(name, mod, "patch_embed")
+            yield QLayer(name, mod, "patch_embed", unit if in_unit else name)
         elif isinstance(mod, QuantMatMul):
-            yield QLayer(name, mod, roles[id(mod)])
+            yield QLayer(name, mod, roles[id(mod)], unit if in_unit else name)
         elif isinstance(mod, QuantLinear):
             role = "head" if id(mod) in heads else roles.get(id(mod), "linear")
             norm = norms.get(id(mod))
-            yield QLayer(name, mod, role, norm if isinstance(norm, nn.LayerNorm) else None)
+            norm = norm if isinstance(norm, nn.LayerNorm) else None
+            yield QLayer(name, mod, role, unit if in_unit else name, norm)
 
 
 def set_quant_enabled(model: nn.Module, enabled: bool) -> None:

@@ -1,0 +1,78 @@
+"""Context-managed capture of layer inputs and outputs during FP forward passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fimaq.layers import QuantAttention, QuantWindowAttention
+
+
+@dataclass
+class Captured:
+    """Inputs (one tensor per positional argument) and output of one layer, batches concatenated."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    output: torch.Tensor | None = None
+
+
+@contextmanager
+def capture_io(
+    modules: dict[str, nn.Module], device: torch.device | None = None
+) -> Iterator[dict[str, Captured]]:
+    """Record every forward call's inputs and output of ``modules`` while the block runs.
+
+    Args:
+        modules: name -> module to watch.
+        device: where to keep the captured tensors (default: where they were produced).
+    """
+    parts: dict[str, tuple[list[list[torch.Tensor]], list[torch.Tensor]]] = {
+        name: ([], []) for name in modules
+    }
+    hooks = []
+    for name, mod in modules.items():
+        def hook(_m, args, out, name=name):
+            ins, outs = parts[name]
+            ins.append([a.detach().to(device or a.device) for a in args if isinstance(a, torch.Tensor)])
+            outs.append(out.detach().to(device or out.device))
+        hooks.append(mod.register_forward_hook(hook))
+    result: dict[str, Captured] = {name: Captured() for name in modules}
+    try:
+        yield result
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, (ins, outs) in parts.items():
+            if outs:
+                result[name].inputs = [torch.cat(list(group), 0) for group in zip(*ins)]
+                result[name].output = torch.cat(outs, 0)
+
+
+@contextmanager
+def explicit_matmuls(model: nn.Module) -> Iterator[None]:
+    """Route attention through its QuantMatMul modules (so their operands can be captured)."""
+    attns = [m for m in model.modules() if isinstance(m, (QuantAttention, QuantWindowAttention))]
+    for m in attns:
+        m.explicit_matmuls = True
+    try:
+        yield
+    finally:
+        for m in attns:
+            m.explicit_matmuls = False
+
+
+def run_batches(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+    """Forward ``images`` through ``model`` in batches under ``no_grad`` (outputs discarded)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            model(images[start:start + batch_size].to(device))
+
+
+def layer_subset(layers: Sequence, unit: str) -> dict[str, nn.Module]:
+    """name -> module of the layers belonging to ``unit``."""
+    return {q.name: q.module for q in layers if q.unit == unit}

@@ -1,0 +1,122 @@
+"""Candidate (scale, zero point) grids of the calibration searches (ALGORITHM section 2).
+
+Every grid reproduces the reference implementation's float32 arithmetic operation by operation, so
+that the candidates are bit-identical to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUANTILE_MAX_NUMEL = 2**24  # torch.quantile refuses larger inputs
+
+
+def _levels(bits: int) -> tuple[int, int, int]:
+    """(qmax, num_zp, num_scale helper) for a bit-width."""
+    return 2**bits - 1, min(16, 2**bits), 2 ** (bits - 1)
+
+
+def chunked_quantile(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Quantiles of a whole tensor; tensors too large for ``torch.quantile`` are split into 2^k equal
+    chunks whose quantiles are averaged (the reference's approximation)."""
+    flat = x.reshape(-1)
+    chunks = 1
+    while flat.numel() % chunks or flat.numel() // chunks > QUANTILE_MAX_NUMEL:
+        chunks *= 2
+        if chunks > flat.numel():
+            raise ValueError("cannot split tensor for quantiles")
+    return torch.quantile(flat.view(chunks, -1), q.to(flat.device), dim=-1).mean(dim=-1)
+
+
+def _zero_points(bits: int, num_scale: int, device: torch.device) -> torch.Tensor:
+    _, num_zp, half = _levels(bits)
+    zps = torch.arange(int(half - num_zp / 2), int(half + num_zp / 2), device=device)
+    return zps.repeat_interleave(num_scale).to(torch.float32)
+
+
+def weight_grid(w: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row candidates for a 2-D weight ``(rows, in)``: returns scales and zero points ``(P, rows, 1)``.
+
+    Scales interpolate between the (q0.9 - q0.1) and (max - min) ranges; zero points are the fixed
+    integers around mid-range; candidate index = zero-point index * num_scale + scale index; the last
+    candidate is repeated once more (P = eq_n + 1).
+    """
+    qmax, num_zp, _ = _levels(bits)
+    num_scale = int(eq_n / num_zp)
+    pct = torch.tensor([0.9, 1.0])
+    upper = torch.quantile(w, pct.to(w.device), dim=-1).unsqueeze(-1)  # (2, rows, 1)
+    lower = torch.quantile(w, (1 - pct).to(w.device), dim=-1).unsqueeze(-1)
+    delta_min = upper[0:1] - lower[0:1]
+    delta_max = upper[1:] - lower[1:]
+    splits = torch.linspace(0, 1, steps=num_scale, device=w.device)[:, None, None] * (delta_max - delta_min)
+    scales = (delta_min + splits).repeat(num_zp, 1, 1) / qmax
+    scales = torch.cat([scales, scales[-1:]], dim=0)
+    zps = _zero_points(bits, num_scale, w.device)[:, None, None].expand(-1, w.shape[0], 1)
+    zps = torch.cat([zps, zps[-1:]], dim=0)
+    return scales, zps
+
+
+def activation_grid(
+    x: torch.Tensor, bits: int, eq_n: int, channel_wise: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates for an input tensor ``(..., C)``: per tensor ``(P,)`` or per channel ``(C, P)``.
+
+    Same construction as :func:`weight_grid` on the whole tensor (or per channel), scales clamped to
+    at least 1e-4.
+    """
+    qmax, num_zp, _ = _levels(bits)
+    num_scale = int(eq_n / num_zp)
+    pct = torch.tensor([0.9, 1.0])
+    if channel_wise:
+        flat = x.reshape(-1, x.shape[-1])
+        cols = max(1, QUANTILE_MAX_NUMEL // flat.shape[0])
+        ups, lows = [], []
+        for c0 in range(0, flat.shape[1], cols):
+            part = flat[:, c0:c0 + cols]
+            ups.append(torch.quantile(part, pct.to(x.device), dim=0).transpose(0, 1))
+            lows.append(torch.quantile(part, (1 - pct).to(x.device), dim=0).transpose(0, 1))
+        upper, lower = torch.cat(ups, 0), torch.cat(lows, 0)  # (C, 2)
+    else:
+        upper = chunked_quantile(x, pct).unsqueeze(0)  # (1, 2)
+        lower = chunked_quantile(x, 1 - pct).unsqueeze(0)
+    delta_min = upper[:, 0:1] - lower[:, 0:1]
+    delta_max = upper[:, 1:] - lower[:, 1:]
+    splits = torch.linspace(0, 1, steps=num_scale, device=x.device)[None, :] * (delta_max - delta_min)
+    scales = ((delta_min + splits).repeat(1, num_zp) / qmax).clamp(min=1e-4)
+    scales = torch.cat([scales, scales[..., -1:]], dim=-1)
+    zps = _zero_points(bits, num_scale, x.device)[None, :].expand(scales.shape[0], -1)
+    zps = torch.cat([zps, zps[..., -1:]], dim=-1)
+    if not channel_wise:
+        return scales[0], zps[0]
+    return scales, zps
+
+
+def conv_weight_bounds(w2d: torch.Tensor, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (upper, lower) bound candidates ``(eq_n + 1, rows, 1)`` for the patch-embed
+    weight: quantile levels ``0.99 + 0.0099 (i / (eq_n - 1))^0.5`` and 1.0 (lower: one minus them)."""
+    lo, hi, k = 0.99, 0.9999, 0.5
+    pct = torch.tensor([lo + (hi - lo) * (i / (eq_n - 1)) ** k for i in range(eq_n)] + [1.0])
+    upper = torch.quantile(w2d, pct.to(w2d.device), dim=-1).unsqueeze(-1)
+    lower = torch.quantile(w2d, (1 - pct).to(w2d.device), dim=-1).unsqueeze(-1)
+    return upper, lower
+
+
+def bounds_to_qparams(upper: torch.Tensor, lower: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``(u - l) / (2^b - 1)`` and zero point ``-round(l / s)`` of a range."""
+    scale = (upper - lower) / (2**bits - 1)
+    return scale, -(lower / scale).round()
+
+
+def matmul_operand_bounds(x: torch.Tensor, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (upper, lower) candidates ``(eq_n + 1, heads)`` for a matmul operand ``(n, H, r, c)``.
+
+    Upper bounds run from q0.99 to q0.99999, lower bounds from q1e-5 to q0.01 (linear in t), the last
+    candidate repeated.
+    """
+    heads = x.shape[1]
+    levels = torch.tensor([0.99, 0.99999, 0.01, 0.00001])
+    qs = torch.stack([chunked_quantile(x[:, h], levels) for h in range(heads)], dim=-1)  # (4, H)
+    t = torch.linspace(0, 1, steps=eq_n, device=x.device)[:, None]
+    upper = qs[0:1] + t * (qs[1:2] - qs[0:1])
+    lower = qs[3:4] + t * (qs[2:3] - qs[3:4])
+    return torch.cat([upper, upper[-1:]], 0), torch.cat([lower, lower[-1:]], 0)

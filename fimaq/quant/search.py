@@ -1,0 +1,180 @@
+"""Batched candidate searches of the calibration stage: each returns, per group (row, head or tensor),
+the index of the candidate with the smallest squared error, ties going to the lowest index.
+
+Squared errors are accumulated in float64. Output-error searches over activations prune: every
+candidate's error is a sum of non-negative per-chunk terms, so a candidate whose partial sum already
+exceeds a complete candidate's total can never win and is dropped (exact, not a heuristic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fimaq.quant.fake_quant import fake_quant
+from fimaq.quant.sorted_sse import SortedValues
+
+ChunkEval = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate indices, chunk) -> (n, groups) SSE
+
+
+def pruned_argmin(evaluate: ChunkEval, num_cand: int, num_chunks: int, rtol: float = 1e-7) -> torch.Tensor:
+    """Per-group argmin over candidates of ``sum_k evaluate(c, k)``, with exact branch-and-bound pruning.
+
+    Args:
+        evaluate: returns the (non-negative) error of the given candidates on chunk k, shape (n, groups).
+        num_cand: number of candidates.
+        num_chunks: number of chunks the error is summed over.
+        rtol: relative slack before a candidate is dropped (guards float64 summation noise).
+    """
+    everyone = torch.arange(num_cand)
+    partial = evaluate(everyone, 0)
+    seeds = torch.unique(partial.argmin(dim=0))
+    seed_total = partial[seeds].clone()
+    for k in range(1, num_chunks):
+        seed_total += evaluate(seeds, k)
+    bound = seed_total.min(dim=0).values * (1 + rtol)
+    alive = partial <= bound
+    alive[seeds] = False
+    for k in range(1, num_chunks):
+        idx = alive.any(dim=1).nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        partial[idx] += evaluate(idx, k)
+        alive[idx] &= partial[idx] <= bound
+    totals = torch.full_like(partial, float("inf"))
+    totals[alive] = partial[alive]
+    totals[seeds] = seed_total
+    return totals.argmin(dim=0)
+
+
+def fake_quant_nograd(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """``fake_quant`` without autograd, in three in-place passes: ``s * clamp(round(x / s), -zp, qmax - zp)``
+    (bit-identical: the rounded values and zero points are small integers)."""
+    t = x / scale
+    t.round_()
+    t.clamp_(min=-zero_point, max=(2**bits - 1) - zero_point)
+    return t.mul_(scale)
+
+
+def _candidate_chunks(num: int, chunk: int):
+    for start in range(0, num, chunk):
+        yield start, min(num, start + chunk)
+
+
+def weight_self_search(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row candidate minimising the weight's own squared error; ``w`` (rows, in), grids (P, rows, 1)."""
+    sse = SortedValues(w).sse(scales[..., 0].T, zps[..., 0].T, bits)  # (rows, P)
+    return sse.argmin(dim=1)
+
+
+def weight_output_search(
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scales: torch.Tensor,
+    zps: torch.Tensor,
+    bits: int,
+    chunk: int,
+) -> torch.Tensor:
+    """Per-row candidate minimising the layer-output squared error ``||x W_hat^T + b - y||^2``.
+
+    Each output row depends only on its weight row, so with ``d = w_hat - w`` and ``r = x w + b - y``
+    the error is ``d^T (x^T x) d + 2 d^T x^T r + const``: one Gram matrix instead of one matmul per
+    candidate. ``x`` (M, in) is the (already quantized) input, ``y`` (M, out) the FP output.
+    """
+    xd = x.double()
+    gram = xd.T @ xd
+    resid = xd @ w.double().T + bias.double() - y.double()
+    cross = (xd.T @ resid).T  # (out, in)
+    vals = []
+    for s, e in _candidate_chunks(scales.shape[0], chunk):
+        d = (fake_quant(w.unsqueeze(0), scales[s:e], zps[s:e], bits) - w.unsqueeze(0)).double()
+        vals.append(((d @ gram) * d).sum(-1) + 2 * (d * cross.unsqueeze(0)).sum(-1))
+    return torch.cat(vals, 0).argmin(dim=0)
+
+
+def act_self_search(
+    x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int, channel_wise: bool = False
+) -> torch.Tensor:
+    """Candidate minimising the input's own squared error: per tensor (grids (P,), returns (1,)) or per
+    channel (grids (C, P), returns (C,)); ``x`` is (M, C)."""
+    if channel_wise:
+        return SortedValues(x.T).sse(scales, zps, bits).argmin(dim=1)
+    return SortedValues(x.reshape(1, -1)).sse(scales.view(1, -1), zps.view(1, -1), bits).argmin(dim=1)
+
+
+def act_output_search(
+    x: torch.Tensor,
+    w_hat: torch.Tensor,
+    bias: torch.Tensor,
+    y: torch.Tensor,
+    scales: torch.Tensor,
+    zps: torch.Tensor,
+    bits: int,
+    chunk: int,
+    rows_per_chunk: int,
+) -> int:
+    """Per-tensor input candidate minimising ``||x_hat W_hat^T + b - y||^2`` (pruned search)."""
+    num_chunks = -(-x.shape[0] // rows_per_chunk)
+
+    target = y - bias
+    gram = (w_hat.T @ w_hat) if w_hat.shape[1] < w_hat.shape[0] else None
+
+    def evaluate(cands: torch.Tensor, k: int) -> torch.Tensor:
+        rows = slice(k * rows_per_chunk, (k + 1) * rows_per_chunk)
+        xs, ts = x[rows], target[rows]
+        if gram is not None:  # ||D W^T + R||^2 = <D G, D> + 2 <D, R W> + ||R||^2, cheaper when in < out
+            resid = xs @ w_hat.T - ts
+            proj = resid @ w_hat
+            const = resid.pow(2).sum(dtype=torch.float64)
+        out = []
+        for s, e in _candidate_chunks(cands.numel(), chunk):
+            c = cands[s:e]
+            x_hat = fake_quant_nograd(xs.unsqueeze(0), scales[c].view(-1, 1, 1), zps[c].view(-1, 1, 1), bits)
+            if gram is not None:
+                d = x_hat.sub_(xs)
+                quad = (d.view(-1, d.shape[-1]) @ gram).view_as(d).mul_(d).sum(dim=(1, 2), dtype=torch.float64)
+                lin = d.mul_(proj).sum(dim=(1, 2), dtype=torch.float64)
+                out.append((quad + 2 * lin + const).unsqueeze(-1))
+            else:
+                err = (x_hat.view(-1, x_hat.shape[-1]) @ w_hat.T).view(e - s, -1, w_hat.shape[0]).sub_(ts)
+                out.append(err.pow_(2).sum(dim=(1, 2), dtype=torch.float64).unsqueeze(-1))
+        return torch.cat(out, 0)
+
+    return int(pruned_argmin(evaluate, scales.shape[0], num_chunks)[0])
+
+
+def matmul_operand_search(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    scales: torch.Tensor,
+    zps: torch.Tensor,
+    bits: int,
+    operand: str,
+    chunk: int,
+    images_per_chunk: int,
+) -> torch.Tensor:
+    """Per-head candidate for one operand of ``a @ b`` (the other already quantized as given), by the
+    squared error of the product against the FP ``out``. Grids are (P, H)."""
+    n = a.shape[0]
+    num_chunks = -(-n // images_per_chunk)
+
+    def evaluate(cands: torch.Tensor, k: int) -> torch.Tensor:
+        sl = slice(k * images_per_chunk, (k + 1) * images_per_chunk)
+        ak, bk, ok = a[sl], b[sl], out[sl]
+        res = []
+        for s, e in _candidate_chunks(cands.numel(), chunk):
+            c = cands[s:e]
+            sc = scales[c].view(-1, 1, scales.shape[1], 1, 1)
+            zp = zps[c].view(-1, 1, zps.shape[1], 1, 1)
+            if operand == "A":
+                prod = fake_quant_nograd(ak.unsqueeze(0), sc, zp, bits) @ bk
+            else:
+                prod = ak @ fake_quant_nograd(bk.unsqueeze(0), sc, zp, bits)
+            res.append(prod.sub_(ok).pow_(2).sum(dim=(1, 3, 4), dtype=torch.float64))  # (p, H)
+        return torch.cat(res, 0)
+
+    return pruned_argmin(evaluate, scales.shape[0], num_chunks)

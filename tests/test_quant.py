@@ -1,0 +1,143 @@
+"""Quantization math against hand-computed grids, torch's reference fake-quant and brute force."""
+
+import pytest
+import torch
+
+from fimaq.errors import FimaqError
+from fimaq.quant import UniformQuantizer, check_bits, fake_quant
+from fimaq.quant import grids, search
+
+
+def test_fake_quant_hand_computed_grid():
+    # 3 bits, scale 0.5, zero point 3: codes 0..7 represent (q - 3) * 0.5 = -1.5 .. 2.0
+    x = torch.tensor([-3.0, -1.5, -0.74, -0.26, 0.0, 0.26, 0.75, 1.24, 2.0, 9.0])
+    expected = torch.tensor([-1.5, -1.5, -0.5, -0.5, 0.0, 0.5, 1.0, 1.0, 2.0, 2.0])
+    out = fake_quant(x, torch.tensor(0.5), torch.tensor(3.0), bits=3)
+    assert torch.equal(out, expected)
+
+
+def test_fake_quant_matches_torch_per_channel():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    scale = torch.rand(16) * 0.1 + 0.01
+    zp = torch.randint(0, 16, (16,))
+    ref = torch.fake_quantize_per_channel_affine(w, scale, zp.int(), 0, 0, 15)
+    ours = fake_quant(w, scale.view(-1, 1), zp.view(-1, 1).float(), bits=4)
+    # torch multiplies by 1/scale, we divide: only exact .5 ties may round apart (one step)
+    assert (ours - ref).abs().le(scale.view(-1, 1) * 1.0001).all()
+    assert (ours == ref).float().mean() > 0.999
+
+
+def test_ste_gradients():
+    x = torch.tensor([-10.0, 0.3, 0.4, 10.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    out = fake_quant(x, s, torch.tensor(2.0), bits=2, ste=True)  # range (0-2)*.5 .. (3-2)*.5
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    assert s.grad is not None and s.grad.abs() > 0
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 2.5, "4"])
+def test_bits_outside_range_rejected(bits):
+    with pytest.raises(FimaqError, match="outside the supported range"):
+        check_bits(bits)
+
+
+def test_quantizer_off_is_identity_and_on_quantizes():
+    q = UniformQuantizer(4, (1, 3, 1), (1,))
+    x = torch.randn(2, 3, 5)
+    assert torch.equal(q(x), x)
+    q.set_qparams(torch.tensor(0.25), torch.tensor(8.0))
+    q.enabled = True
+    assert torch.equal(q(x), fake_quant(x, torch.tensor(0.25), torch.tensor(8.0), 4))
+    assert q.scale.shape == (1, 3, 1) and torch.all(q.scale == 0.25)
+
+
+def test_weight_grid_by_hand():
+    w = torch.linspace(-1, 1, 101).view(1, -1)  # quantiles are exact here: q0.1 = -0.8, q0.9 = 0.8
+    scales, zps = grids.weight_grid(w, bits=3, eq_n=128)
+    assert scales.shape == (129, 1, 1) and zps.shape == (129, 1, 1)
+    # 8 zero points (0..7 around 4) x 16 scales from 1.6/7 to 2.0/7, last candidate repeated
+    assert torch.allclose(scales[0, 0, 0], torch.tensor(1.6 / 7))
+    assert torch.allclose(scales[15, 0, 0], torch.tensor(2.0 / 7))
+    assert torch.allclose(scales[16, 0, 0], torch.tensor(1.6 / 7))
+    assert zps[:16].eq(0).all() and zps[112:128].eq(7).all() and zps[128].eq(7).all()
+    assert torch.equal(scales[128], scales[127])
+
+
+def test_activation_grid_clamps_and_matches_weight_grid():
+    torch.manual_seed(1)
+    x = torch.randn(4, 10, 6)
+    s_t, z_t = grids.activation_grid(x, 4, 128)
+    s_w, z_w = grids.weight_grid(x.reshape(1, -1), 4, 128)
+    assert torch.allclose(s_t, s_w.flatten()) and torch.equal(z_t, z_w.flatten())
+    tiny = torch.zeros(2, 3, 4)
+    s0, _ = grids.activation_grid(tiny, 4, 128)
+    assert s0.min() == pytest.approx(1e-4)
+
+
+def test_self_searches_equal_brute_force():
+    torch.manual_seed(5)
+    x = torch.randn(300, 4) * torch.tensor([1.0, 3.0, 0.2, 8.0])
+    s_c, z_c = grids.activation_grid(x, 3, 64, channel_wise=True)
+    brute = torch.stack([((fake_quant(x, s_c[:, c], z_c[:, c], 3) - x).double() ** 2).sum(0) for c in range(s_c.shape[1])])
+    assert torch.equal(search.act_self_search(x, s_c, z_c, 3, channel_wise=True), brute.argmin(0))
+    s_t, z_t = grids.activation_grid(x, 4, 64)
+    brute_t = torch.stack([((fake_quant(x, s_t[c], z_t[c], 4) - x).double() ** 2).sum() for c in range(len(s_t))])
+    assert int(search.act_self_search(x, s_t, z_t, 4)[0]) == int(brute_t.argmin())
+    w = x.T.contiguous()
+    ws, wz = grids.weight_grid(w, 3, 64)
+    brute_w = torch.stack([((fake_quant(w, ws[c], wz[c], 3) - w).double() ** 2).sum(1) for c in range(ws.shape[0])])
+    assert torch.equal(search.weight_self_search(w, ws, wz, 3), brute_w.argmin(0))
+
+
+def test_pruned_argmin_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        table = torch.rand(37, 9, 3, generator=g, dtype=torch.float64) * torch.rand(37, 1, 3, generator=g, dtype=torch.float64)
+        if trial % 2:
+            table[5] = table[11]  # an exact tie resolves to the lower index
+        got = search.pruned_argmin(lambda c, k: table[c, k], 37, 9)
+        assert torch.equal(got, table.sum(1).argmin(0))
+
+
+def test_weight_output_search_equals_brute_force():
+    torch.manual_seed(2)
+    w, b = torch.randn(6, 12), torch.randn(6)
+    x, y = torch.randn(50, 12), torch.randn(50, 6)
+    scales, zps = grids.weight_grid(w, 3, 32)
+    got = search.weight_output_search(w, b, x, y, scales, zps, 3, chunk=5)
+    brute = []
+    for c in range(scales.shape[0]):
+        w_hat = fake_quant(w, scales[c], zps[c], 3)
+        brute.append(((x.double() @ w_hat.double().T + b.double() - y.double()) ** 2).sum(0))
+    assert torch.equal(got, torch.stack(brute).argmin(0))
+
+
+def test_act_output_search_equals_brute_force():
+    torch.manual_seed(3)
+    w, b = torch.randn(5, 8), torch.randn(5)
+    x = torch.randn(40, 8)
+    y = x @ w.T + b
+    scales, zps = grids.activation_grid(x, 3, 64)
+    brute = [((fake_quant(x, scales[c], zps[c], 3) @ w.T + b - y).double() ** 2).sum() for c in range(len(scales))]
+    assert search.act_output_search(x, w, b, y, scales, zps, 3, chunk=7, rows_per_chunk=6) == int(torch.stack(brute).argmin())
+    wide = torch.randn(9, 8)  # out > in: the Gram path
+    y2 = x @ wide.T + 0.3
+    brute2 = [((fake_quant(x, scales[c], zps[c], 3) @ wide.T + 0.3 - y2).double() ** 2).sum() for c in range(len(scales))]
+    got2 = search.act_output_search(x, wide, torch.full((9,), 0.3), y2, scales, zps, 3, chunk=7, rows_per_chunk=6)
+    assert got2 == int(torch.stack(brute2).argmin())
+
+
+def test_matmul_operand_search_equals_brute_force():
+    torch.manual_seed(4)
+    a, bm = torch.randn(6, 2, 5, 4), torch.randn(6, 2, 4, 5)
+    out = a @ bm
+    up, lo = grids.matmul_operand_bounds(a, 16)
+    s, z = grids.bounds_to_qparams(up, lo, 3)
+    got = search.matmul_operand_search(a, bm, out, s, z, 3, "A", chunk=4, images_per_chunk=2)
+    brute = torch.stack([
+        ((fake_quant(a, s[c].view(1, -1, 1, 1), z[c].view(1, -1, 1, 1), 3) @ bm - out).double() ** 2).sum((0, 2, 3))
+        for c in range(s.shape[0])
+    ])
+    assert torch.equal(got, brute.argmin(0))
