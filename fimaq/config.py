@@ -16,27 +16,26 @@ class QuantSpec:
         w_bits: weight bits of every quantized layer (2..8).
         a_bits: activation bits (linear inputs and both matmul operands), 2..8.
         head_a_bits: input bits of the classifier head; ``None`` = ``a_bits`` (as every official config).
-        patch_embed_a_bits: input bits of the patch-embedding conv; ``None`` keeps the image FP.
         overrides: per-layer exceptions, ``{layer name: {"w_bits": b, "a_bits": b}}``; 32 or null = FP.
     """
 
     w_bits: int = 4
     a_bits: int = 4
     head_a_bits: int | None = None
-    patch_embed_a_bits: int | None = None
     overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> QuantSpec:
+        """Check every bit-width (2..8, or 32/null for FP); returns self."""
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         check_bits(self.head_a_bits, "head_a_bits")
-        check_bits(self.patch_embed_a_bits, "patch_embed_a_bits")
         for name, bits in self.overrides.items():
             unknown = set(bits) - {"w_bits", "a_bits"}
             if unknown:
                 raise FimaqError(f"override for '{name}' has unknown keys {sorted(unknown)} (use w_bits, a_bits)")
             for key, value in bits.items():
                 check_bits(value, f"overrides[{name!r}].{key}")
+        return self
 
     def bits_for(self, name: str, role: str) -> tuple[int | None, int | None]:
         """(weight bits, input bits) for a layer; ``role`` is linear, head, patch_embed or matmul."""
@@ -44,7 +43,7 @@ class QuantSpec:
         if role == "head" and self.head_a_bits is not None:
             a = self.head_a_bits
         if role == "patch_embed":
-            a = self.patch_embed_a_bits
+            a = None  # the image stays FP
         if name in self.overrides:
             o = self.overrides[name]
             w = o.get("w_bits", w)
@@ -74,9 +73,11 @@ class CalibConfig:
     images_per_chunk: int = 16
     fold_layernorm: bool = True
 
-    def __post_init__(self) -> None:
+    def validate(self) -> CalibConfig:
+        """Check the settings; returns self."""
         for key in ("num_images", "eq_n", "batch_size", "candidate_chunk", "images_per_chunk"):
             if getattr(self, key) < 1:
                 raise FimaqError(f"calibration {key} must be >= 1, got {getattr(self, key)}")
         if self.search_rounds < 0:
             raise FimaqError(f"calibration search_rounds must be >= 0, got {self.search_rounds}")
+        return self

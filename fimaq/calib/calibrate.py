@@ -66,7 +66,7 @@ def calibrate_model(
         cfg: search settings.
         progress: show a progress bar.
     """
-    cfg = cfg or CalibConfig()
+    cfg = (cfg or CalibConfig()).validate()
     if images.ndim != 4 or images.shape[0] < 1:
         raise FimaqError(f"calibration images must be a (n, C, H, W) tensor, got shape {tuple(images.shape)}")
     if not torch.isfinite(images).all():

@@ -105,6 +105,7 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
     w2d = layer.weight.detach().reshape(layer.out_channels, -1)
     bias = layer.bias.detach()
     upper, lower = grids.conv_weight_bounds(w2d, cfg.eq_n)
+    upper, lower = upper[: cfg.eq_n], lower[: cfg.eq_n]  # the reference never evaluates the last (1.0) bound
 
     def best(up: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         s, z = grids.bounds_to_qparams(up, lo, bits)
@@ -112,7 +113,9 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
 
     idx = best(upper, lower)
     iu = il = idx
-    for _ in range(cfg.search_rounds):
+    # with an FP input there is no activation step to alternate with: the reference stops after one round
+    rounds = cfg.search_rounds if layer.a_quantizer.bits is not None else min(1, cfg.search_rounds)
+    for _ in range(rounds):
         il = best(_pick(upper, iu).unsqueeze(0), lower)
         iu = best(upper, _pick(lower, il).unsqueeze(0))
     scale, zp = grids.bounds_to_qparams(_pick(upper, iu), _pick(lower, il), bits)
@@ -125,7 +128,10 @@ def calibrate_matmul(layer: QuantMatMul, a: torch.Tensor, b: torch.Tensor, out: 
     if ab is None and bb is None:
         return
     chunk, ipc = cfg.candidate_chunk, max(1, cfg.images_per_chunk)
-    bounds = {"A": grids.matmul_operand_bounds(a, cfg.eq_n), "B": grids.matmul_operand_bounds(b, cfg.eq_n)}
+    bounds = {}
+    for op, x in (("A", a), ("B", b)):
+        up, lo = grids.matmul_operand_bounds(x, cfg.eq_n)
+        bounds[op] = (up[: cfg.eq_n], lo[: cfg.eq_n])  # candidate eq_n is never evaluated
     bits = {"A": ab, "B": bb}
     heads = a.shape[1]
     start = torch.full((heads,), cfg.eq_n - 1, dtype=torch.long)

@@ -87,6 +87,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     Quantizers start disabled (the model computes exactly as before); calibration fills and enables
     them. Returns the same model object.
     """
+    spec.validate()
     types = _timm_types()
     if not any(isinstance(m, (types["Attention"], types["WindowAttention"])) for m in model.modules()):
         raise FimaqError(f"{type(model).__name__} has no timm ViT or Swin attention: unsupported model")

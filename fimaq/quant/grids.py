@@ -110,13 +110,15 @@ def bounds_to_qparams(upper: torch.Tensor, lower: torch.Tensor, bits: int) -> tu
 def matmul_operand_bounds(x: torch.Tensor, eq_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (upper, lower) candidates ``(eq_n + 1, heads)`` for a matmul operand ``(n, H, r, c)``.
 
-    Upper bounds run from q0.99 to q0.99999, lower bounds from q1e-5 to q0.01 (linear in t), the last
-    candidate repeated.
+    With ``t = linspace(0, 1, eq_n + 1)``: upper bounds run from q0.99 to q0.99999 and lower bounds
+    from q(1 - 0.99999) to q(1 - 0.99), quantile levels in float32 as in the reference. The searches
+    evaluate the first ``eq_n`` candidates (the reference never evaluates the last one).
     """
-    heads = x.shape[1]
-    levels = torch.tensor([0.99, 0.99999, 0.01, 0.00001])
-    qs = torch.stack([chunked_quantile(x[:, h], levels) for h in range(heads)], dim=-1)  # (4, H)
-    t = torch.linspace(0, 1, steps=eq_n, device=x.device)[:, None]
-    upper = qs[0:1] + t * (qs[1:2] - qs[0:1])
-    lower = qs[3:4] + t * (qs[2:3] - qs[3:4])
-    return torch.cat([upper, upper[-1:]], 0), torch.cat([lower, lower[-1:]], 0)
+    pct = torch.tensor([0.99, 0.99999])
+    per_head = [x[:, h] for h in range(x.shape[1])]
+    uppers = torch.stack([chunked_quantile(t, pct) for t in per_head], dim=-1)  # (2, H)
+    lowers = torch.stack([chunked_quantile(t, 1 - pct) for t in per_head], dim=-1)
+    t = torch.linspace(0, 1, steps=eq_n + 1, device=x.device)[:, None]
+    upper = uppers[0:1] + t * (uppers[1:2] - uppers[0:1])
+    lower = lowers[1:2] + t * (lowers[0:1] - lowers[1:2])
+    return upper, lower

@@ -1,0 +1,122 @@
+"""fimaq's LightningCLI: ``validate`` and ``calibrate`` on one YAML config.
+
+Every run writes ``<default_root_dir>/metrics.json`` (accuracies in percent and wall seconds per
+stage); ``calibrate`` also writes ``<default_root_dir>/calibrated.safetensors``. Bad input ends with
+one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+import fimaq  # noqa: F401  (torchvision shim before timm)
+from fimaq.artifacts import save_quantized, update_metrics
+from fimaq.errors import FimaqError
+from fimaq.module import QuantModel
+
+log = logging.getLogger(__name__)
+
+
+def _validate_top1(trainer: L.Trainer, model: QuantModel, datamodule: L.LightningDataModule) -> dict[str, float]:
+    start = time.perf_counter()
+    result = L.Trainer.validate(trainer, model, datamodule=datamodule, verbose=False)[0]
+    return {
+        "top1": round(100 * float(result["val/top1"]), 4),
+        "top5": round(100 * float(result["val/top5"]), 4),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+class FimaqTrainer(L.Trainer):
+    """A Lightning Trainer with fimaq's stages as methods (each one a CLI subcommand)."""
+
+    def validate(self, model: QuantModel, datamodule: L.LightningDataModule | None = None, **kwargs: Any):
+        """Evaluate the model (float, or quantized with --model.init_from) on the validation set."""
+        if kwargs or not isinstance(model, QuantModel):
+            return super().validate(model, datamodule=datamodule, **kwargs)
+        res = _validate_top1(self, model, datamodule)
+        key = "fp" if not model.quantized else model.stage
+        if self.is_global_zero:
+            update_metrics(self.default_root_dir, {f"{key}_top1": res["top1"], f"{key}_top5": res["top5"]},
+                           {f"validate_{key}": res["seconds"]})
+        rank_zero_info(f"{key} top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+        return [{"val/top1": res["top1"] / 100, "val/top5": res["top5"] / 100}]
+
+    def calibrate(self, model: QuantModel, datamodule: L.LightningDataModule, validate_fp: bool = True) -> dict:
+        """Calibrate quantizer scales on the calibration images, save calibrated.safetensors, validate.
+
+        Args:
+            model: the model to quantize.
+            datamodule: must provide ``calibration_tensors()``.
+            validate_fp: also measure the float model's accuracy first.
+        """
+        if not hasattr(datamodule, "calibration_tensors"):
+            raise FimaqError(f"{type(datamodule).__name__} has no calibration_tensors(): cannot calibrate")
+        if model.quantized:
+            raise FimaqError("the model is already quantized (--model.init_from): nothing to calibrate")
+        root = Path(self.default_root_dir)
+        values: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
+        if validate_fp:
+            fp = _validate_top1(self, model, datamodule)
+            values.update(fp_top1=fp["top1"], fp_top5=fp["top5"])
+            seconds["validate_fp"] = fp["seconds"]
+            rank_zero_info(f"FP top-1 {fp['top1']:.2f}%")
+        datamodule.setup("fit")
+        images, _ = datamodule.calibration_tensors()
+        model.to(self.strategy.root_device)
+        report = model.calibrate(images, progress=self.is_global_zero)
+        seconds["calibrate"] = report.total_seconds
+        values["calibration_seconds_per_layer"] = round(report.seconds_per_layer, 4)
+        if self.is_global_zero:
+            save_quantized(root / "calibrated.safetensors", model.net.state_dict(), model.artifact_meta())
+        res = _validate_top1(self, model, datamodule)
+        values.update(calibrated_top1=res["top1"], calibrated_top5=res["top5"])
+        seconds["validate_calibrated"] = res["seconds"]
+        if self.is_global_zero:
+            metrics = update_metrics(root, values, seconds)
+            for logger in self.loggers:
+                logger.log_metrics({f"calibrate/{k}": v for k, v in values.items() if isinstance(v, float)})
+        rank_zero_info(
+            f"calibrated top-1 {res['top1']:.2f}% (FP {values.get('fp_top1', float('nan')):.2f}%) in "
+            f"{report.total_seconds:.1f} s; wrote {root / 'calibrated.safetensors'} and {root / 'metrics.json'}"
+        )
+        return metrics if self.is_global_zero else values
+
+
+class FimaqCLI(LightningCLI):
+    """LightningCLI with fimaq's subcommands."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "validate": {"model", "dataloaders", "datamodule"},
+            "calibrate": {"model", "datamodule"},
+        }
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``python main.py`` and the ``fimaq`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        FimaqCLI(
+            QuantModel,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            trainer_class=FimaqTrainer,
+            seed_everything_default=3407,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"enable_checkpointing": False, "enable_model_summary": False},
+            args=args,
+        )
+    except FimaqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,120 @@
+"""QuantModel: a timm ViT/DeiT/Swin with fimaq's quantized layers, as a LightningModule."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from fimaq.artifacts import load_quantized, resolve_checkpoint
+from fimaq.calib import CalibReport, calibrate_model
+from fimaq.config import CalibConfig, QuantSpec
+from fimaq.errors import FimaqError
+from fimaq.models import create_fp_model
+from fimaq.models.swap import quantize_model, set_quant_enabled
+
+log = logging.getLogger(__name__)
+
+
+class QuantModel(L.LightningModule):
+    """The model under quantization; ``validate`` reports top-1/top-5 in percent.
+
+    Args:
+        arch: timm model name (ViT, DeiT or Swin family).
+        checkpoint_path: float weights: a local safetensors/state-dict file, or ``embedded:NAME`` for a
+            checkpoint shipped with fimaq (``embedded:digits_deit_tiny``).
+        model_kwargs: overrides for ``timm.create_model`` (img_size, depth, num_classes, ...).
+        pretrained: let timm download its pretrained weights (needs network access).
+        quant: bit-widths (``w_bits``, ``a_bits``, head/patch-embed exceptions, per-layer overrides).
+        calib: calibration search settings.
+        init_from: a quantized artifact (``calibrated.safetensors``/``quantized.safetensors``) to start
+            from; it must come from the same arch and bit-widths.
+    """
+
+    def __init__(
+        self,
+        arch: str = "deit_tiny_patch16_224",
+        checkpoint_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        quant: QuantSpec | None = None,
+        calib: CalibConfig | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.arch = arch
+        self.model_kwargs = dict(model_kwargs or {})
+        self.quant = (quant or QuantSpec()).validate()
+        self.calib_cfg = (calib or CalibConfig()).validate()
+        ckpt = None if init_from else resolve_checkpoint(checkpoint_path)
+        fp = create_fp_model(arch, ckpt, pretrained=pretrained and not init_from, model_kwargs=self.model_kwargs)
+        self.net = quantize_model(fp, self.quant)
+        self.stage = "fp"
+        num_classes = self.net.num_classes
+        self.top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
+        self.top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes))
+        if init_from:
+            self.load_artifact(init_from)
+
+    # ----------------------------------------------------------------- state
+    def artifact_meta(self) -> dict[str, Any]:
+        """What a saved artifact records about this model."""
+        return {
+            "arch": self.arch,
+            "model_kwargs": self.model_kwargs,
+            "quant": {
+                "w_bits": self.quant.w_bits,
+                "a_bits": self.quant.a_bits,
+                "head_a_bits": self.quant.head_a_bits,
+                "overrides": self.quant.overrides,
+            },
+            "stage": self.stage,
+        }
+
+    def load_artifact(self, path: str) -> None:
+        """Load a quantized artifact made for the same arch and bit-widths."""
+        state, meta = load_quantized(path)
+        mine = self.artifact_meta()
+        for key in ("arch", "model_kwargs", "quant"):
+            if meta.get(key) != mine[key]:
+                raise FimaqError(f"{path} was made for {key}={meta.get(key)}, but this run has {key}={mine[key]}")
+        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise FimaqError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.stage = meta.get("stage", "calibrated")
+        set_quant_enabled(self.net, True)
+
+    @property
+    def quantized(self) -> bool:
+        return self.stage != "fp"
+
+    # ----------------------------------------------------------------- stages
+    def calibrate(self, images: torch.Tensor, progress: bool = True) -> CalibReport:
+        """Calibrate every quantizer on ``images`` (section 2 of the algorithm)."""
+        report = calibrate_model(self.net, images.to(self.device), self.calib_cfg, progress=progress)
+        self.stage = "calibrated"
+        return report
+
+    def use_quantization(self, enabled: bool) -> None:
+        """Run the network quantized (True) or in float (False)."""
+        set_quant_enabled(self.net, enabled)
+
+    # ----------------------------------------------------------------- lightning
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        if not torch.isfinite(logits).all():
+            raise FimaqError(f"the model produced NaN/Inf logits on validation batch {batch_idx}")
+        self.top1.update(logits, y)
+        self.top5.update(logits, y)
+        self.log("val/top1", self.top1, on_epoch=True, prog_bar=True)
+        self.log("val/top5", self.top5, on_epoch=True)
+
+    test_step = validation_step
