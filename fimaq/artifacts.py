@@ -20,7 +20,7 @@ EMBEDDED_PREFIX = "embedded:"
 def resolve_checkpoint(path: str | None) -> str | None:
     """``embedded:NAME`` -> the checkpoint shipped in ``fimaq/assets/NAME.safetensors``."""
     if path and path.startswith(EMBEDDED_PREFIX):
-        name = path[len(EMBEDDED_PREFIX):]
+        name = path[len(EMBEDDED_PREFIX) :]
         target = ASSETS / f"{name}.safetensors"
         if not target.is_file():
             known = sorted(p.stem for p in ASSETS.glob("*.safetensors"))
@@ -69,7 +69,9 @@ def load_quantized(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         raise FimaqError(f"{path} is not a fimaq artifact (no fimaq metadata)")
     meta = json.loads(meta_raw)
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise FimaqError(f"{path} has schema version {meta.get('schema_version')}, this fimaq reads {SCHEMA_VERSION}")
+        raise FimaqError(
+            f"{path} has schema version {meta.get('schema_version')}, this fimaq reads {SCHEMA_VERSION}"
+        )
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise FimaqError(f"artifact {path} holds NaN or Inf values in '{k}'")

@@ -25,7 +25,9 @@ from fimaq.module import QuantModel
 log = logging.getLogger(__name__)
 
 
-def _validate_top1(trainer: L.Trainer, model: QuantModel, datamodule: L.LightningDataModule) -> dict[str, float]:
+def _validate_top1(
+    trainer: L.Trainer, model: QuantModel, datamodule: L.LightningDataModule
+) -> dict[str, float]:
     start = time.perf_counter()
     result = L.Trainer.validate(trainer, model, datamodule=datamodule, verbose=False)[0]
     return {
@@ -45,12 +47,17 @@ class FimaqTrainer(L.Trainer):
         res = _validate_top1(self, model, datamodule)
         key = "fp" if not model.quantized else model.stage
         if self.is_global_zero:
-            update_metrics(self.default_root_dir, {f"{key}_top1": res["top1"], f"{key}_top5": res["top5"]},
-                           {f"validate_{key}": res["seconds"]})
+            update_metrics(
+                self.default_root_dir,
+                {f"{key}_top1": res["top1"], f"{key}_top5": res["top5"]},
+                {f"validate_{key}": res["seconds"]},
+            )
         rank_zero_info(f"{key} top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
         return [{"val/top1": res["top1"] / 100, "val/top5": res["top5"] / 100}]
 
-    def calibrate(self, model: QuantModel, datamodule: L.LightningDataModule, validate_fp: bool = True) -> dict:
+    def calibrate(
+        self, model: QuantModel, datamodule: L.LightningDataModule, validate_fp: bool = True
+    ) -> dict:
         """Calibrate quantizer scales on the calibration images, save calibrated.safetensors, validate.
 
         Args:
@@ -87,7 +94,8 @@ class FimaqTrainer(L.Trainer):
                 logger.log_metrics({f"calibrate/{k}": v for k, v in values.items() if isinstance(v, float)})
         rank_zero_info(
             f"calibrated top-1 {res['top1']:.2f}% (FP {values.get('fp_top1', float('nan')):.2f}%) in "
-            f"{report.total_seconds:.1f} s; wrote {root / 'calibrated.safetensors'} and {root / 'metrics.json'}"
+            f"{report.total_seconds:.1f} s; wrote {root / 'calibrated.safetensors'} and "
+            f"{root / 'metrics.json'}"
         )
         return metrics if self.is_global_zero else values
 
@@ -117,6 +125,26 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults={"enable_checkpointing": False, "enable_model_summary": False},
             args=args,
         )
-    except FimaqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of a bad-input error, also when jsonargparse wrapped it while
+    instantiating a class (it reports the constructor's error among the tried Union types)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, FimaqError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if isinstance(exc, ValueError) and "Errors:" in text:
+        for line in text.split("Errors:", 1)[1].splitlines():
+            line = line.strip().removeprefix("- ").strip()
+            if line and not line.startswith("Expected a <class 'NoneType'>"):
+                return line
+    return None

@@ -32,7 +32,9 @@ class QuantSpec:
         for name, bits in self.overrides.items():
             unknown = set(bits) - {"w_bits", "a_bits"}
             if unknown:
-                raise FimaqError(f"override for '{name}' has unknown keys {sorted(unknown)} (use w_bits, a_bits)")
+                raise FimaqError(
+                    f"override for '{name}' has unknown keys {sorted(unknown)} (use w_bits, a_bits)"
+                )
             for key, value in bits.items():
                 check_bits(value, f"overrides[{name!r}].{key}")
         return self
@@ -63,6 +65,8 @@ class CalibConfig:
         candidate_chunk: candidates evaluated at once (bounds memory; no effect on the result).
         images_per_chunk: images per slice of the pruned output-error searches (speed only).
         fold_layernorm: fold per-channel input scales of qkv/fc1/reduction into the preceding LayerNorm.
+        recapture_after_fold: capture a unit's remaining layers again after a fold (bit-faithful to the
+            reference's float rounding; off saves one forward pass per fold).
     """
 
     num_images: int = 128
@@ -72,6 +76,7 @@ class CalibConfig:
     candidate_chunk: int = 32
     images_per_chunk: int = 16
     fold_layernorm: bool = True
+    recapture_after_fold: bool = True
 
     def validate(self) -> CalibConfig:
         """Check the settings; returns self."""

@@ -51,7 +51,9 @@ class QuantModel(L.LightningModule):
         self.quant = (quant or QuantSpec()).validate()
         self.calib_cfg = (calib or CalibConfig()).validate()
         ckpt = None if init_from else resolve_checkpoint(checkpoint_path)
-        fp = create_fp_model(arch, ckpt, pretrained=pretrained and not init_from, model_kwargs=self.model_kwargs)
+        fp = create_fp_model(
+            arch, ckpt, pretrained=pretrained and not init_from, model_kwargs=self.model_kwargs
+        )
         self.net = quantize_model(fp, self.quant)
         self.stage = "fp"
         num_classes = self.net.num_classes
@@ -81,10 +83,14 @@ class QuantModel(L.LightningModule):
         mine = self.artifact_meta()
         for key in ("arch", "model_kwargs", "quant"):
             if meta.get(key) != mine[key]:
-                raise FimaqError(f"{path} was made for {key}={meta.get(key)}, but this run has {key}={mine[key]}")
+                raise FimaqError(
+                    f"{path} was made for {key}={meta.get(key)}, but this run has {key}={mine[key]}"
+                )
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise FimaqError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise FimaqError(
+                f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         self.stage = meta.get("stage", "calibrated")
         set_quant_enabled(self.net, True)
 

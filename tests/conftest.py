@@ -5,13 +5,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import fimaq  # noqa: E402,F401  (torchvision shim before timm)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import fimaq  # noqa: E402,F401  (torchvision shim before timm)
+
 torch.set_num_threads(1)
 
-TINY_VIT = ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10))
+TINY_VIT = (
+    "deit_tiny_patch16_224",
+    dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10),
+)
 TINY_SWIN = (
     "swin_tiny_patch4_window7_224",
     dict(img_size=56, depths=(2, 2), num_heads=(2, 4), embed_dim=32, num_classes=10),

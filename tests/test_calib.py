@@ -26,7 +26,7 @@ def test_layernorm_fold_keeps_float_function(which):
         if layer.norm is None:
             continue
         captured = []
-        hook = layer.module.register_forward_hook(lambda m, a, o: captured.append(a[0]))
+        hook = layer.module.register_forward_hook(lambda m, a, o, store=captured: store.append(a[0]))
         with torch.no_grad():
             model(x)
         hook.remove()
@@ -47,7 +47,10 @@ def test_calibration_fills_quantizers_and_tracks_fp(which):
     layers = list(iter_qlayers(model))
     assert set(report.layer_seconds) == {layer.name for layer in layers}
     for layer in layers:
-        for q in (getattr(layer.module, n, None) for n in ("w_quantizer", "a_quantizer", "A_quantizer", "B_quantizer")):
+        for q in (
+            getattr(layer.module, n, None)
+            for n in ("w_quantizer", "a_quantizer", "A_quantizer", "B_quantizer")
+        ):
             if q is not None and q.bits is not None:
                 assert q.enabled and torch.isfinite(q.scale).all() and (q.scale > 0).all()
                 assert torch.all(q.zero_point == q.zero_point.round())

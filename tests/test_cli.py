@@ -29,7 +29,16 @@ class ParseOnlyCLI(FimaqCLI):
 def test_there_are_configs_for_every_promised_model():
     names = {p.stem for p in CONFIGS}
     assert {"w3a3", "w4a4", "w8a8"} <= names
-    for model in ("vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base", "swin_tiny", "swin_small", "swin_base"):
+    for model in (
+        "vit_small",
+        "vit_base",
+        "deit_tiny",
+        "deit_small",
+        "deit_base",
+        "swin_tiny",
+        "swin_small",
+        "swin_base",
+    ):
         assert {f"{model}_w3a3", f"{model}_w4a4"} <= names
 
 
@@ -41,8 +50,13 @@ def test_every_yaml_parses_with_every_subcommand(config, subcommand):
     from fimaq.cli import FimaqTrainer
     from fimaq.module import QuantModel
 
-    cli = ParseOnlyCLI(QuantModel, L.LightningDataModule, subclass_mode_data=True, trainer_class=FimaqTrainer,
-                       args=[subcommand, "-c", str(config)])
+    cli = ParseOnlyCLI(
+        QuantModel,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        trainer_class=FimaqTrainer,
+        args=[subcommand, "-c", str(config)],
+    )
     cfg = cli.config[subcommand]
     bits = int(config.stem.split("_")[-1][1])
     assert cfg.model.quant.w_bits == bits and cfg.model.quant.a_bits == bits
@@ -52,10 +66,15 @@ def test_every_yaml_parses_with_every_subcommand(config, subcommand):
 def test_calibrate_end_to_end_writes_artifacts(tmp_path):
     root = tmp_path / "run"
     args = [
-        "calibrate", "-c", str(ROOT / "configs/digits/w8a8.yaml"),
-        f"--trainer.default_root_dir={root}", "--trainer.logger=false",
+        "calibrate",
+        "-c",
+        str(ROOT / "configs/digits/w8a8.yaml"),
+        f"--trainer.default_root_dir={root}",
+        "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
-        "--model.calib.search_rounds=1", "--model.calib.num_images=16", "--data.init_args.calib_size=16",
+        "--model.calib.search_rounds=1",
+        "--model.calib.num_images=16",
+        "--data.init_args.calib_size=16",
     ]
     main(args)
     metrics = json.loads((root / "metrics.json").read_text())
@@ -63,18 +82,38 @@ def test_calibrate_end_to_end_writes_artifacts(tmp_path):
     assert metrics["calibrated_top1"] > metrics["fp_top1"] - 2.0  # W8/A8 stays close to FP
     assert metrics["seconds"]["calibrate"] > 0
     state, meta = load_quantized(root / "calibrated.safetensors")
-    assert meta["arch"] == "deit_tiny_patch16_224" and meta["quant"]["w_bits"] == 8 and meta["stage"] == "calibrated"
+    assert (
+        meta["arch"] == "deit_tiny_patch16_224"
+        and meta["quant"]["w_bits"] == 8
+        and meta["stage"] == "calibrated"
+    )
     assert state["blocks.0.attn.qkv.a_quantizer.scale"].shape == (1, 65, 1)
 
     # the artifact validates on its own, and a config of other bit-widths refuses it
-    main(["validate", "-c", str(ROOT / "configs/digits/w8a8.yaml"), f"--trainer.default_root_dir={root}",
-          "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-          f"--model.init_from={root / 'calibrated.safetensors'}"])
+    main(
+        [
+            "validate",
+            "-c",
+            str(ROOT / "configs/digits/w8a8.yaml"),
+            f"--trainer.default_root_dir={root}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--model.init_from={root / 'calibrated.safetensors'}",
+        ]
+    )
     again = json.loads((root / "metrics.json").read_text())
     assert again["calibrated_top1"] == pytest.approx(metrics["calibrated_top1"], abs=1e-6)
     with pytest.raises(SystemExit) as exc:
-        main(["validate", "-c", str(ROOT / "configs/digits/w4a4.yaml"), f"--trainer.default_root_dir={root}",
-              "--trainer.logger=false", f"--model.init_from={root / 'calibrated.safetensors'}"])
+        main(
+            [
+                "validate",
+                "-c",
+                str(ROOT / "configs/digits/w4a4.yaml"),
+                f"--trainer.default_root_dir={root}",
+                "--trainer.logger=false",
+                f"--model.init_from={root / 'calibrated.safetensors'}",
+            ]
+        )
     assert exc.value.code == 2
 
 
@@ -82,9 +121,15 @@ def test_calibrate_end_to_end_writes_artifacts(tmp_path):
     "extra, message",
     [
         (["--model.arch=vit_nonexistent_patch16"], "unknown arch 'vit_nonexistent_patch16'"),
-        (["--model.checkpoint_path=/no/such/file.safetensors"], "checkpoint not found: /no/such/file.safetensors"),
+        (
+            ["--model.checkpoint_path=/no/such/file.safetensors"],
+            "checkpoint not found: /no/such/file.safetensors",
+        ),
         (["--model.quant.w_bits=9"], "w_bits=9 is outside the supported range 2..8"),
-        (["--model.model_kwargs={img_size: 32, patch_size: 4, depth: 2, num_classes: 10}"], "does not fit arch"),
+        (
+            ["--model.model_kwargs={img_size: 32, patch_size: 4, depth: 2, num_classes: 10}"],
+            "does not fit arch",
+        ),
     ],
 )
 def test_bad_input_gives_one_error_line(extra, message, capsys):
@@ -97,9 +142,19 @@ def test_bad_input_gives_one_error_line(extra, message, capsys):
 
 def test_missing_imagenet_root_from_the_shell(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), "validate", "-c", str(ROOT / "configs/imagenet/deit_tiny_w4a4.yaml"),
-         f"--data.init_args.root={tmp_path / 'nowhere'}", "--trainer.logger=false"],
-        capture_output=True, text=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "validate",
+            "-c",
+            str(ROOT / "configs/imagenet/deit_tiny_w4a4.yaml"),
+            f"--data.init_args.root={tmp_path / 'nowhere'}",
+            "--trainer.logger=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from fimaq.errors import FimaqError
-from fimaq.quant import UniformQuantizer, check_bits, fake_quant
-from fimaq.quant import grids, search
+from fimaq.quant import UniformQuantizer, check_bits, fake_quant, grids, search
 
 
 def test_fake_quant_hand_computed_grid():
@@ -80,24 +79,32 @@ def test_self_searches_equal_brute_force():
     torch.manual_seed(5)
     x = torch.randn(300, 4) * torch.tensor([1.0, 3.0, 0.2, 8.0])
     s_c, z_c = grids.activation_grid(x, 3, 64, channel_wise=True)
-    brute = torch.stack([((fake_quant(x, s_c[:, c], z_c[:, c], 3) - x).double() ** 2).sum(0) for c in range(s_c.shape[1])])
+    brute = torch.stack(
+        [((fake_quant(x, s_c[:, c], z_c[:, c], 3) - x).double() ** 2).sum(0) for c in range(s_c.shape[1])]
+    )
     assert torch.equal(search.act_self_search(x, s_c, z_c, 3, channel_wise=True), brute.argmin(0))
     s_t, z_t = grids.activation_grid(x, 4, 64)
-    brute_t = torch.stack([((fake_quant(x, s_t[c], z_t[c], 4) - x).double() ** 2).sum() for c in range(len(s_t))])
+    brute_t = torch.stack(
+        [((fake_quant(x, s_t[c], z_t[c], 4) - x).double() ** 2).sum() for c in range(len(s_t))]
+    )
     assert int(search.act_self_search(x, s_t, z_t, 4)[0]) == int(brute_t.argmin())
     w = x.T.contiguous()
     ws, wz = grids.weight_grid(w, 3, 64)
-    brute_w = torch.stack([((fake_quant(w, ws[c], wz[c], 3) - w).double() ** 2).sum(1) for c in range(ws.shape[0])])
+    brute_w = torch.stack(
+        [((fake_quant(w, ws[c], wz[c], 3) - w).double() ** 2).sum(1) for c in range(ws.shape[0])]
+    )
     assert torch.equal(search.weight_self_search(w, ws, wz, 3), brute_w.argmin(0))
 
 
 def test_pruned_argmin_equals_brute_force():
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
-        table = torch.rand(37, 9, 3, generator=g, dtype=torch.float64) * torch.rand(37, 1, 3, generator=g, dtype=torch.float64)
+        table = torch.rand(37, 9, 3, generator=g, dtype=torch.float64) * torch.rand(
+            37, 1, 3, generator=g, dtype=torch.float64
+        )
         if trial % 2:
             table[5] = table[11]  # an exact tie resolves to the lower index
-        got = search.pruned_argmin(lambda c, k: table[c, k], 37, 9)
+        got = search.pruned_argmin(lambda c, k, t=table: t[c, k], 37, 9)
         assert torch.equal(got, table.sum(1).argmin(0))
 
 
@@ -120,12 +127,21 @@ def test_act_output_search_equals_brute_force():
     x = torch.randn(40, 8)
     y = x @ w.T + b
     scales, zps = grids.activation_grid(x, 3, 64)
-    brute = [((fake_quant(x, scales[c], zps[c], 3) @ w.T + b - y).double() ** 2).sum() for c in range(len(scales))]
-    assert search.act_output_search(x, w, b, y, scales, zps, 3, chunk=7, rows_per_chunk=6) == int(torch.stack(brute).argmin())
+    brute = [
+        ((fake_quant(x, scales[c], zps[c], 3) @ w.T + b - y).double() ** 2).sum() for c in range(len(scales))
+    ]
+    assert search.act_output_search(x, w, b, y, scales, zps, 3, chunk=7, rows_per_chunk=6) == int(
+        torch.stack(brute).argmin()
+    )
     wide = torch.randn(9, 8)  # out > in: the Gram path
     y2 = x @ wide.T + 0.3
-    brute2 = [((fake_quant(x, scales[c], zps[c], 3) @ wide.T + 0.3 - y2).double() ** 2).sum() for c in range(len(scales))]
-    got2 = search.act_output_search(x, wide, torch.full((9,), 0.3), y2, scales, zps, 3, chunk=7, rows_per_chunk=6)
+    brute2 = [
+        ((fake_quant(x, scales[c], zps[c], 3) @ wide.T + 0.3 - y2).double() ** 2).sum()
+        for c in range(len(scales))
+    ]
+    got2 = search.act_output_search(
+        x, wide, torch.full((9,), 0.3), y2, scales, zps, 3, chunk=7, rows_per_chunk=6
+    )
     assert got2 == int(torch.stack(brute2).argmin())
 
 
@@ -136,8 +152,12 @@ def test_matmul_operand_search_equals_brute_force():
     up, lo = grids.matmul_operand_bounds(a, 16)
     s, z = grids.bounds_to_qparams(up, lo, 3)
     got = search.matmul_operand_search(a, bm, out, s, z, 3, "A", chunk=4, images_per_chunk=2)
-    brute = torch.stack([
-        ((fake_quant(a, s[c].view(1, -1, 1, 1), z[c].view(1, -1, 1, 1), 3) @ bm - out).double() ** 2).sum((0, 2, 3))
-        for c in range(s.shape[0])
-    ])
+    brute = torch.stack(
+        [
+            ((fake_quant(a, s[c].view(1, -1, 1, 1), z[c].view(1, -1, 1, 1), 3) @ bm - out).double() ** 2).sum(
+                (0, 2, 3)
+            )
+            for c in range(s.shape[0])
+        ]
+    )
     assert torch.equal(got, brute.argmin(0))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fimaq.calib.capture import capture_io, explicit_matmuls, layer_subset, run_batches
+from fimaq.calib.capture import capture_io, explicit_matmuls, run_batches
 from fimaq.calib.layers import calibrate_conv, calibrate_linear, calibrate_matmul
 from fimaq.config import CalibConfig
 from fimaq.errors import FimaqError
@@ -37,6 +38,10 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _folds(layer, cfg: CalibConfig) -> bool:
+    return layer.norm is not None and cfg.fold_layernorm and layer.module.a_quantizer.bits is not None
+
+
 @torch.no_grad()
 def calibrate_layer(layer, captured, cfg: CalibConfig, num_images: int) -> None:
     """Dispatch one layer's search on its captured FP input(s) and output."""
@@ -52,19 +57,26 @@ def calibrate_layer(layer, captured, cfg: CalibConfig, num_images: int) -> None:
 
 
 def calibrate_model(
-    model: nn.Module, images: torch.Tensor, cfg: CalibConfig | None = None, progress: bool = True
+    model: nn.Module,
+    images: torch.Tensor,
+    cfg: CalibConfig | None = None,
+    progress: bool = True,
+    units: Sequence[str] | None = None,
 ) -> CalibReport:
     """Search the qparams of every quantized layer of ``model`` (built by ``quantize_model``).
 
-    Each unit (patch embedding, block, patch merging, head) is captured once with the whole model in
-    FP; each of its layers is then searched on those tensors in model order. LayerNorm folds change
-    the float weights but not the float function. Quantizers are enabled at the end.
+    Each unit (patch embedding, block, patch merging, head) is captured with the whole model in FP
+    and its layers are searched on those tensors in model order. A LayerNorm fold changes the float
+    weights but not the float function; by default the unit's remaining layers are captured once more
+    after it (``recapture_after_fold``), so they see the same float rounding as in the reference.
+    Quantizers are enabled at the end.
 
     Args:
         model: a quantized model (``fimaq.models.swap.quantize_model``).
         images: calibration images ``(n, C, H, W)``, used as given (already transformed).
         cfg: search settings.
         progress: show a progress bar.
+        units: calibrate only these units (names as in ``QLayer.unit``); all by default.
     """
     cfg = (cfg or CalibConfig()).validate()
     if images.ndim != 4 or images.shape[0] < 1:
@@ -75,7 +87,12 @@ def calibrate_model(
     layers = list(iter_qlayers(model))
     if not layers:
         raise FimaqError("model has no quantized layers: call quantize_model first")
-    units = list(dict.fromkeys(q.unit for q in layers))
+    all_units = list(dict.fromkeys(q.unit for q in layers))
+    unknown = set(units or ()) - set(all_units)
+    if unknown:
+        raise FimaqError(f"unknown units {sorted(unknown)}; the model has {all_units}")
+    units = [u for u in all_units if units is None or u in units]
+    layers = [q for q in layers if q.unit in units]
     report = CalibReport()
     start = time.perf_counter()
     was_training = model.training
@@ -84,17 +101,22 @@ def calibrate_model(
     bar = tqdm(total=len(layers), desc="calibrate", disable=not progress, leave=False)
     with explicit_matmuls(model):
         for unit in units:
-            t0 = time.perf_counter()
-            with capture_io(layer_subset(layers, unit)) as store:
-                run_batches(model, images, cfg.batch_size)
-            report.capture_seconds += time.perf_counter() - t0
-            for layer in (q for q in layers if q.unit == unit):
-                bar.set_postfix_str(layer.name)
-                t1 = time.perf_counter()
-                calibrate_layer(layer, store[layer.name], cfg, images.shape[0])
-                report.layer_seconds[layer.name] = time.perf_counter() - t1
-                bar.update()
-            del store
+            pending = [q for q in layers if q.unit == unit]
+            while pending:
+                t0 = time.perf_counter()
+                with capture_io({q.name: q.module for q in pending}) as store:
+                    run_batches(model, images, cfg.batch_size)
+                report.capture_seconds += time.perf_counter() - t0
+                while pending:
+                    layer = pending.pop(0)
+                    bar.set_postfix_str(layer.name)
+                    t1 = time.perf_counter()
+                    calibrate_layer(layer, store[layer.name], cfg, images.shape[0])
+                    report.layer_seconds[layer.name] = time.perf_counter() - t1
+                    bar.update()
+                    if _folds(layer, cfg) and cfg.recapture_after_fold:
+                        break  # later layers see the folded LayerNorm's output, as in the reference
+                del store
     bar.close()
     set_quant_enabled(model, True)
     model.train(was_training)

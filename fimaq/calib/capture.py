@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,10 +35,12 @@ def capture_io(
     }
     hooks = []
     for name, mod in modules.items():
+
         def hook(_m, args, out, name=name):
             ins, outs = parts[name]
             ins.append([a.detach().to(device or a.device) for a in args if isinstance(a, torch.Tensor)])
             outs.append(out.detach().to(device or out.device))
+
         hooks.append(mod.register_forward_hook(hook))
     result: dict[str, Captured] = {name: Captured() for name in modules}
     try:
@@ -48,7 +50,7 @@ def capture_io(
             h.remove()
         for name, (ins, outs) in parts.items():
             if outs:
-                result[name].inputs = [torch.cat(list(group), 0) for group in zip(*ins)]
+                result[name].inputs = [torch.cat(list(group), 0) for group in zip(*ins, strict=True)]
                 result[name].output = torch.cat(outs, 0)
 
 
@@ -70,9 +72,4 @@ def run_batches(model: nn.Module, images: torch.Tensor, batch_size: int) -> None
     device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
-            model(images[start:start + batch_size].to(device))
-
-
-def layer_subset(layers: Sequence, unit: str) -> dict[str, nn.Module]:
-    """name -> module of the layers belonging to ``unit``."""
-    return {q.name: q.module for q in layers if q.unit == unit}
+            model(images[start : start + batch_size].to(device))

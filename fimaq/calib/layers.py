@@ -55,7 +55,9 @@ def search_linear(
     return wq, aq
 
 
-def fold_layernorm(norm: nn.LayerNorm, layer: QuantLinear, x: torch.Tensor, bits: int, cfg: CalibConfig) -> torch.Tensor:
+def fold_layernorm(
+    norm: nn.LayerNorm, layer: QuantLinear, x: torch.Tensor, bits: int, cfg: CalibConfig
+) -> torch.Tensor:
     """Section 2.2: per-input-channel qparams by input MSE, folded into the LayerNorm and the linear.
 
     The float function is unchanged; returns the captured input transformed like the LayerNorm output.
@@ -76,8 +78,14 @@ def fold_layernorm(norm: nn.LayerNorm, layer: QuantLinear, x: torch.Tensor, bits
     return x / r - beta
 
 
-def calibrate_linear(layer: QuantLinear, norm: nn.LayerNorm | None, x: torch.Tensor, y: torch.Tensor,
-                     cfg: CalibConfig, tokens_per_image: int) -> None:
+def calibrate_linear(
+    layer: QuantLinear,
+    norm: nn.LayerNorm | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: CalibConfig,
+    tokens_per_image: int,
+) -> None:
     """Calibrate one QuantLinear from its captured FP input ``x`` (M, in) and output ``y`` (M, out)."""
     w_bits, a_bits = layer.w_quantizer.bits, layer.a_quantizer.bits
     if norm is not None and a_bits is not None and cfg.fold_layernorm:
@@ -90,26 +98,61 @@ def calibrate_linear(layer: QuantLinear, norm: nn.LayerNorm | None, x: torch.Ten
         layer.a_quantizer.set_qparams(*aq)
 
 
+def _conv_output_error(
+    layer: QuantConv2d,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scales: torch.Tensor,
+    zps: torch.Tensor,
+    bits: int,
+    rows: torch.Tensor,
+    batch_size: int,
+    chunk: int,
+) -> torch.Tensor:
+    """Output squared error of candidates for the output channels ``rows``, ``(P, len(rows))``,
+    accumulated in float32 in the reference's order (per image mean over positions, summed per batch,
+    then over batches), so that near-ties resolve as they do there."""
+    w = layer.weight.detach()[rows]
+    w2d = w.reshape(w.shape[0], -1)
+    scales, zps, bias = scales[:, rows], zps[:, rows], layer.bias.detach()[rows]
+    totals = []
+    for b0 in range(0, x.shape[0], batch_size):
+        xb, yb = x[b0 : b0 + batch_size], y[b0 : b0 + batch_size, rows].unsqueeze(1)
+        per_batch = []
+        for c0 in range(0, scales.shape[0], chunk):
+            sc, zp = scales[c0 : c0 + chunk], zps[c0 : c0 + chunk]
+            w_hat = search.fake_quant_nograd(w2d.unsqueeze(0), sc, zp, bits).reshape(-1, *w.shape[1:])
+            out = F.conv2d(xb, w_hat, bias.repeat(sc.shape[0]), layer.stride, layer.padding, layer.dilation)
+            out = out.view(out.shape[0], sc.shape[0], w.shape[0], *out.shape[2:])
+            per_batch.append((yb - out).pow_(2).mean(dim=(3, 4)).sum(dim=0, keepdim=True))
+        totals.append(torch.cat(per_batch, dim=1))
+    return torch.cat(totals, dim=0).sum(dim=0)
+
+
 def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: CalibConfig) -> None:
     """Section 2.4: per-output-channel bounds by output MSE, then coordinate descent on each bound.
 
-    The convolution is written as a linear map on unfolded patches, so the weight search is the
-    row-wise Gram search of the linear layers.
+    The convolution is a linear map on unfolded patches, so candidates are scored with the row-wise
+    Gram search of the linear layers; near-ties are settled in the reference's float32 order.
     """
     bits = layer.w_quantizer.bits
     if bits is None:
         return
-    patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    out = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
     w2d = layer.weight.detach().reshape(layer.out_channels, -1)
-    bias = layer.bias.detach()
     upper, lower = grids.conv_weight_bounds(w2d, cfg.eq_n)
     upper, lower = upper[: cfg.eq_n], lower[: cfg.eq_n]  # the reference never evaluates the last (1.0) bound
 
+    patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    out = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    bias = layer.bias.detach()
+
     def best(up: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         s, z = grids.bounds_to_qparams(up, lo, bits)
-        return search.weight_output_search(w2d, bias, patches, out, s, z, bits, cfg.candidate_chunk)
+        sse = search.weight_output_sse(w2d, bias, patches, out, s, z, bits, cfg.candidate_chunk)
+        return search.resolve_near_ties(
+            sse, lambda c, g: _conv_output_error(layer, x, y, s[c], z[c], bits, g, cfg.batch_size, cfg.candidate_chunk)
+        )
 
     idx = best(upper, lower)
     iu = il = idx
@@ -122,7 +165,9 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
     layer.w_quantizer.set_qparams(scale, zp)
 
 
-def calibrate_matmul(layer: QuantMatMul, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: CalibConfig) -> None:
+def calibrate_matmul(
+    layer: QuantMatMul, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: CalibConfig
+) -> None:
     """Section 2.3: per-head operand bounds, joint sweeps for A then B, then coordinate descent."""
     ab, bb = layer.A_quantizer.bits, layer.B_quantizer.bits
     if ab is None and bb is None:

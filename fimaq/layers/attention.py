@@ -81,7 +81,11 @@ class QuantAttention(_QuantAttentionBase):
             x = self.matmul2(attn, v)
         elif self.fused_attn:
             x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
                 is_causal=is_causal,
             )
         else:

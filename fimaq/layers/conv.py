@@ -48,6 +48,11 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
-            self.a_quantizer(x), self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation,
+            self.a_quantizer(x),
+            self.quantized_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
             self.groups,
         )

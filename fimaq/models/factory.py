@@ -81,14 +81,16 @@ def create_fp_model(
         arch: timm model name of the ViT, DeiT or Swin family (e.g. ``deit_small_patch16_224``).
         checkpoint_path: local weights (safetensors or a plain state dict); loaded strictly.
         pretrained: download timm's pretrained weights (needs network access); off by default.
-        model_kwargs: keyword overrides for ``timm.create_model`` (``img_size``, ``depth``, ``num_classes``...).
+        model_kwargs: keyword overrides for ``timm.create_model`` (img_size, depth, num_classes, ...).
     """
     import timm
 
     if not timm.is_model(arch):
         raise FimaqError(f"unknown arch '{arch}': not a timm model name")
     if not arch.startswith(SUPPORTED_FAMILIES):
-        raise FimaqError(f"arch '{arch}' is not a ViT, DeiT or Swin model (supported prefixes: {SUPPORTED_FAMILIES})")
+        raise FimaqError(
+            f"arch '{arch}' is not a ViT, DeiT or Swin model (supported prefixes: {SUPPORTED_FAMILIES})"
+        )
     kwargs = dict(model_kwargs or {})
     try:
         model = timm.create_model(arch, pretrained=pretrained, **kwargs)

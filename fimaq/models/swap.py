@@ -58,8 +58,10 @@ def _record_token_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, types["Attention"])):
+
             def hook(m, args, _out, name=name):
                 shapes[name] = tuple(args[0].shape[1:-1])
+
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -137,8 +139,14 @@ def iter_qlayers(model: nn.Module) -> Iterator[QLayer]:
             norms[id(mod.reduction)] = mod.norm
             roles[id(mod.reduction)] = "reduction"
         elif isinstance(mod, (QuantAttention, QuantWindowAttention)):
-            roles.update({id(mod.qkv): "qkv", id(mod.proj): "proj", id(mod.matmul1): "matmul1",
-                          id(mod.matmul2): "matmul2"})
+            roles.update(
+                {
+                    id(mod.qkv): "qkv",
+                    id(mod.proj): "proj",
+                    id(mod.matmul1): "matmul1",
+                    id(mod.matmul2): "matmul2",
+                }
+            )
         elif isinstance(mod, types["Mlp"]):
             roles.update({id(mod.fc1): "fc1", id(mod.fc2): "fc2"})
     unit_types = (types["Block"], types["SwinBlock"], types["PatchMerging"])

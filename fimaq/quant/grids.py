@@ -72,7 +72,7 @@ def activation_grid(
         cols = max(1, QUANTILE_MAX_NUMEL // flat.shape[0])
         ups, lows = [], []
         for c0 in range(0, flat.shape[1], cols):
-            part = flat[:, c0:c0 + cols]
+            part = flat[:, c0 : c0 + cols]
             ups.append(torch.quantile(part, pct.to(x.device), dim=0).transpose(0, 1))
             lows.append(torch.quantile(part, (1 - pct).to(x.device), dim=0).transpose(0, 1))
         upper, lower = torch.cat(ups, 0), torch.cat(lows, 0)  # (C, 2)
@@ -101,7 +101,9 @@ def conv_weight_bounds(w2d: torch.Tensor, eq_n: int) -> tuple[torch.Tensor, torc
     return upper, lower
 
 
-def bounds_to_qparams(upper: torch.Tensor, lower: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def bounds_to_qparams(
+    upper: torch.Tensor, lower: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale ``(u - l) / (2^b - 1)`` and zero point ``-round(l / s)`` of a range."""
     scale = (upper - lower) / (2**bits - 1)
     return scale, -(lower / scale).round()

@@ -19,7 +19,9 @@ def check_bits(bits: int | None, what: str = "bits") -> int | None:
     if bits in FP_BITS:
         return None
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise FimaqError(f"{what}={bits!r} is outside the supported range {MIN_BITS}..{MAX_BITS} (or 32/null for FP)")
+        raise FimaqError(
+            f"{what}={bits!r} is outside the supported range {MIN_BITS}..{MAX_BITS} (or 32/null for FP)"
+        )
     return bits
 
 

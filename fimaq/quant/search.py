@@ -48,7 +48,9 @@ def pruned_argmin(evaluate: ChunkEval, num_cand: int, num_chunks: int, rtol: flo
     return totals.argmin(dim=0)
 
 
-def fake_quant_nograd(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_nograd(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
     """``fake_quant`` without autograd, in three in-place passes: ``s * clamp(round(x / s), -zp, qmax - zp)``
     (bit-identical: the rounded values and zero points are small integers)."""
     t = x / scale
@@ -68,6 +70,34 @@ def weight_self_search(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor,
     return sse.argmin(dim=1)
 
 
+def weight_output_sse(
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scales: torch.Tensor,
+    zps: torch.Tensor,
+    bits: int,
+    chunk: int,
+) -> torch.Tensor:
+    """Layer-output squared error ``||x W_hat^T + b - y||^2`` of every candidate per row, (P, rows).
+
+    Each output row depends only on its weight row, so with ``d = w_hat - w`` and ``r = x w + b - y``
+    the error is ``d^T (x^T x) d + 2 d^T x^T r + ||r||^2``: one Gram matrix instead of one matmul per
+    candidate. ``x`` (M, in) is the (already quantized) input, ``y`` (M, out) the FP output.
+    """
+    xd = x.double()
+    gram = xd.T @ xd
+    resid = xd @ w.double().T + bias.double() - y.double()
+    cross = (xd.T @ resid).T  # (out, in)
+    const = resid.pow(2).sum(0)
+    vals = []
+    for s, e in _candidate_chunks(scales.shape[0], chunk):
+        d = (fake_quant(w.unsqueeze(0), scales[s:e], zps[s:e], bits) - w.unsqueeze(0)).double()
+        vals.append(((d @ gram) * d).sum(-1) + 2 * (d * cross.unsqueeze(0)).sum(-1) + const)
+    return torch.cat(vals, 0)
+
+
 def weight_output_search(
     w: torch.Tensor,
     bias: torch.Tensor,
@@ -78,21 +108,31 @@ def weight_output_search(
     bits: int,
     chunk: int,
 ) -> torch.Tensor:
-    """Per-row candidate minimising the layer-output squared error ``||x W_hat^T + b - y||^2``.
+    """Per-row candidate minimising the layer-output squared error (see :func:`weight_output_sse`)."""
+    return weight_output_sse(w, bias, x, y, scales, zps, bits, chunk).argmin(dim=0)
 
-    Each output row depends only on its weight row, so with ``d = w_hat - w`` and ``r = x w + b - y``
-    the error is ``d^T (x^T x) d + 2 d^T x^T r + const``: one Gram matrix instead of one matmul per
-    candidate. ``x`` (M, in) is the (already quantized) input, ``y`` (M, out) the FP output.
+
+def resolve_near_ties(
+    values: torch.Tensor,
+    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rtol: float = 1e-4,
+) -> torch.Tensor:
+    """Per-group argmin of exact errors ``values`` (P, G), with float-noise ties settled like the reference.
+
+    Where other candidates come within ``rtol`` of a group's best, ``reference(candidates, groups)``
+    re-scores just those (an (n, g) tensor in the reference implementation's float32 arithmetic and
+    summation order) and its first minimum is taken.
     """
-    xd = x.double()
-    gram = xd.T @ xd
-    resid = xd @ w.double().T + bias.double() - y.double()
-    cross = (xd.T @ resid).T  # (out, in)
-    vals = []
-    for s, e in _candidate_chunks(scales.shape[0], chunk):
-        d = (fake_quant(w.unsqueeze(0), scales[s:e], zps[s:e], bits) - w.unsqueeze(0)).double()
-        vals.append(((d @ gram) * d).sum(-1) + 2 * (d * cross.unsqueeze(0)).sum(-1))
-    return torch.cat(vals, 0).argmin(dim=0)
+    idx = values.argmin(dim=0)
+    best = values.min(dim=0).values
+    near = values <= best * (1 + rtol)
+    groups = (near.sum(dim=0) > 1).nonzero().flatten()
+    if groups.numel() == 0:
+        return idx
+    cands = near[:, groups].any(dim=1).nonzero().flatten()
+    scores = torch.where(near[cands][:, groups], reference(cands, groups).to(values.dtype), torch.inf)
+    idx[groups] = cands[scores.argmin(dim=0)]
+    return idx
 
 
 def act_self_search(
@@ -135,7 +175,9 @@ def act_output_search(
             x_hat = fake_quant_nograd(xs.unsqueeze(0), scales[c].view(-1, 1, 1), zps[c].view(-1, 1, 1), bits)
             if gram is not None:
                 d = x_hat.sub_(xs)
-                quad = (d.view(-1, d.shape[-1]) @ gram).view_as(d).mul_(d).sum(dim=(1, 2), dtype=torch.float64)
+                quad = (
+                    (d.view(-1, d.shape[-1]) @ gram).view_as(d).mul_(d).sum(dim=(1, 2), dtype=torch.float64)
+                )
                 lin = d.mul_(proj).sum(dim=(1, 2), dtype=torch.float64)
                 out.append((quad + 2 * lin + const).unsqueeze(-1))
             else:

@@ -1,0 +1,64 @@
+"""Calibration on the embedded default (digits DeiT): FP vs naive min-max vs fimaq's search.
+
+Prints a table: bits, method, top-1 on the 450 validation digits, total seconds, seconds per layer.
+Run: python benchmarks/calibration.py [--bits 8 4 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import fimaq  # noqa: F401
+from fimaq.artifacts import resolve_checkpoint
+from fimaq.calib import calibrate_model
+from fimaq.calib.minmax import minmax_calibrate
+from fimaq.config import CalibConfig, QuantSpec
+from fimaq.data import DigitsDataModule
+from fimaq.models import create_fp_model
+from fimaq.models.swap import iter_qlayers, quantize_model
+
+ARCH = "deit_tiny_patch16_224"
+KWARGS = dict(img_size=32, patch_size=4, depth=4, num_classes=10)
+
+
+def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (model(x).argmax(-1) == y).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dm = DigitsDataModule()
+    dm.setup()
+    calib, _ = dm.calibration_tensors()
+    xv, yv = dm.val_tensors()
+    fp = create_fp_model(ARCH, resolve_checkpoint("embedded:digits_deit_tiny"), model_kwargs=KWARGS)
+    rows = [("FP", "-", top1(fp, xv, yv), 0.0, 0.0)]
+    for bits in args.bits:
+        naive = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))
+        t0 = time.perf_counter()
+        minmax_calibrate(naive, calib)
+        dt = time.perf_counter() - t0
+        n = len(list(iter_qlayers(naive)))
+        rows.append((f"W{bits}/A{bits}", "min-max", top1(naive, xv, yv), dt, dt / n))
+        model = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))
+        report = calibrate_model(model, calib, CalibConfig(), progress=False)
+        rows.append(
+            (f"W{bits}/A{bits}", "fimaq", top1(model, xv, yv), report.total_seconds, report.seconds_per_layer)
+        )
+    print(f"torch threads: {args.threads}")
+    print("| bits | calibration | top-1 (%) | seconds | s/layer |\n|---|---|---|---|---|")
+    for bits, method, acc, secs, per in rows:
+        print(f"| {bits} | {method} | {acc:.2f} | {secs:.1f} | {per:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
