@@ -130,19 +130,22 @@ def test_act_output_search_equals_brute_force():
     brute = [
         ((fake_quant(x, scales[c], zps[c], 3) @ w.T + b - y).double() ** 2).sum() for c in range(len(scales))
     ]
-    assert search.act_output_search(x, w, b, y, scales, zps, 3, chunk=7, rows_per_chunk=6) == int(
-        torch.stack(brute).argmin()
-    )
+    totals = search.act_output_sse(x, w, b, y, scales, zps, 3, chunk=7, rows_per_chunk=6)[:, 0]
+    brute = torch.stack(brute)
+    assert int(totals.argmin()) == int(brute.argmin())
+    kept = torch.isfinite(totals)
+    torch.testing.assert_close(totals[kept], brute[kept], rtol=1e-6, atol=1e-9)
+    assert (brute[~kept] > brute.min() * 1.0001).all()  # only clearly worse candidates are pruned
     wide = torch.randn(9, 8)  # out > in: the Gram path
     y2 = x @ wide.T + 0.3
     brute2 = [
         ((fake_quant(x, scales[c], zps[c], 3) @ wide.T + 0.3 - y2).double() ** 2).sum()
         for c in range(len(scales))
     ]
-    got2 = search.act_output_search(
+    got2 = search.act_output_sse(
         x, wide, torch.full((9,), 0.3), y2, scales, zps, 3, chunk=7, rows_per_chunk=6
     )
-    assert got2 == int(torch.stack(brute2).argmin())
+    assert int(got2.argmin(0)) == int(torch.stack(brute2).argmin())
 
 
 def test_matmul_operand_search_equals_brute_force():
@@ -151,7 +154,7 @@ def test_matmul_operand_search_equals_brute_force():
     out = a @ bm
     up, lo = grids.matmul_operand_bounds(a, 16)
     s, z = grids.bounds_to_qparams(up, lo, 3)
-    got = search.matmul_operand_search(a, bm, out, s, z, 3, "A", chunk=4, images_per_chunk=2)
+    got = search.matmul_operand_sse(a, bm, out, s, z, 3, "A", chunk=4, images_per_chunk=2).argmin(0)
     brute = torch.stack(
         [
             ((fake_quant(a, s[c].view(1, -1, 1, 1), z[c].view(1, -1, 1, 1), 3) @ bm - out).double() ** 2).sum(
@@ -161,3 +164,39 @@ def test_matmul_operand_search_equals_brute_force():
         ]
     )
     assert torch.equal(got, brute.argmin(0))
+
+
+def test_resolve_near_ties_defers_to_reference_only_within_tolerance():
+    values = torch.tensor([[1.0, 5.0], [1.00001, 4.0], [2.0, 4.00000001]], dtype=torch.float64)
+    calls = []
+
+    def reference(cands, groups):
+        calls.append((cands.tolist(), groups.tolist()))
+        return torch.tensor([[3.0, 7.0], [1.0, 9.0], [5.0, 2.0]])
+
+    got = search.resolve_near_ties(values, reference, rtol=1e-4)
+    # group 0: candidates 0 and 1 tie within 1e-4 and the reference prefers 1; group 1: 1 and 2 tie and
+    # it prefers 2 (candidate 0 is no tie there, so its low reference score does not count)
+    assert calls == [([0, 1, 2], [0, 1])]
+    assert got.tolist() == [1, 2]
+    assert search.resolve_near_ties(values, reference, rtol=1e-9).tolist() == [0, 1]
+
+
+def test_reference_order_errors_equal_exact_errors():
+    from fimaq.calib import reference_order as ref
+
+    torch.manual_seed(6)
+    n, tokens, d_in, d_out = 6, 5, 8, 7
+    x, w, b = torch.randn(n, tokens, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
+    y = x @ w.T + b
+    ws, wz = grids.weight_grid(w, 3, 32)
+    rows, cands = torch.tensor([1, 4]), torch.tensor([0, 5, 30])
+    got = ref.linear_weight_error(w, b, x, y, ws, wz, 3, cands, rows, batch_size=4)
+    exact = search.weight_output_sse(w, b, x.view(-1, d_in), y.view(-1, d_out), ws, wz, 3, 8)[cands][:, rows]
+    torch.testing.assert_close(got.double() * tokens, exact, rtol=1e-4, atol=1e-6)
+    a_s, a_z = grids.activation_grid(x, 3, 32)
+    got_a = ref.linear_act_error(x, w, b, y, a_s, a_z, 3, cands, batch_size=4)
+    exact_a = torch.stack(
+        [((fake_quant(x, a_s[c], a_z[c], 3) @ w.T + b - y).double() ** 2).sum() for c in cands]
+    )
+    torch.testing.assert_close(got_a[:, 0].double() * tokens * d_out, exact_a, rtol=1e-4, atol=1e-6)

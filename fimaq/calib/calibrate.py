@@ -50,7 +50,7 @@ def calibrate_layer(layer, captured, cfg: CalibConfig, num_images: int) -> None:
         calibrate_conv(mod, captured.inputs[0], captured.output, cfg)
     elif isinstance(mod, QuantLinear):
         x, y = _flat(captured.inputs[0]), _flat(captured.output)
-        calibrate_linear(mod, layer.norm, x, y, cfg, tokens_per_image=max(1, x.shape[0] // num_images))
+        calibrate_linear(mod, layer.norm, x, y, cfg, num_images)
     elif isinstance(mod, QuantMatMul):
         a, b = captured.inputs
         calibrate_matmul(mod, a, b, captured.output, cfg)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fimaq.calib import reference_order as ref
 from fimaq.config import CalibConfig
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
 from fimaq.quant import grids, search
@@ -17,6 +18,13 @@ def _pick(grid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return grid.gather(0, idx.view(1, -1, 1)).squeeze(0)
 
 
+def _same(q1, q2) -> bool:
+    """Whether two (scale, zero point) pairs are identical (searches on identical inputs repeat)."""
+    if not (isinstance(q1, tuple) and isinstance(q2, tuple)):
+        return q1 is q2
+    return all(torch.equal(u, v) for u, v in zip(q1, q2, strict=True))
+
+
 def search_linear(
     w: torch.Tensor,
     bias: torch.Tensor,
@@ -25,30 +33,53 @@ def search_linear(
     w_bits: int | None,
     a_bits: int | None,
     cfg: CalibConfig,
-    rows_per_chunk: int,
+    num_images: int,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """Section 2.1: per-row weight and per-tensor input qparams of ``y = x W^T + b``.
 
-    Returns ((w_scale (rows,1), w_zp), (a_scale (), a_zp ())), None where that side stays FP.
+    ``x`` (M, in) and ``y`` (M, out) hold ``num_images`` images' tokens. Returns
+    ((w_scale (rows, 1), w_zp), (a_scale (), a_zp ())), None where that side stays FP.
     """
-    chunk = cfg.candidate_chunk
+    chunk, batch = cfg.candidate_chunk, cfg.batch_size
+    rows_per_chunk = max(1, cfg.images_per_chunk) * max(1, x.shape[0] // num_images)
+    x3, y3 = x.view(num_images, -1, x.shape[-1]), y.view(num_images, -1, y.shape[-1])
     wq = aq = None
     if w_bits is not None:
         ws, wz = grids.weight_grid(w, w_bits, cfg.eq_n)
-        wi = search.weight_self_search(w, ws, wz, w_bits)
+        sse = search.weight_self_sse(w, ws, wz, w_bits)
+        wi = search.resolve_near_ties(sse, lambda c, g: ref.weight_self_error(w, ws, wz, w_bits, c, g))
         wq = (_pick(ws, wi), _pick(wz, wi))
     if a_bits is not None:
         a_s, a_z = grids.activation_grid(x, a_bits, cfg.eq_n)
-        ai = int(search.act_self_search(x, a_s, a_z, a_bits)[0])
+        sse = search.act_self_sse(x, a_s, a_z, a_bits)
+        ai = int(
+            search.resolve_near_ties(
+                sse, lambda c, g: ref.act_self_error(x3, a_s, a_z, a_bits, c, None, batch)
+            )[0]
+        )
         aq = (a_s[ai], a_z[ai])
+    w_used_for = a_used_for = object()  # the other side's qparams each search last ran with
     for _ in range(cfg.search_rounds):
-        if w_bits is not None:
+        if w_bits is not None and not _same(aq, w_used_for):
+            w_used_for = aq
             x_hat = fake_quant(x, aq[0], aq[1], a_bits) if aq is not None else x
-            wi = search.weight_output_search(w, bias, x_hat, y, ws, wz, w_bits, chunk)
+            sse = search.weight_output_sse(w, bias, x_hat, y, ws, wz, w_bits, chunk)
+            x_hat3 = x_hat.view_as(x3)
+            wi = search.resolve_near_ties(
+                sse,
+                lambda c, g, xh=x_hat3: ref.linear_weight_error(w, bias, xh, y3, ws, wz, w_bits, c, g, batch),
+            )
             wq = (_pick(ws, wi), _pick(wz, wi))
-        if a_bits is not None:
+        if a_bits is not None and not _same(wq, a_used_for):
+            a_used_for = wq
             w_hat = fake_quant(w, wq[0], wq[1], w_bits) if wq is not None else w
-            ai = search.act_output_search(x, w_hat, bias, y, a_s, a_z, a_bits, chunk, rows_per_chunk)
+            sse = search.act_output_sse(x, w_hat, bias, y, a_s, a_z, a_bits, chunk, rows_per_chunk)
+            ai = int(
+                search.resolve_near_ties(
+                    sse,
+                    lambda c, g, wh=w_hat: ref.linear_act_error(x3, wh, bias, y3, a_s, a_z, a_bits, c, batch),
+                )[0]
+            )
             aq = (a_s[ai], a_z[ai])
         if w_bits is None or a_bits is None:
             break  # nothing left to alternate with
@@ -56,14 +87,18 @@ def search_linear(
 
 
 def fold_layernorm(
-    norm: nn.LayerNorm, layer: QuantLinear, x: torch.Tensor, bits: int, cfg: CalibConfig
+    norm: nn.LayerNorm, layer: QuantLinear, x: torch.Tensor, bits: int, cfg: CalibConfig, num_images: int = 1
 ) -> torch.Tensor:
     """Section 2.2: per-input-channel qparams by input MSE, folded into the LayerNorm and the linear.
 
     The float function is unchanged; returns the captured input transformed like the LayerNorm output.
     """
     scales, zps = grids.activation_grid(x, bits, cfg.eq_n, channel_wise=True)
-    idx = search.act_self_search(x, scales, zps, bits, channel_wise=True)
+    sse = search.act_self_sse(x, scales, zps, bits, channel_wise=True)
+    x3 = x.view(num_images, -1, x.shape[-1])
+    idx = search.resolve_near_ties(
+        sse, lambda c, g: ref.act_self_error(x3, scales, zps, bits, c, g, cfg.batch_size)
+    )
     s_c = scales.gather(1, idx.view(-1, 1)).squeeze(1)
     zp_c = zps.gather(1, idx.view(-1, 1)).squeeze(1)
     s_t = s_c.mean().view(1)
@@ -84,49 +119,17 @@ def calibrate_linear(
     x: torch.Tensor,
     y: torch.Tensor,
     cfg: CalibConfig,
-    tokens_per_image: int,
+    num_images: int,
 ) -> None:
     """Calibrate one QuantLinear from its captured FP input ``x`` (M, in) and output ``y`` (M, out)."""
     w_bits, a_bits = layer.w_quantizer.bits, layer.a_quantizer.bits
     if norm is not None and a_bits is not None and cfg.fold_layernorm:
-        x = fold_layernorm(norm, layer, x, a_bits, cfg)
-    rows = max(1, cfg.images_per_chunk) * tokens_per_image
-    wq, aq = search_linear(layer.weight.detach(), layer.bias.detach(), x, y, w_bits, a_bits, cfg, rows)
+        x = fold_layernorm(norm, layer, x, a_bits, cfg, num_images)
+    wq, aq = search_linear(layer.weight.detach(), layer.bias.detach(), x, y, w_bits, a_bits, cfg, num_images)
     if wq is not None:
         layer.w_quantizer.set_qparams(*wq)
     if aq is not None:
         layer.a_quantizer.set_qparams(*aq)
-
-
-def _conv_output_error(
-    layer: QuantConv2d,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scales: torch.Tensor,
-    zps: torch.Tensor,
-    bits: int,
-    rows: torch.Tensor,
-    batch_size: int,
-    chunk: int,
-) -> torch.Tensor:
-    """Output squared error of candidates for the output channels ``rows``, ``(P, len(rows))``,
-    accumulated in float32 in the reference's order (per image mean over positions, summed per batch,
-    then over batches), so that near-ties resolve as they do there."""
-    w = layer.weight.detach()[rows]
-    w2d = w.reshape(w.shape[0], -1)
-    scales, zps, bias = scales[:, rows], zps[:, rows], layer.bias.detach()[rows]
-    totals = []
-    for b0 in range(0, x.shape[0], batch_size):
-        xb, yb = x[b0 : b0 + batch_size], y[b0 : b0 + batch_size, rows].unsqueeze(1)
-        per_batch = []
-        for c0 in range(0, scales.shape[0], chunk):
-            sc, zp = scales[c0 : c0 + chunk], zps[c0 : c0 + chunk]
-            w_hat = search.fake_quant_nograd(w2d.unsqueeze(0), sc, zp, bits).reshape(-1, *w.shape[1:])
-            out = F.conv2d(xb, w_hat, bias.repeat(sc.shape[0]), layer.stride, layer.padding, layer.dilation)
-            out = out.view(out.shape[0], sc.shape[0], w.shape[0], *out.shape[2:])
-            per_batch.append((yb - out).pow_(2).mean(dim=(3, 4)).sum(dim=0, keepdim=True))
-        totals.append(torch.cat(per_batch, dim=1))
-    return torch.cat(totals, dim=0).sum(dim=0)
 
 
 def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: CalibConfig) -> None:
@@ -150,8 +153,12 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
     def best(up: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         s, z = grids.bounds_to_qparams(up, lo, bits)
         sse = search.weight_output_sse(w2d, bias, patches, out, s, z, bits, cfg.candidate_chunk)
+        conv_args = (layer.stride, layer.padding, layer.dilation)
         return search.resolve_near_ties(
-            sse, lambda c, g: _conv_output_error(layer, x, y, s[c], z[c], bits, g, cfg.batch_size, cfg.candidate_chunk)
+            sse,
+            lambda c, g: ref.conv_weight_error(
+                layer.weight.detach(), bias, conv_args, x, y, s, z, bits, c, g, cfg.batch_size
+            ),
         )
 
     idx = best(upper, lower)
@@ -195,19 +202,44 @@ def calibrate_matmul(
         s, z = qparams(op)
         return fake_quant(t, s.view(1, -1, 1, 1), z.view(1, -1, 1, 1), bits[op])
 
+    memo: dict[tuple, int] = {}  # per-head sweep results: a sweep's outcome for a head depends only on
+    # that head's fixed bound and the other operand's bounds, so repeated coordinate-descent steps are reused
+
     def sweep(op: str, mode: str) -> None:
         if bits[op] is None:
             return
-        up, lo = bounds[op]
-        iu, il = sel[op]
-        if mode == "upper":
-            lo = lo.gather(0, il.view(1, -1)).expand_as(up)
-        elif mode == "lower":
-            up = up.gather(0, iu.view(1, -1)).expand_as(lo)
-        s, z = grids.bounds_to_qparams(up, lo, bits[op])
-        other_a = a if op == "A" else quantized("A", a)
-        other_b = quantized("B", b) if op == "A" else b
-        idx = search.matmul_operand_search(other_a, other_b, out, s, z, bits[op], op, chunk, ipc)
+        other = "B" if op == "A" else "A"
+        fixed = {"joint": None, "upper": sel[op][1], "lower": sel[op][0]}[mode]
+        keys = [
+            (
+                op,
+                mode,
+                -1 if fixed is None else int(fixed[h]),
+                *((-1, -1) if bits[other] is None else (int(sel[other][0][h]), int(sel[other][1][h]))),
+            )
+            for h in range(heads)
+        ]
+        todo = torch.tensor([h for h in range(heads) if keys[h] not in memo], dtype=torch.long)
+        if todo.numel():
+            up, lo = (t[:, todo] for t in bounds[op])
+            if mode == "upper":
+                lo = lo.gather(0, sel[op][1][todo].view(1, -1)).expand_as(up)
+            elif mode == "lower":
+                up = up.gather(0, sel[op][0][todo].view(1, -1)).expand_as(lo)
+            s, z = grids.bounds_to_qparams(up, lo, bits[op])
+            other_a = a[:, todo] if op == "A" else quantized("A", a)[:, todo]
+            other_b = quantized("B", b)[:, todo] if op == "A" else b[:, todo]
+            sub_out = out[:, todo]
+            sse = search.matmul_operand_sse(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
+            idx = search.resolve_near_ties(
+                sse,
+                lambda c, g: ref.matmul_error(
+                    other_a, other_b, sub_out, s, z, bits[op], op, c, g, cfg.batch_size
+                ),
+            )
+            for j, h in enumerate(todo.tolist()):
+                memo[keys[h]] = int(idx[j])
+        idx = torch.tensor([memo[k] for k in keys], dtype=torch.long)
         if mode in ("joint", "upper"):
             sel[op][0] = idx
         if mode in ("joint", "lower"):

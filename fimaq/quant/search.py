@@ -18,14 +18,20 @@ from fimaq.quant.sorted_sse import SortedValues
 ChunkEval = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate indices, chunk) -> (n, groups) SSE
 
 
-def pruned_argmin(evaluate: ChunkEval, num_cand: int, num_chunks: int, rtol: float = 1e-7) -> torch.Tensor:
-    """Per-group argmin over candidates of ``sum_k evaluate(c, k)``, with exact branch-and-bound pruning.
+def pruned_totals(
+    evaluate: ChunkEval, num_cand: int, num_chunks: int, keep_rtol: float = 1e-4
+) -> torch.Tensor:
+    """Totals ``sum_k evaluate(c, k)`` per (candidate, group) with exact branch-and-bound pruning.
+
+    Candidates whose partial sum exceeds ``(1 + keep_rtol)`` times a complete candidate's total can
+    neither win nor tie within ``keep_rtol``; they are dropped and reported as ``inf``. Every other
+    candidate is summed over all chunks.
 
     Args:
         evaluate: returns the (non-negative) error of the given candidates on chunk k, shape (n, groups).
         num_cand: number of candidates.
         num_chunks: number of chunks the error is summed over.
-        rtol: relative slack before a candidate is dropped (guards float64 summation noise).
+        keep_rtol: candidates within this relative distance of the best are kept (near-tie resolution).
     """
     everyone = torch.arange(num_cand)
     partial = evaluate(everyone, 0)
@@ -33,7 +39,7 @@ def pruned_argmin(evaluate: ChunkEval, num_cand: int, num_chunks: int, rtol: flo
     seed_total = partial[seeds].clone()
     for k in range(1, num_chunks):
         seed_total += evaluate(seeds, k)
-    bound = seed_total.min(dim=0).values * (1 + rtol)
+    bound = seed_total.min(dim=0).values * (1 + keep_rtol)
     alive = partial <= bound
     alive[seeds] = False
     for k in range(1, num_chunks):
@@ -45,15 +51,22 @@ def pruned_argmin(evaluate: ChunkEval, num_cand: int, num_chunks: int, rtol: flo
     totals = torch.full_like(partial, float("inf"))
     totals[alive] = partial[alive]
     totals[seeds] = seed_total
-    return totals.argmin(dim=0)
+    return totals
+
+
+def pruned_argmin(evaluate: ChunkEval, num_cand: int, num_chunks: int) -> torch.Tensor:
+    """Per-group argmin of :func:`pruned_totals` (ties to the lowest index)."""
+    return pruned_totals(evaluate, num_cand, num_chunks).argmin(dim=0)
 
 
 def fake_quant_nograd(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:
-    """``fake_quant`` without autograd, in three in-place passes: ``s * clamp(round(x / s), -zp, qmax - zp)``
-    (bit-identical: the rounded values and zero points are small integers)."""
-    t = x / scale
+    """``fake_quant`` without autograd, in four in-place passes: ``s * clamp(round(x / s), -zp, qmax - zp)``
+    (bit-identical: the rounded values and zero points are small integers). The result is contiguous
+    in the broadcast shape."""
+    shape = torch.broadcast_shapes(x.shape, scale.shape, zero_point.shape)
+    t = torch.div(x, scale, out=torch.empty(shape, dtype=x.dtype, device=x.device))
     t.round_()
     t.clamp_(min=-zero_point, max=(2**bits - 1) - zero_point)
     return t.mul_(scale)
@@ -64,10 +77,14 @@ def _candidate_chunks(num: int, chunk: int):
         yield start, min(num, start + chunk)
 
 
+def weight_self_sse(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
+    """The weight's own squared error per (candidate, row), (P, rows); grids (P, rows, 1)."""
+    return SortedValues(w).sse(scales[..., 0].T, zps[..., 0].T, bits).T
+
+
 def weight_self_search(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row candidate minimising the weight's own squared error; ``w`` (rows, in), grids (P, rows, 1)."""
-    sse = SortedValues(w).sse(scales[..., 0].T, zps[..., 0].T, bits)  # (rows, P)
-    return sse.argmin(dim=1)
+    """Per-row candidate minimising the weight's own squared error."""
+    return weight_self_sse(w, scales, zps, bits).argmin(dim=0)
 
 
 def weight_output_sse(
@@ -135,17 +152,24 @@ def resolve_near_ties(
     return idx
 
 
+def act_self_sse(
+    x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int, channel_wise: bool = False
+) -> torch.Tensor:
+    """The input's own squared error per candidate: per tensor (grids (P,), returns (P, 1)) or per
+    channel (grids (C, P), returns (P, C)); ``x`` is (M, C)."""
+    if channel_wise:
+        return SortedValues(x.T).sse(scales, zps, bits).T
+    return SortedValues(x.reshape(1, -1)).sse(scales.view(1, -1), zps.view(1, -1), bits).T
+
+
 def act_self_search(
     x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int, channel_wise: bool = False
 ) -> torch.Tensor:
-    """Candidate minimising the input's own squared error: per tensor (grids (P,), returns (1,)) or per
-    channel (grids (C, P), returns (C,)); ``x`` is (M, C)."""
-    if channel_wise:
-        return SortedValues(x.T).sse(scales, zps, bits).argmin(dim=1)
-    return SortedValues(x.reshape(1, -1)).sse(scales.view(1, -1), zps.view(1, -1), bits).argmin(dim=1)
+    """Candidate minimising the input's own squared error (per tensor: (1,); per channel: (C,))."""
+    return act_self_sse(x, scales, zps, bits, channel_wise).argmin(dim=0)
 
 
-def act_output_search(
+def act_output_sse(
     x: torch.Tensor,
     w_hat: torch.Tensor,
     bias: torch.Tensor,
@@ -155,8 +179,9 @@ def act_output_search(
     bits: int,
     chunk: int,
     rows_per_chunk: int,
-) -> int:
-    """Per-tensor input candidate minimising ``||x_hat W_hat^T + b - y||^2`` (pruned search)."""
+) -> torch.Tensor:
+    """Output squared error ``||x_hat W_hat^T + b - y||^2`` of each per-tensor input candidate, (P, 1);
+    ``inf`` for candidates pruned as more than 1e-4 worse than the best."""
     num_chunks = -(-x.shape[0] // rows_per_chunk)
 
     target = y - bias
@@ -185,10 +210,10 @@ def act_output_search(
                 out.append(err.pow_(2).sum(dim=(1, 2), dtype=torch.float64).unsqueeze(-1))
         return torch.cat(out, 0)
 
-    return int(pruned_argmin(evaluate, scales.shape[0], num_chunks)[0])
+    return pruned_totals(evaluate, scales.shape[0], num_chunks)
 
 
-def matmul_operand_search(
+def matmul_operand_sse(
     a: torch.Tensor,
     b: torch.Tensor,
     out: torch.Tensor,
@@ -199,24 +224,32 @@ def matmul_operand_search(
     chunk: int,
     images_per_chunk: int,
 ) -> torch.Tensor:
-    """Per-head candidate for one operand of ``a @ b`` (the other already quantized as given), by the
-    squared error of the product against the FP ``out``. Grids are (P, H)."""
+    """Squared error of the product against the FP ``out`` for each candidate of one operand of
+    ``a @ b`` (the other already quantized as given), per head: (P, H), ``inf`` where pruned.
+    Grids are (P, H)."""
     n = a.shape[0]
     num_chunks = -(-n // images_per_chunk)
 
     def evaluate(cands: torch.Tensor, k: int) -> torch.Tensor:
         sl = slice(k * images_per_chunk, (k + 1) * images_per_chunk)
         ak, bk, ok = a[sl], b[sl], out[sl]
+        n_k, heads, rows, inner = ak.shape
+        cols = bk.shape[-1]
         res = []
         for s, e in _candidate_chunks(cands.numel(), chunk):
             c = cands[s:e]
-            sc = scales[c].view(-1, 1, scales.shape[1], 1, 1)
-            zp = zps[c].view(-1, 1, zps.shape[1], 1, 1)
+            p = c.numel()
+            # candidates are stacked along the rows (A) or columns (B) of one larger product per head
             if operand == "A":
-                prod = fake_quant_nograd(ak.unsqueeze(0), sc, zp, bits) @ bk
+                sc, zp = scales[c].T.reshape(1, heads, p, 1, 1), zps[c].T.reshape(1, heads, p, 1, 1)
+                a_hat = fake_quant_nograd(ak.unsqueeze(2), sc, zp, bits).view(n_k, heads, p * rows, inner)
+                prod = (a_hat @ bk).view(n_k, heads, p, rows, cols).sub_(ok.unsqueeze(2))
+                res.append(prod.pow_(2).sum(dim=(0, 3, 4), dtype=torch.float64).T)  # (p, H)
             else:
-                prod = ak @ fake_quant_nograd(bk.unsqueeze(0), sc, zp, bits)
-            res.append(prod.sub_(ok).pow_(2).sum(dim=(1, 3, 4), dtype=torch.float64))  # (p, H)
+                sc, zp = scales[c].T.reshape(1, heads, 1, p, 1), zps[c].T.reshape(1, heads, 1, p, 1)
+                b_hat = fake_quant_nograd(bk.unsqueeze(3), sc, zp, bits).view(n_k, heads, inner, p * cols)
+                prod = (ak @ b_hat).view(n_k, heads, rows, p, cols).sub_(ok.unsqueeze(3))
+                res.append(prod.pow_(2).sum(dim=(0, 2, 4), dtype=torch.float64).T)
         return torch.cat(res, 0)
 
-    return pruned_argmin(evaluate, scales.shape[0], num_chunks)
+    return pruned_totals(evaluate, scales.shape[0], num_chunks)
