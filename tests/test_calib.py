@@ -69,3 +69,70 @@ def test_calibration_rejects_bad_images():
         calibrate_model(model, torch.full((2, 3, 32, 32), float("nan")), FAST, progress=False)
     with pytest.raises(FimaqError, match="shape"):
         calibrate_model(model, torch.zeros(3, 32, 32), FAST, progress=False)
+
+
+def _brute_matmul_calibration(a, b, out, bits, eq_n, rounds):
+    """Section 2.3 written out plainly: full float64 errors, no pruning, no reuse."""
+    from fimaq.quant import grids
+    from fimaq.quant.fake_quant import fake_quant
+
+    bounds = {}
+    for op, x in (("A", a), ("B", b)):
+        up, lo = grids.matmul_operand_bounds(x, eq_n)
+        bounds[op] = (up[:eq_n], lo[:eq_n])
+    heads = a.shape[1]
+    sel = {op: [torch.full((heads,), eq_n - 1), torch.full((heads,), eq_n - 1)] for op in "AB"}
+
+    def qp(op, iu, il):
+        up, lo = bounds[op]
+        return grids.bounds_to_qparams(up.gather(0, iu.view(1, -1))[0], lo.gather(0, il.view(1, -1))[0], bits)
+
+    def quant(op, t, s, z):
+        return fake_quant(t, s.view(1, -1, 1, 1), z.view(1, -1, 1, 1), bits)
+
+    def sweep(op, mode):
+        up, lo = bounds[op]
+        if mode == "upper":
+            lo = lo.gather(0, sel[op][1].view(1, -1)).expand_as(up)
+        if mode == "lower":
+            up = up.gather(0, sel[op][0].view(1, -1)).expand_as(lo)
+        s, z = grids.bounds_to_qparams(up, lo, bits)
+        other = "B" if op == "A" else "A"
+        fixed = quant(other, b if op == "A" else a, *qp(other, *sel[other]))
+        errs = []
+        for c in range(s.shape[0]):
+            q = quant(op, a if op == "A" else b, s[c], z[c])
+            prod = q @ fixed if op == "A" else fixed @ q
+            errs.append(((prod - out).double() ** 2).sum((0, 2, 3)))
+        idx = torch.stack(errs).argmin(0)
+        if mode in ("joint", "upper"):
+            sel[op][0] = idx
+        if mode in ("joint", "lower"):
+            sel[op][1] = idx
+
+    sweep("A", "joint")
+    sweep("B", "joint")
+    for _ in range(rounds):
+        for op in "AB":
+            sweep(op, "lower")
+            sweep(op, "upper")
+    return qp("A", *sel["A"]), qp("B", *sel["B"])
+
+
+def test_matmul_calibration_equals_plain_coordinate_descent():
+    from fimaq.calib.layers import calibrate_matmul
+    from fimaq.layers import QuantMatMul
+
+    torch.manual_seed(7)
+    gains = torch.tensor([1.0, 8.0, 0.2]).view(1, 3, 1, 1)  # heads of very different ranges
+    a, b = torch.randn(10, 3, 6, 5) * gains, torch.randn(10, 3, 5, 7).exp()
+    out = a @ b
+    cfg = CalibConfig(eq_n=16, search_rounds=2, candidate_chunk=5, images_per_chunk=3)
+    layer = QuantMatMul(3, 6, 7, 3, 3)
+    calibrate_matmul(layer, a, b, out, cfg)
+    (sa, za), (sb, zb) = _brute_matmul_calibration(a, b, out, 3, 16, 2)
+    torch.testing.assert_close(layer.A_quantizer.scale[0, :, 0, 0], sa)
+    torch.testing.assert_close(layer.B_quantizer.scale[0, :, 0, 0], sb)
+    assert torch.equal(layer.A_quantizer.zero_point.flatten(), za) and torch.equal(
+        layer.B_quantizer.zero_point.flatten(), zb
+    )

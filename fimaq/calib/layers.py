@@ -212,6 +212,7 @@ def calibrate_matmul(
         fixed = {"joint": None, "upper": sel[op][1], "lower": sel[op][0]}[mode]
         keys = [
             (
+                h,
                 op,
                 mode,
                 -1 if fixed is None else int(fixed[h]),
