@@ -73,8 +73,8 @@ class CalibConfig:
     eq_n: int = 128
     search_rounds: int = 3
     batch_size: int = 32
-    candidate_chunk: int = 32
-    images_per_chunk: int = 16
+    candidate_chunk: int = 16
+    images_per_chunk: int = 4
     fold_layernorm: bool = True
     recapture_after_fold: bool = True
 

@@ -47,14 +47,18 @@ def search_linear(
     if w_bits is not None:
         ws, wz = grids.weight_grid(w, w_bits, cfg.eq_n)
         sse = search.weight_self_sse(w, ws, wz, w_bits)
-        wi = search.resolve_near_ties(sse, lambda c, g: ref.weight_self_error(w, ws, wz, w_bits, c, g))
+        wi = search.resolve_near_ties(
+            sse, lambda c, g: ref.weight_self_error(w, ws, wz, w_bits, c, g), search.tie_rtol(w_bits)
+        )
         wq = (_pick(ws, wi), _pick(wz, wi))
     if a_bits is not None:
         a_s, a_z = grids.activation_grid(x, a_bits, cfg.eq_n)
         sse = search.act_self_sse(x, a_s, a_z, a_bits)
         ai = int(
             search.resolve_near_ties(
-                sse, lambda c, g: ref.act_self_error(x3, a_s, a_z, a_bits, c, None, batch)
+                sse,
+                lambda c, g: ref.act_self_error(x3, a_s, a_z, a_bits, c, None, batch),
+                search.tie_rtol(a_bits),
             )[0]
         )
         aq = (a_s[ai], a_z[ai])
@@ -68,6 +72,7 @@ def search_linear(
             wi = search.resolve_near_ties(
                 sse,
                 lambda c, g, xh=x_hat3: ref.linear_weight_error(w, bias, xh, y3, ws, wz, w_bits, c, g, batch),
+                search.tie_rtol(w_bits),
             )
             wq = (_pick(ws, wi), _pick(wz, wi))
         if a_bits is not None and not _same(wq, a_used_for):
@@ -78,6 +83,7 @@ def search_linear(
                 search.resolve_near_ties(
                     sse,
                     lambda c, g, wh=w_hat: ref.linear_act_error(x3, wh, bias, y3, a_s, a_z, a_bits, c, batch),
+                    search.tie_rtol(a_bits),
                 )[0]
             )
             aq = (a_s[ai], a_z[ai])
@@ -97,7 +103,9 @@ def fold_layernorm(
     sse = search.act_self_sse(x, scales, zps, bits, channel_wise=True)
     x3 = x.view(num_images, -1, x.shape[-1])
     idx = search.resolve_near_ties(
-        sse, lambda c, g: ref.act_self_error(x3, scales, zps, bits, c, g, cfg.batch_size)
+        sse,
+        lambda c, g: ref.act_self_error(x3, scales, zps, bits, c, g, cfg.batch_size),
+        search.tie_rtol(bits),
     )
     s_c = scales.gather(1, idx.view(-1, 1)).squeeze(1)
     zp_c = zps.gather(1, idx.view(-1, 1)).squeeze(1)
@@ -159,6 +167,7 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
             lambda c, g: ref.conv_weight_error(
                 layer.weight.detach(), bias, conv_args, x, y, s, z, bits, c, g, cfg.batch_size
             ),
+            search.tie_rtol(bits),
         )
 
     idx = best(upper, lower)
@@ -237,6 +246,7 @@ def calibrate_matmul(
                 lambda c, g: ref.matmul_error(
                     other_a, other_b, sub_out, s, z, bits[op], op, c, g, cfg.batch_size
                 ),
+                search.tie_rtol(bits[op]),
             )
             for j, h in enumerate(todo.tolist()):
                 memo[keys[h]] = int(idx[j])

@@ -78,9 +78,11 @@ def matmul_error(
     heads: torch.Tensor,
     batch_size: int,
 ) -> torch.Tensor:
-    """Per-head candidates of one operand of ``a @ b`` (the other given already quantized)."""
-    sc = scales[cands].view(-1, 1, scales.shape[1], 1, 1)
-    zp = zps[cands].view(-1, 1, zps.shape[1], 1, 1)
+    """Per-head candidates of one operand of ``a @ b`` (the other given already quantized), for the
+    heads ``heads`` only (heads are independent; each head's numbers are as in the full product)."""
+    a, b, out = a[:, heads], b[:, heads], out[:, heads]
+    sc = scales[cands][:, heads].reshape(-1, 1, heads.numel(), 1, 1)
+    zp = zps[cands][:, heads].reshape(-1, 1, heads.numel(), 1, 1)
     total = None
     for b0 in range(0, a.shape[0], batch_size):
         ab, bb, ob = a[b0 : b0 + batch_size], b[b0 : b0 + batch_size], out[b0 : b0 + batch_size]
@@ -90,7 +92,7 @@ def matmul_error(
             prod = ab.unsqueeze(0) @ fake_quant_nograd(bb, sc, zp, bits)
         part = (ob.unsqueeze(0) - prod).pow_(2).mean(dim=(3, 4)).sum(dim=1)
         total = part if total is None else total + part
-    return total[:, heads]
+    return total
 
 
 def conv_weight_error(

@@ -44,8 +44,8 @@ def weight_grid(w: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.Tensor, to
     qmax, num_zp, _ = _levels(bits)
     num_scale = int(eq_n / num_zp)
     pct = torch.tensor([0.9, 1.0])
-    upper = torch.quantile(w, pct.to(w.device), dim=-1).unsqueeze(-1)  # (2, rows, 1)
-    lower = torch.quantile(w, (1 - pct).to(w.device), dim=-1).unsqueeze(-1)
+    both = torch.quantile(w, torch.cat([pct, 1 - pct]).to(w.device), dim=-1).unsqueeze(-1)  # one sort
+    upper, lower = both[:2], both[2:]  # (2, rows, 1) each
     delta_min = upper[0:1] - lower[0:1]
     delta_max = upper[1:] - lower[1:]
     splits = torch.linspace(0, 1, steps=num_scale, device=w.device)[:, None, None] * (delta_max - delta_min)
@@ -77,8 +77,8 @@ def activation_grid(
             lows.append(torch.quantile(part, (1 - pct).to(x.device), dim=0).transpose(0, 1))
         upper, lower = torch.cat(ups, 0), torch.cat(lows, 0)  # (C, 2)
     else:
-        upper = chunked_quantile(x, pct).unsqueeze(0)  # (1, 2)
-        lower = chunked_quantile(x, 1 - pct).unsqueeze(0)
+        both = chunked_quantile(x, torch.cat([pct, 1 - pct]))
+        upper, lower = both[:2].unsqueeze(0), both[2:].unsqueeze(0)  # (1, 2) each
     delta_min = upper[:, 0:1] - lower[:, 0:1]
     delta_max = upper[:, 1:] - lower[:, 1:]
     splits = torch.linspace(0, 1, steps=num_scale, device=x.device)[None, :] * (delta_max - delta_min)
@@ -96,9 +96,8 @@ def conv_weight_bounds(w2d: torch.Tensor, eq_n: int) -> tuple[torch.Tensor, torc
     weight: quantile levels ``0.99 + 0.0099 (i / (eq_n - 1))^0.5`` and 1.0 (lower: one minus them)."""
     lo, hi, k = 0.99, 0.9999, 0.5
     pct = torch.tensor([lo + (hi - lo) * (i / (eq_n - 1)) ** k for i in range(eq_n)] + [1.0])
-    upper = torch.quantile(w2d, pct.to(w2d.device), dim=-1).unsqueeze(-1)
-    lower = torch.quantile(w2d, (1 - pct).to(w2d.device), dim=-1).unsqueeze(-1)
-    return upper, lower
+    both = torch.quantile(w2d, torch.cat([pct, 1 - pct]).to(w2d.device), dim=-1).unsqueeze(-1)
+    return both[: pct.numel()], both[pct.numel() :]
 
 
 def bounds_to_qparams(
@@ -118,8 +117,8 @@ def matmul_operand_bounds(x: torch.Tensor, eq_n: int) -> tuple[torch.Tensor, tor
     """
     pct = torch.tensor([0.99, 0.99999])
     per_head = [x[:, h] for h in range(x.shape[1])]
-    uppers = torch.stack([chunked_quantile(t, pct) for t in per_head], dim=-1)  # (2, H)
-    lowers = torch.stack([chunked_quantile(t, 1 - pct) for t in per_head], dim=-1)
+    both = torch.stack([chunked_quantile(t, torch.cat([pct, 1 - pct])) for t in per_head], dim=-1)
+    uppers, lowers = both[:2], both[2:]  # (2, H) each
     t = torch.linspace(0, 1, steps=eq_n + 1, device=x.device)[:, None]
     upper = uppers[0:1] + t * (uppers[1:2] - uppers[0:1])
     lower = lowers[1:2] + t * (lowers[0:1] - lowers[1:2])

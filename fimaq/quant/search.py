@@ -18,6 +18,16 @@ from fimaq.quant.sorted_sse import SortedValues
 ChunkEval = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate indices, chunk) -> (n, groups) SSE
 
 
+def tie_rtol(bits: int) -> float:
+    """Relative gap below which two candidates count as tied in float32 at ``bits`` bits.
+
+    The reference's float32 errors are perturbed relative to the exact ones by about float32 epsilon
+    over the relative quantization error (larger at 8 bits than at 3); 2e-4 * 2^(b - 8) keeps a
+    margin of several times that.
+    """
+    return 2e-4 * 2.0 ** (bits - 8)
+
+
 def pruned_totals(
     evaluate: ChunkEval, num_cand: int, num_chunks: int, keep_rtol: float = 1e-4
 ) -> torch.Tensor:
@@ -77,9 +87,20 @@ def _candidate_chunks(num: int, chunk: int):
         yield start, min(num, start + chunk)
 
 
+def _self_sse(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
+    """Own squared error of each group (row of ``x``, (G, n)) under each candidate (grids (G, P)), (P, G):
+    one sort when the groups are long, a direct pass over the values when they are short."""
+    if x.shape[1] <= 16 * 2**bits:  # short rows (weights): the direct pass is cheaper than sorting
+        err = fake_quant_nograd(x.unsqueeze(1), scales.unsqueeze(-1), zps.unsqueeze(-1), bits).sub_(
+            x.unsqueeze(1)
+        )
+        return err.pow_(2).sum(dim=-1, dtype=torch.float64).T
+    return SortedValues(x).sse(scales, zps, bits).T
+
+
 def weight_self_sse(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
     """The weight's own squared error per (candidate, row), (P, rows); grids (P, rows, 1)."""
-    return SortedValues(w).sse(scales[..., 0].T, zps[..., 0].T, bits).T
+    return _self_sse(w, scales[..., 0].T, zps[..., 0].T, bits)
 
 
 def weight_self_search(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
@@ -132,7 +153,7 @@ def weight_output_search(
 def resolve_near_ties(
     values: torch.Tensor,
     reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    rtol: float = 1e-4,
+    rtol: float,
 ) -> torch.Tensor:
     """Per-group argmin of exact errors ``values`` (P, G), with float-noise ties settled like the reference.
 
@@ -158,8 +179,8 @@ def act_self_sse(
     """The input's own squared error per candidate: per tensor (grids (P,), returns (P, 1)) or per
     channel (grids (C, P), returns (P, C)); ``x`` is (M, C)."""
     if channel_wise:
-        return SortedValues(x.T).sse(scales, zps, bits).T
-    return SortedValues(x.reshape(1, -1)).sse(scales.view(1, -1), zps.view(1, -1), bits).T
+        return _self_sse(x.T.contiguous(), scales, zps, bits)
+    return _self_sse(x.reshape(1, -1), scales.view(1, -1), zps.view(1, -1), bits)
 
 
 def act_self_search(
@@ -210,7 +231,7 @@ def act_output_sse(
                 out.append(err.pow_(2).sum(dim=(1, 2), dtype=torch.float64).unsqueeze(-1))
         return torch.cat(out, 0)
 
-    return pruned_totals(evaluate, scales.shape[0], num_chunks)
+    return pruned_totals(evaluate, scales.shape[0], num_chunks, keep_rtol=tie_rtol(bits))
 
 
 def matmul_operand_sse(
@@ -252,4 +273,4 @@ def matmul_operand_sse(
                 res.append(prod.pow_(2).sum(dim=(0, 2, 4), dtype=torch.float64).T)
         return torch.cat(res, 0)
 
-    return pruned_totals(evaluate, scales.shape[0], num_chunks)
+    return pruned_totals(evaluate, scales.shape[0], num_chunks, keep_rtol=tie_rtol(bits))
