@@ -82,21 +82,21 @@ def test_self_searches_equal_brute_force():
     brute = torch.stack(
         [((fake_quant(x, s_c[:, c], z_c[:, c], 3) - x).double() ** 2).sum(0) for c in range(s_c.shape[1])]
     )
-    assert torch.equal(search.act_self_search(x, s_c, z_c, 3, channel_wise=True), brute.argmin(0))
+    assert torch.equal(search.act_self_sse(x, s_c, z_c, 3, channel_wise=True).argmin(0), brute.argmin(0))
     s_t, z_t = grids.activation_grid(x, 4, 64)
     brute_t = torch.stack(
         [((fake_quant(x, s_t[c], z_t[c], 4) - x).double() ** 2).sum() for c in range(len(s_t))]
     )
-    assert int(search.act_self_search(x, s_t, z_t, 4)[0]) == int(brute_t.argmin())
+    assert int(search.act_self_sse(x, s_t, z_t, 4).argmin(0)[0]) == int(brute_t.argmin())
     w = x.T.contiguous()
     ws, wz = grids.weight_grid(w, 3, 64)
     brute_w = torch.stack(
         [((fake_quant(w, ws[c], wz[c], 3) - w).double() ** 2).sum(1) for c in range(ws.shape[0])]
     )
-    assert torch.equal(search.weight_self_search(w, ws, wz, 3), brute_w.argmin(0))
+    assert torch.equal(search.weight_self_sse(w, ws, wz, 3).argmin(0), brute_w.argmin(0))
 
 
-def test_pruned_argmin_equals_brute_force():
+def test_pruned_totals_equal_brute_force():
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         table = torch.rand(37, 9, 3, generator=g, dtype=torch.float64) * torch.rand(
@@ -104,7 +104,7 @@ def test_pruned_argmin_equals_brute_force():
         )
         if trial % 2:
             table[5] = table[11]  # an exact tie resolves to the lower index
-        got = search.pruned_argmin(lambda c, k, t=table: t[c, k], 37, 9)
+        got = search.pruned_totals(lambda c, k, t=table: t[c, k], 37, 9).argmin(0)
         assert torch.equal(got, table.sum(1).argmin(0))
 
 
@@ -113,7 +113,7 @@ def test_weight_output_search_equals_brute_force():
     w, b = torch.randn(6, 12), torch.randn(6)
     x, y = torch.randn(50, 12), torch.randn(50, 6)
     scales, zps = grids.weight_grid(w, 3, 32)
-    got = search.weight_output_search(w, b, x, y, scales, zps, 3, chunk=5)
+    got = search.weight_output_sse(w, b, x, y, scales, zps, 3, chunk=5).argmin(0)
     brute = []
     for c in range(scales.shape[0]):
         w_hat = fake_quant(w, scales[c], zps[c], 3)

@@ -1,9 +1,11 @@
-"""Batched candidate searches of the calibration stage: each returns, per group (row, head or tensor),
-the index of the candidate with the smallest squared error, ties going to the lowest index.
+"""Batched candidate scoring for the calibration searches: each ``*_sse`` function returns the squared
+error of every candidate per group (row, head or tensor), ``(P, groups)``, accumulated in float64; the
+caller takes the argmin (ties to the lowest index), settling float-noise ties with
+:func:`resolve_near_ties`.
 
-Squared errors are accumulated in float64. Output-error searches over activations prune: every
-candidate's error is a sum of non-negative per-chunk terms, so a candidate whose partial sum already
-exceeds a complete candidate's total can never win and is dropped (exact, not a heuristic).
+Output-error searches over activations prune: every candidate's error is a sum of non-negative
+per-chunk terms, so a candidate whose partial sum already exceeds a complete candidate's total (plus
+the tie tolerance) can neither win nor tie and is dropped (exact, not a heuristic).
 """
 
 from __future__ import annotations
@@ -64,11 +66,6 @@ def pruned_totals(
     return totals
 
 
-def pruned_argmin(evaluate: ChunkEval, num_cand: int, num_chunks: int) -> torch.Tensor:
-    """Per-group argmin of :func:`pruned_totals` (ties to the lowest index)."""
-    return pruned_totals(evaluate, num_cand, num_chunks).argmin(dim=0)
-
-
 def fake_quant_nograd(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:
@@ -103,11 +100,6 @@ def weight_self_sse(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bi
     return _self_sse(w, scales[..., 0].T, zps[..., 0].T, bits)
 
 
-def weight_self_search(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row candidate minimising the weight's own squared error."""
-    return weight_self_sse(w, scales, zps, bits).argmin(dim=0)
-
-
 def weight_output_sse(
     w: torch.Tensor,
     bias: torch.Tensor,
@@ -134,20 +126,6 @@ def weight_output_sse(
         d = (fake_quant(w.unsqueeze(0), scales[s:e], zps[s:e], bits) - w.unsqueeze(0)).double()
         vals.append(((d @ gram) * d).sum(-1) + 2 * (d * cross.unsqueeze(0)).sum(-1) + const)
     return torch.cat(vals, 0)
-
-
-def weight_output_search(
-    w: torch.Tensor,
-    bias: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scales: torch.Tensor,
-    zps: torch.Tensor,
-    bits: int,
-    chunk: int,
-) -> torch.Tensor:
-    """Per-row candidate minimising the layer-output squared error (see :func:`weight_output_sse`)."""
-    return weight_output_sse(w, bias, x, y, scales, zps, bits, chunk).argmin(dim=0)
 
 
 def resolve_near_ties(
@@ -181,13 +159,6 @@ def act_self_sse(
     if channel_wise:
         return _self_sse(x.T.contiguous(), scales, zps, bits)
     return _self_sse(x.reshape(1, -1), scales.view(1, -1), zps.view(1, -1), bits)
-
-
-def act_self_search(
-    x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int, channel_wise: bool = False
-) -> torch.Tensor:
-    """Candidate minimising the input's own squared error (per tensor: (1,); per channel: (C,))."""
-    return act_self_sse(x, scales, zps, bits, channel_wise).argmin(dim=0)
 
 
 def act_output_sse(
