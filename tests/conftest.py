@@ -1,4 +1,4 @@
-"""Test-wide settings: offline hub, one thread, and small timm models built once per session."""
+"""Test-wide settings: offline hub, one thread, and small timm models."""
 
 import os
 
