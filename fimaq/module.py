@@ -57,8 +57,8 @@ class QuantModel(L.LightningModule):
         self.net = quantize_model(fp, self.quant)
         self.stage = "fp"
         num_classes = self.net.num_classes
-        self.top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
-        self.top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes))
+        self.top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
         if init_from:
             self.load_artifact(init_from)
 

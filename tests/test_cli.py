@@ -78,6 +78,22 @@ def test_calibrate_end_to_end_writes_artifacts(tmp_path):
     ]
     main(args)
     metrics = json.loads((root / "metrics.json").read_text())
+    # top-1 is the plain fraction of correct argmax predictions over the 450 validation digits
+    from fimaq.artifacts import resolve_checkpoint
+    from fimaq.data import DigitsDataModule
+    from fimaq.models import create_fp_model
+
+    dm = DigitsDataModule()
+    dm.setup()
+    xv, yv = dm.val_tensors()
+    fp = create_fp_model(
+        "deit_tiny_patch16_224",
+        resolve_checkpoint("embedded:digits_deit_tiny"),
+        model_kwargs={"img_size": 32, "patch_size": 4, "depth": 4, "num_classes": 10},
+    )
+    with torch.no_grad():
+        plain = 100.0 * (fp(xv).argmax(-1) == yv).float().mean().item()
+    assert metrics["fp_top1"] == pytest.approx(plain, abs=1e-3)
     assert metrics["fp_top1"] > 95.0
     assert metrics["calibrated_top1"] > metrics["fp_top1"] - 2.0  # W8/A8 stays close to FP
     assert metrics["seconds"]["calibrate"] > 0
