@@ -77,22 +77,28 @@ def matmul_error(
     cands: torch.Tensor,
     heads: torch.Tensor,
     batch_size: int,
+    cand_chunk: int = 16,
 ) -> torch.Tensor:
     """Per-head candidates of one operand of ``a @ b`` (the other given already quantized), for the
-    heads ``heads`` only (heads are independent; each head's numbers are as in the full product)."""
+    heads ``heads`` only (heads are independent; each head's numbers are as in the full product).
+    Candidates are processed ``cand_chunk`` at a time (each candidate's numbers do not depend on it)."""
     a, b, out = a[:, heads], b[:, heads], out[:, heads]
-    sc = scales[cands][:, heads].reshape(-1, 1, heads.numel(), 1, 1)
-    zp = zps[cands][:, heads].reshape(-1, 1, heads.numel(), 1, 1)
-    total = None
-    for b0 in range(0, a.shape[0], batch_size):
-        ab, bb, ob = a[b0 : b0 + batch_size], b[b0 : b0 + batch_size], out[b0 : b0 + batch_size]
-        if operand == "A":
-            prod = fake_quant_nograd(ab, sc, zp, bits) @ bb.unsqueeze(0)
-        else:
-            prod = ab.unsqueeze(0) @ fake_quant_nograd(bb, sc, zp, bits)
-        part = (ob.unsqueeze(0) - prod).pow_(2).mean(dim=(3, 4)).sum(dim=1)
-        total = part if total is None else total + part
-    return total
+    results = []
+    for c0 in range(0, cands.numel(), cand_chunk):
+        c = cands[c0 : c0 + cand_chunk]
+        sc = scales[c][:, heads].reshape(-1, 1, heads.numel(), 1, 1)
+        zp = zps[c][:, heads].reshape(-1, 1, heads.numel(), 1, 1)
+        total = None
+        for b0 in range(0, a.shape[0], batch_size):
+            ab, bb, ob = a[b0 : b0 + batch_size], b[b0 : b0 + batch_size], out[b0 : b0 + batch_size]
+            if operand == "A":
+                prod = fake_quant_nograd(ab, sc, zp, bits) @ bb.unsqueeze(0)
+            else:
+                prod = ab.unsqueeze(0) @ fake_quant_nograd(bb, sc, zp, bits)
+            part = (ob.unsqueeze(0) - prod).pow_(2).mean(dim=(3, 4)).sum(dim=1)
+            total = part if total is None else total + part
+        results.append(total)
+    return torch.cat(results, 0)
 
 
 def conv_weight_error(
