@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fimaq.errors import FimaqError
+from fimaq.errors import FimaqError, require_int
 from fimaq.quant.quantizer import check_bits
 
 
@@ -81,8 +81,6 @@ class CalibConfig:
     def validate(self) -> CalibConfig:
         """Check the settings; returns self."""
         for key in ("num_images", "eq_n", "batch_size", "candidate_chunk", "images_per_chunk"):
-            if getattr(self, key) < 1:
-                raise FimaqError(f"calibration {key} must be >= 1, got {getattr(self, key)}")
-        if self.search_rounds < 0:
-            raise FimaqError(f"calibration search_rounds must be >= 0, got {self.search_rounds}")
+            require_int(f"calibration {key}", getattr(self, key), 1)
+        require_int("calibration search_rounds", self.search_rounds, 0)
         return self

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from fimaq.errors import FimaqError
+from fimaq.errors import FimaqError, require_int
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +79,14 @@ class DigitsDataModule(L.LightningDataModule):
             num_workers: Worker processes of every data loader.
         """
         super().__init__()
-        if not isinstance(img_size, int) or img_size < 8:
-            raise FimaqError(f"img_size must be an integer >= 8, got {img_size!r}")
+        require_int("img_size", img_size, 8)
         if in_chans not in (1, 3):
             raise FimaqError(f"in_chans must be 1 or 3, got {in_chans!r}")
         for name, value in (("calib_size", calib_size), ("recon_size", recon_size)):
-            if not isinstance(value, int) or not 1 <= value <= NUM_TRAIN:
-                raise FimaqError(
-                    f"{name} must be between 1 and {NUM_TRAIN} (digits train split), got {value!r}"
-                )
+            require_int(name, value, 1, NUM_TRAIN, note=" (digits train split)")
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise FimaqError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise FimaqError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+            require_int(name, value, 1)
+        require_int("num_workers", num_workers, 0)
         self.save_hyperparameters()
         self.img_size = img_size
         self.in_chans = in_chans

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import fimaq  # noqa: F401  (torchvision shim before torchvision / timm)
-from fimaq.errors import FimaqError
+from fimaq.errors import FimaqError, require_int
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,10 @@ class ImageNetDataModule(L.LightningDataModule):
             ("batch_size", batch_size),
             ("val_batch_size", val_batch_size),
         ):
-            if not isinstance(value, int) or value < 1:
-                raise FimaqError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise FimaqError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-        if val_limit is not None and (not isinstance(val_limit, int) or val_limit < 1):
-            raise FimaqError(f"val_limit must be a positive integer or null, got {val_limit!r}")
+            require_int(name, value, 1)
+        require_int("num_workers", num_workers, 0)
+        if val_limit is not None:
+            require_int("val_limit", val_limit, 1, note=" or null")
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise FimaqError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
         root_path = Path(root).expanduser()

@@ -35,7 +35,6 @@ class QuantConv2d(nn.Conv2d):
         new.to(device=conv.weight.device, dtype=conv.weight.dtype)
         new.w_quantizer = UniformQuantizer(w_bits, (conv.out_channels, 1), (conv.out_channels, 1))
         new.a_quantizer = UniformQuantizer(a_bits, (1,), (1,))
-        new.weight_override = None
         with torch.no_grad():
             new.weight.copy_(conv.weight)
             new.bias.copy_(conv.bias if conv.bias is not None else torch.zeros_like(new.bias))

@@ -39,7 +39,6 @@ class QuantLinear(nn.Linear):
         self.w_quantizer = UniformQuantizer(w_bits, (out_features, 1), (out_features, 1))
         a_shape = (1, *token_shape, 1) if token_shape else (1,)
         self.a_quantizer = UniformQuantizer(a_bits, a_shape, (1,))
-        self.weight_override: torch.Tensor | None = None  # set by AdaRound during reconstruction
 
     @classmethod
     def from_float(

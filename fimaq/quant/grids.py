@@ -12,7 +12,7 @@ QUANTILE_MAX_NUMEL = 2**24  # torch.quantile refuses larger inputs
 
 
 def _levels(bits: int) -> tuple[int, int, int]:
-    """(qmax, num_zp, num_scale helper) for a bit-width."""
+    """(largest code 2^b - 1, number of zero-point candidates, mid-range code 2^(b-1)) for a bit-width."""
     return 2**bits - 1, min(16, 2**bits), 2 ** (bits - 1)
 
 

@@ -40,9 +40,7 @@ class UniformQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(tuple(scale_shape)))
         self.register_buffer("zero_point", torch.zeros(tuple(zero_point_shape)))
         self.enabled = False  # switched on after calibration; calibration itself runs in FP
-        self.ste = False  # straight-through rounding while reconstructing
-        self.drop_prob = 0.0  # QDrop: probability of keeping the FP value per element
-        self.generator: torch.Generator | None = None
+        self.ste = False  # straight-through rounding (gradients reach the input and the scale)
 
     @property
     def active(self) -> bool:
@@ -61,8 +59,4 @@ class UniformQuantizer(nn.Module):
         if not self.active:
             return x
         scale = self.scale.to(torch.float32) if x.dtype != self.scale.dtype else self.scale
-        out = fake_quant(x, scale, self.zero_point, self.bits, ste=self.ste).to(x.dtype)
-        if self.drop_prob > 0 and self.training:
-            keep_fp = torch.rand(x.shape, device=x.device, generator=self.generator) < self.drop_prob
-            out = torch.where(keep_fp, x, out)
-        return out
+        return fake_quant(x, scale, self.zero_point, self.bits, ste=self.ste).to(x.dtype)
