@@ -84,3 +84,130 @@ class CalibConfig:
             require_int(f"calibration {key}", getattr(self, key), 1)
         require_int("calibration search_rounds", self.search_rounds, 0)
         return self
+
+
+RECON_LOSSES = ("mse", "fisher_diag", "fisher_lr", "fisher_dplr", "fisher_brecq")
+INPUT_MODES = ("qdrop", "qinp", "rinp")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ReconConfig:
+    """Block-wise reconstruction (ALGORITHM section 3); the defaults are the official constants.
+
+    Attributes:
+        iters: optimisation steps per unit.
+        batch_size: images per step (random indices into the reconstruction cache).
+        loss: ``mse`` | ``fisher_diag`` | ``fisher_lr`` | ``fisher_dplr`` | ``fisher_brecq`` (head: KL).
+        input_mode: unit input per step: ``qdrop`` (element-wise mix of quantized and FP input),
+            ``qinp`` (quantized input), ``rinp`` (FP input).
+        drop_prob: probability that an element takes its quantized value (QDrop, input mix).
+        learn_act_scales: train the activation scales of the unit (with the STE).
+        lr_alpha: Adam learning rate of the AdaRound variables (constant).
+        lr_scale: Adam learning rate of the activation scales (cosine to 0 over ``iters``).
+        round_weight: weight lambda of the rounding regulariser.
+        beta_start: rounding temperature during the warm-up and at its end.
+        beta_end: rounding temperature at the last step.
+        warmup: fraction of the steps without rounding regulariser.
+        cache_device: where the unit caches live (``null`` = the model's device).
+        cache_dtype: ``float32`` | ``bfloat16`` | ``float16`` (cast to float32 per batch).
+        error_images: images used for the per-unit output error logged before/after (0 = all).
+        seed: seed of minibatch indices, input mixing and QDrop masks (one stream per unit).
+    """
+
+    iters: int = 20000
+    batch_size: int = 32
+    loss: str = "fisher_dplr"
+    input_mode: str = "qdrop"
+    drop_prob: float = 0.5
+    learn_act_scales: bool = True
+    lr_alpha: float = 1e-3
+    lr_scale: float = 4e-5
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    cache_device: str | None = None
+    cache_dtype: str = "float32"
+    error_images: int = 256
+    seed: int = 0
+
+    def validate(self) -> ReconConfig:
+        """Check the settings; returns self."""
+        require_int("recon iters", self.iters, 1)
+        require_int("recon batch_size", self.batch_size, 1)
+        require_int("recon error_images", self.error_images, 0)
+        require_int("recon seed", self.seed, 0)
+        _choice("recon loss", self.loss, RECON_LOSSES)
+        _choice("recon input_mode", self.input_mode, INPUT_MODES)
+        _choice("recon cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        _fraction("recon drop_prob", self.drop_prob)
+        _fraction("recon warmup", self.warmup, closed_right=False)
+        for key in ("lr_alpha", "lr_scale", "round_weight", "beta_start", "beta_end"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                raise FimaqError(f"recon {key} must be a finite number >= 0, got {value!r}")
+        return self
+
+
+@dataclass
+class FisherConfig:
+    """Fisher statistics of the reconstruction loss (ALGORITHM section 4).
+
+    Attributes:
+        rank: k, the number of refreshes (and the final rank of the low-rank part).
+        mode: ``q`` refreshes every ``iters // rank`` steps; ``qf`` refreshes on the first ``rank`` steps.
+        temperature: T of the soft targets ``softmax(logits_FP / T)`` and of the model in the KL.
+        p1: weight of the low-rank term of ``fisher_dplr``.
+        p2: weight of the diagonal term of ``fisher_dplr``.
+        num_samples: reconstruction images used per refresh (``null`` = all; a seeded subset otherwise).
+        lowrank_tokens: ``all`` tokens, or ``cls`` (the class token only) for the low-rank part; units
+            without a class token (patch embedding, Swin) always use all tokens.
+        ridge: relative ridge added to ``Delta Delta^T`` before inverting (``0`` = plain inverse).
+        batch_size: images per forward/backward pass of a refresh.
+    """
+
+    rank: int = 5
+    mode: str = "q"
+    temperature: float = 20.0
+    p1: float = 1.0
+    p2: float = 1.0
+    num_samples: int | None = None
+    lowrank_tokens: str = "all"
+    ridge: float = 1e-8
+    batch_size: int = 32
+
+    def validate(self) -> FisherConfig:
+        """Check the settings; returns self."""
+        require_int("fisher rank", self.rank, 1)
+        require_int("fisher batch_size", self.batch_size, 1)
+        if self.num_samples is not None:
+            require_int("fisher num_samples", self.num_samples, 1)
+        _choice("fisher mode", self.mode, ("q", "qf"))
+        _choice("fisher lowrank_tokens", self.lowrank_tokens, ("all", "cls"))
+        for key in ("temperature", "p1", "p2", "ridge"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                raise FimaqError(f"fisher {key} must be a finite number >= 0, got {value!r}")
+        if self.temperature == 0:
+            raise FimaqError("fisher temperature must be > 0")
+        return self
+
+    def refresh_steps(self, iters: int) -> list[int]:
+        """Steps (0-based) at which the statistics are refreshed; the rank grows by one at each."""
+        if self.mode == "qf":
+            return list(range(min(self.rank, iters)))
+        every = max(1, iters // self.rank)
+        return [j * every for j in range(self.rank) if j * every < iters]
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise FimaqError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _fraction(name: str, value: object, closed_right: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value
+    ok = ok and (value <= 1 if closed_right else value < 1)
+    if not ok:
+        raise FimaqError(f"{name} must be a number in [0, 1{']' if closed_right else ')'}, got {value!r}")

@@ -41,6 +41,10 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(tuple(zero_point_shape)))
         self.enabled = False  # switched on after calibration; calibration itself runs in FP
         self.ste = False  # straight-through rounding (gradients reach the input and the scale)
+        # QDrop while reconstructing: each element keeps its quantized value with this probability,
+        # else its float value; masks come from ``generator`` (seeded by the caller).
+        self.qdrop: float | None = None
+        self.generator: torch.Generator | None = None
 
     @property
     def active(self) -> bool:
@@ -59,4 +63,8 @@ class UniformQuantizer(nn.Module):
         if not self.active:
             return x
         scale = self.scale.to(torch.float32) if x.dtype != self.scale.dtype else self.scale
-        return fake_quant(x, scale, self.zero_point, self.bits, ste=self.ste).to(x.dtype)
+        out = fake_quant(x, scale, self.zero_point, self.bits, ste=self.ste).to(x.dtype)
+        if self.qdrop is not None and self.qdrop < 1:
+            keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.qdrop
+            out = torch.where(keep, out, x)
+        return out

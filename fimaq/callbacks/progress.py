@@ -1,0 +1,27 @@
+"""A TQDM bar that names the unit being reconstructed (``blocks.3 [5/14]``) instead of the epoch."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class UnitProgressBar(TQDMProgressBar):
+    """Lightning's bar with a fixed description.
+
+    Args:
+        description: text shown left of the bar.
+        refresh_rate: update every this many steps.
+    """
+
+    def __init__(self, description: str, refresh_rate: int = 10) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=False)
+        self.description = description
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.description)
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return {k.rsplit("/", 1)[-1]: v for k, v in items.items()}

@@ -1,0 +1,130 @@
+"""AdaRound: learned up/down rounding of a weight on its fixed quantization grid.
+
+``h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)`` replaces the rounding offset;
+the soft weight is ``(clamp(floor(W/s) + h(alpha) + zp, 0, 2^b-1) - zp) * s``, and the final (hard)
+weight uses ``[alpha >= 0]`` instead of ``h``. ``alpha`` starts where ``h(alpha) = W/s - floor(W/s)``,
+so the soft weight equals the (clamped) float weight at the start.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fimaq.errors import FimaqError
+from fimaq.quant.quantizer import UniformQuantizer
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    """``h(alpha)``: the stretched, clipped sigmoid of AdaRound."""
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def init_alpha(rest: torch.Tensor) -> torch.Tensor:
+    """The ``alpha`` with ``h(alpha) = rest`` for a fractional part ``rest`` in ``[0, 1)``."""
+    return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+
+
+def beta_schedule(step: int, iters: int, warmup: float, start: float, end: float) -> float:
+    """Rounding temperature at 0-based ``step``: ``start`` during the warm-up, then linear to ``end``.
+
+    Counted from 1 like the reference (``t = step + 1``), so the last step has exactly ``end``.
+    """
+    t = step + 1
+    begin = warmup * iters
+    if t < begin or iters <= begin:
+        return float(start)
+    rel = (t - begin) / (iters - begin)
+    return float(end + (start - end) * max(0.0, 1.0 - rel))
+
+
+def round_regulariser_on(step: int, iters: int, warmup: float) -> bool:
+    """Whether the rounding regulariser is active at 0-based ``step`` (off for the warm-up)."""
+    return step + 1 >= warmup * iters
+
+
+class AdaRoundQuantizer(nn.Module):
+    """Weight quantizer with learned rounding; wraps (and keeps) the calibrated uniform quantizer.
+
+    Args:
+        base: the calibrated per-row weight quantizer (its scale and zero point stay fixed).
+        weight: the float weight, flattened to ``(rows, -1)`` like ``base`` sees it.
+    """
+
+    def __init__(self, base: UniformQuantizer, weight: torch.Tensor) -> None:
+        super().__init__()
+        if base.bits is None:
+            raise FimaqError("AdaRound needs a quantized weight (w_bits 2..8), got a float layer")
+        self.base = base
+        with torch.no_grad():
+            scaled = weight.detach().float() / base.scale.detach().float()
+            floor = torch.floor(scaled)
+            self.register_buffer("floor", floor)
+            self.alpha = nn.Parameter(init_alpha(scaled - floor))
+        self.soft = True
+
+    @property
+    def bits(self) -> int:
+        return self.base.bits
+
+    def rounding(self) -> torch.Tensor:
+        """The rounding offsets: ``h(alpha)`` while soft, ``[alpha >= 0]`` once hard."""
+        if self.soft:
+            return rectified_sigmoid(self.alpha)
+        return (self.alpha >= 0).to(self.floor.dtype)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.shape != self.floor.shape:
+            raise FimaqError(f"AdaRound built for a weight of shape {tuple(self.floor.shape)}, got {tuple(weight.shape)}")
+        zp = self.base.zero_point
+        scale = self.base.scale.detach()
+        q = torch.clamp(self.floor + self.rounding() + zp, 0, 2**self.bits - 1)
+        return ((q - zp) * scale).to(weight.dtype)
+
+    @torch.no_grad()
+    def hard_weight(self) -> torch.Tensor:
+        """The weight with hard rounding ``floor(W/s) + [alpha >= 0]``, dequantized."""
+        soft, self.soft = self.soft, False
+        try:
+            return self.forward(self.floor)
+        finally:
+            self.soft = soft
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1."""
+        return (1 - (2 * rectified_sigmoid(self.alpha) - 1).abs().pow(beta)).sum()
+
+
+def attach_adaround(layer: nn.Module) -> AdaRoundQuantizer | None:
+    """Swap a quantized layer's weight quantizer for an AdaRound quantizer (None if FP weights)."""
+    base = layer.w_quantizer
+    if isinstance(base, AdaRoundQuantizer):
+        return base
+    if base.bits is None:
+        return None
+    weight = layer.weight.detach().reshape(base.scale.shape[0], -1)
+    layer.w_quantizer = AdaRoundQuantizer(base, weight)
+    return layer.w_quantizer
+
+
+@torch.no_grad()
+def finalize_adaround(layer: nn.Module) -> None:
+    """Fold the hard-rounded weight into ``layer.weight`` and restore the uniform quantizer."""
+    ada = layer.w_quantizer
+    if not isinstance(ada, AdaRoundQuantizer):
+        return
+    layer.weight.copy_(ada.hard_weight().reshape_as(layer.weight))
+    layer.w_quantizer = ada.base
+
+
+__all__ = [
+    "AdaRoundQuantizer",
+    "attach_adaround",
+    "beta_schedule",
+    "finalize_adaround",
+    "init_alpha",
+    "rectified_sigmoid",
+    "round_regulariser_on",
+]

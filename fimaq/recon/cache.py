@@ -1,0 +1,106 @@
+"""Per-unit caches: FP input and output (all units FP) and quantized input (earlier units quantized)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fimaq.errors import FimaqError
+from fimaq.recon.units import StopForward, Unit, first_tensor, unit_hook
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class UnitCache:
+    """Tensors of one unit over the reconstruction images, in image order."""
+
+    x_fp: torch.Tensor
+    y_fp: torch.Tensor
+    x_q: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return self.x_fp.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x_fp, self.y_fp, self.x_q))
+
+
+def _model_device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+@torch.no_grad()
+def soft_targets(net: nn.Module, images: torch.Tensor, temperature: float, batch_size: int) -> torch.Tensor:
+    """``softmax(logits / T)`` of the model as it is now (the caller switches it to FP), per image."""
+    device = _model_device(net)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        logits = net(images[start : start + batch_size].to(device)).float()
+        out.append(F.softmax(logits / temperature, dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def capture_unit(
+    net: nn.Module,
+    unit: Unit,
+    images: torch.Tensor,
+    batch_size: int,
+    want_output: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``net`` on ``images`` up to ``unit``; return its input (and output), stored on device/dtype.
+
+    The forward pass stops right after the unit (later units never run).
+    """
+    model_device = _model_device(net)
+    probe: dict[str, torch.Tensor] = {}
+
+    def hook(_m, args, out):
+        probe["x"], probe["y"] = first_tensor(args), out
+        raise StopForward
+
+    n = images.shape[0]
+    x_all = y_all = None
+    with unit_hook(unit.module, hook):
+        for start in range(0, n, batch_size):
+            batch = images[start : start + batch_size].to(model_device)
+            try:
+                net(batch)
+            except StopForward:
+                pass
+            if "x" not in probe:
+                raise FimaqError(f"unit {unit.name} did not run in the model's forward pass")
+            x, y = probe.pop("x"), probe.pop("y")
+            if x_all is None:
+                x_all = torch.empty((n, *x.shape[1:]), device=device, dtype=dtype)
+                y_all = torch.empty((n, *y.shape[1:]), device=device, dtype=dtype) if want_output else None
+            x_all[start : start + x.shape[0]] = x.to(device=device, dtype=dtype)
+            if want_output:
+                y_all[start : start + y.shape[0]] = y.to(device=device, dtype=dtype)
+    return x_all, y_all
+
+
+def describe_cache(unit: Unit, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> str:
+    size = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
+    return (
+        f"cache for {unit.name}: {len(shapes)} tensors of {tuple(shapes[0])} {str(dtype).removeprefix('torch.')}"
+        f" on {device}, {size / 2**20:.1f} MiB"
+    )
+
+
+@torch.no_grad()
+def unit_shapes(net: nn.Module, unit: Unit, image: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-image input and output shapes of ``unit`` (one probe image)."""
+    x, y = capture_unit(net, unit, image[:1], 1, True, torch.device("cpu"), torch.float32)
+    return tuple(x.shape[1:]), tuple(y.shape[1:])

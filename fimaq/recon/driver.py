@@ -1,0 +1,293 @@
+"""The reconstruction driver: a plain loop over the units, one fresh Trainer per unit.
+
+It owns the caches and the Fisher estimator; callbacks only decide when to refresh. After every
+unit the whole model state is written atomically, so a killed run continues at the first unfinished
+unit and, every random draw being seeded per unit, ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from fimaq.artifacts import load_quantized, save_quantized
+from fimaq.callbacks import FisherRefresh, UnitProgressBar
+from fimaq.config import FisherConfig, ReconConfig
+from fimaq.errors import FimaqError
+from fimaq.quant.adaround import AdaRoundQuantizer, attach_adaround, finalize_adaround
+from fimaq.quant.quantizer import UniformQuantizer
+from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, describe_cache, soft_targets, unit_shapes
+from fimaq.recon.fisher import FisherEstimator
+from fimaq.recon.module import BlockReconModule, step_loader
+from fimaq.recon.units import Unit, enable_units, recon_units
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "recon_state.safetensors"
+
+
+@dataclass
+class ReconReport:
+    """Per-unit wall time and output error (MSE on the quantized input) before/after, in unit order."""
+
+    unit_seconds: dict[str, float] = field(default_factory=dict)
+    error_before: dict[str, float] = field(default_factory=dict)
+    error_after: dict[str, float] = field(default_factory=dict)
+    resumed_units: list[str] = field(default_factory=list)
+    fisher_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: int) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that wrote the state."""
+    return {"recon": dataclasses.asdict(cfg), "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
+
+
+def _check_state(path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]) -> tuple[dict, list[str]]:
+    state, saved = load_quantized(path)
+    for key, value in {**meta, "fingerprint": fingerprint}.items():
+        if key == "stage":
+            continue
+        if saved.get(key) != value:
+            raise FimaqError(
+                f"{path} belongs to a run with {key}={saved.get(key)}, not {value}: use another "
+                "trainer.default_root_dir (or delete the file to start over)"
+            )
+    return state, list(saved.get("units_done", []))
+
+
+@torch.no_grad()
+def unit_error(unit: Unit, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Mean squared error of ``unit(x)`` against ``y`` (float64 accumulation)."""
+    device = next(unit.module.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, x.shape[0], batch_size):
+        out = unit.module(x[start : start + batch_size].to(device, torch.float32)).double()
+        ref = y[start : start + batch_size].to(device).double()
+        total += float((out - ref).pow(2).sum())
+        count += ref.numel()
+    return total / max(1, count)
+
+
+def _trainer_kwargs(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"accelerator": "cuda", "devices": [device.index or 0]}
+    return {"accelerator": device.type if device.type != "cpu" else "cpu", "devices": 1}
+
+
+class _TrainingState:
+    """Puts a unit into its training state (AdaRound, STE, QDrop, learnable scales) and back."""
+
+    def __init__(self, unit: Unit, cfg: ReconConfig, generator: torch.Generator) -> None:
+        self.unit, self.cfg, self.generator = unit, cfg, generator
+        self.layers = unit.weight_layers()
+
+    def __enter__(self) -> _TrainingState:
+        for layer in self.layers:
+            attach_adaround(layer)
+        for q in self._act_quantizers():
+            q.ste = True
+            q.qdrop = self.cfg.drop_prob if self.cfg.input_mode == "qdrop" else None
+            q.generator = self.generator
+            q.scale.requires_grad_(self.cfg.learn_act_scales)
+        return self
+
+    def _act_quantizers(self) -> list[UniformQuantizer]:
+        bases = {id(m.base) for m in self.unit.module.modules() if isinstance(m, AdaRoundQuantizer)}
+        return [q for q in self.unit.quantizers() if q.active and id(q) not in bases]
+
+    def finalize(self) -> None:
+        """Fold the hard rounding into the weights."""
+        for layer in self.layers:
+            finalize_adaround(layer)
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:  # on error: drop the AdaRound state without folding it
+            if isinstance(layer.w_quantizer, AdaRoundQuantizer):
+                layer.w_quantizer = layer.w_quantizer.base
+        for q in self.unit.quantizers():
+            q.ste, q.qdrop, q.generator = False, None, None
+            q.scale.requires_grad_(False)
+        self.unit.module.eval()
+
+
+def reconstruct_model(
+    net: nn.Module,
+    images: torch.Tensor,
+    cfg: ReconConfig | None = None,
+    fisher_cfg: FisherConfig | None = None,
+    *,
+    state_dir: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
+    logger: Any = None,
+    precision: Any = "32-true",
+    progress: bool = True,
+) -> ReconReport:
+    """Reconstruct every unit of a calibrated model, in order (ALGORITHM sections 3 and 4).
+
+    Args:
+        net: a calibrated quantized model (``quantize_model`` + ``calibrate_model``).
+        images: the reconstruction images ``(n, C, H, W)``, already transformed.
+        cfg: reconstruction settings.
+        fisher_cfg: Fisher settings.
+        state_dir: where ``recon_state.safetensors`` is written after each unit (and resumed from).
+        meta: what the state records about the model (arch, bits); a state with other values is refused.
+        logger: a Lightning logger shared by the per-unit trainers (``None``: no logging).
+        precision: Lightning precision of the per-unit trainers.
+        progress: show the per-unit progress bar.
+    """
+    cfg = (cfg or ReconConfig()).validate()
+    fisher_cfg = (fisher_cfg or FisherConfig()).validate()
+    if images.ndim != 4 or not torch.isfinite(images).all():
+        raise FimaqError("reconstruction images must be a finite (n, C, H, W) tensor")
+    start_time = time.perf_counter()
+    report = ReconReport()
+    units = recon_units(net)
+    device = next(net.parameters()).device
+    cache_device = torch.device(cfg.cache_device) if cfg.cache_device else device
+    dtype = DTYPES[cfg.cache_dtype]
+    meta = dict(meta or {})
+    fingerprint = recon_fingerprint(cfg, fisher_cfg, images.shape[0])
+    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    done: list[str] = []
+    if state_path is not None and state_path.is_file():
+        state, done = _check_state(state_path, meta, fingerprint)
+        net.load_state_dict(state, strict=True)
+        report.resumed_units = list(done)
+        log.info("resuming reconstruction after %d finished units (%s)", len(done), state_path)
+
+    def save_state() -> None:
+        if state_path is not None:
+            save_quantized(
+                state_path,
+                net.state_dict(),
+                {**meta, "stage": "reconstructing", "fingerprint": fingerprint, "units_done": done},
+            )
+
+    if state_path is not None and not state_path.is_file():
+        save_state()  # the calibrated starting point: a kill during the first unit keeps calibration
+    grads = {p: p.requires_grad for p in net.parameters()}
+    for p in net.parameters():
+        p.requires_grad_(False)
+    was_training = net.training
+    net.eval()
+    needs_fisher = cfg.loss != "mse" and any(u.name not in done and not u.is_head for u in units)
+    fisher = None
+    if needs_fisher:
+        enable_units(net, units, set())
+        targets = soft_targets(net, images, fisher_cfg.temperature, fisher_cfg.batch_size)
+        fisher = FisherEstimator(net, images, targets, fisher_cfg, seed=cfg.seed)
+    bar_total = len(units)
+    level = logging.getLogger("lightning.pytorch").level
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+            quiet = logging.getLogger("lightning.pytorch")
+            level = quiet.level
+            quiet.setLevel(logging.WARNING)  # the per-unit trainers' banners, once per unit, are noise
+            for i, unit in enumerate(units):
+                if unit.name in done:
+                    continue
+                t0 = time.perf_counter()
+                _reconstruct_unit(
+                    net, units, i, unit, set(done), images, cfg, fisher_cfg, fisher, report,
+                    cache_device, dtype, logger, precision, progress, f"{unit.name} [{i + 1}/{bar_total}]",
+                )
+                done.append(unit.name)
+                save_state()
+                report.unit_seconds[unit.name] = time.perf_counter() - t0
+                log.info(
+                    "%s: output MSE %.4g -> %.4g (%.1f s)",
+                    unit.name, report.error_before[unit.name], report.error_after[unit.name],
+                    report.unit_seconds[unit.name],
+                )
+    finally:
+        logging.getLogger("lightning.pytorch").setLevel(level)
+        enable_units(net, units, {u.name for u in units})
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        net.train(was_training)
+    report.fisher_seconds = fisher.seconds if fisher is not None else 0.0
+    report.total_seconds = time.perf_counter() - start_time
+    return report
+
+
+def _reconstruct_unit(
+    net, units, i, unit, done, images, cfg, fisher_cfg, fisher, report, cache_device, dtype, logger,
+    precision, progress, description,
+) -> None:
+    n, batch = images.shape[0], fisher_cfg.batch_size
+    enable_units(net, units, set())
+    x_shape, y_shape = unit_shapes(net, unit, images)
+    log.info(describe_cache(unit, [(n, *x_shape), (n, *y_shape), (n, *x_shape)], dtype, cache_device))
+    x_fp, y_fp = capture_unit(net, unit, images, batch, True, cache_device, dtype)
+    if done and cfg.input_mode != "rinp":
+        enable_units(net, units, done)
+        x_q, _ = capture_unit(net, unit, images, batch, False, cache_device, dtype)
+    else:
+        x_q = x_fp
+    cache = UnitCache(x_fp, y_fp, x_q)
+    m = cfg.error_images or n
+    enable_units(net, units, {unit.name})
+    report.error_before[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch)
+    brecq = None
+    if cfg.loss == "fisher_brecq" and not unit.is_head:
+        enable_units(net, units, done)  # earlier units quantized, this one FP
+        fisher.start(unit, y_fp)
+        brecq = fisher.per_sample_grads().to(cache_device)
+        enable_units(net, units, {unit.name})
+    generator = torch.Generator(device=next(net.parameters()).device).manual_seed(cfg.seed * 10_007 + i)
+    with _TrainingState(unit, cfg, generator) as state:
+        use_fisher = fisher is not None and cfg.loss in ("fisher_diag", "fisher_lr", "fisher_dplr")
+        use_fisher = use_fisher and not unit.is_head
+        if use_fisher:
+            fisher.start(unit, y_fp)
+        module = BlockReconModule(
+            unit, cache, cfg, fisher_cfg, fisher if use_fisher else None, brecq, generator
+        )
+        if not module.adarounds and not module.act_scales:
+            log.info("%s has no quantized weights or inputs: skipped", unit.name)
+        else:
+            callbacks = [UnitProgressBar(description)] if progress else []
+            if use_fisher:
+                callbacks.append(FisherRefresh(fisher_cfg.refresh_steps(cfg.iters)))
+            trainer = L.Trainer(
+                max_steps=cfg.iters,
+                logger=logger if logger is not None else False,
+                callbacks=callbacks,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+                log_every_n_steps=max(1, min(50, cfg.iters // 20)),
+                precision=precision,
+                **_trainer_kwargs(next(net.parameters()).device),
+            )
+            trainer.fit(module, train_dataloaders=step_loader(n, cfg, cfg.seed * 10_007 + i))
+        state.finalize()
+    bad = [k for k, v in unit.module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FimaqError(f"unit {unit.name}: reconstruction produced NaN/Inf in {bad[0]}; finished units are kept")
+    report.error_after[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch)
+    if logger is not None:
+        logger.log_metrics(
+            {
+                "recon/output_mse_before": report.error_before[unit.name],
+                "recon/output_mse_after": report.error_after[unit.name],
+            },
+            step=i,
+        )
+    if not torch.isfinite(torch.tensor(report.error_after[unit.name])):
+        raise FimaqError(f"unit {unit.name}: its output is NaN/Inf after reconstruction; finished units are kept")

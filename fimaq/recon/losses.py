@@ -1,0 +1,146 @@
+"""Reconstruction losses on a unit's output (ALGORITHM section 4), as pure functions plus the
+normalised objective that the reconstruction step minimises.
+
+Every output is flattened to ``D = tokens x channels``; ``e_b = |y_hat_b - y_b|``. With Fisher
+statistics ``G`` (rows ``g_j``), ``Delta`` (rows ``delta_j``) and ``M = (Delta Delta^T)^-1``:
+
+* ``diag``: ``mean_{b,d} e_bd^2 g_bar_d`` with ``g_bar = mean_j g_j``;
+* ``lowrank``: ``mean_b a_b^T M a_b`` with ``a_b = G e_b``;
+* ``dplr``: ``p1 lowrank / lowrank_0 + p2 diag / diag_0`` (values at the last refresh), i.e.
+  ``mean_b e_b^T F e_b`` with ``F = p1/lowrank_0 G^T M G + p2/(D diag_0) diag(g_bar)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fimaq.errors import FimaqError
+
+
+@dataclass
+class FisherStats:
+    """The statistics a refresh produces; ``cols`` selects the low-rank part's columns of D."""
+
+    G: torch.Tensor  # (j, D)  mean |dL/dy| per refresh
+    Delta: torch.Tensor  # (j, D)  mean |y_hat - y| per refresh
+    M: torch.Tensor  # (j, j)  (Delta_c Delta_c^T + ridge)^-1 on the low-rank columns
+    cols: slice = field(default_factory=lambda: slice(None))
+    condition: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.G.shape[0]
+
+    @property
+    def g_bar(self) -> torch.Tensor:
+        return self.G.mean(0)
+
+
+def inverse_gram(delta: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+    """``(Delta Delta^T + ridge * tr/j * I)^-1`` in float64, and the condition number of the Gram."""
+    d = delta.double()
+    gram = d @ d.T
+    j = gram.shape[0]
+    cond = float(torch.linalg.cond(gram)) if j > 1 else 1.0
+    if ridge > 0:
+        gram = gram + ridge * gram.trace() / j * torch.eye(j, dtype=gram.dtype, device=gram.device)
+    try:
+        inv = torch.linalg.inv(gram)
+    except RuntimeError as exc:  # singular even with the ridge (e.g. an all-zero error row)
+        raise FimaqError(f"the Fisher low-rank Gram matrix is singular ({exc}); raise fisher.ridge") from None
+    return inv.to(delta.dtype), cond
+
+
+def flat_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``|pred - target|`` flattened to ``(batch, D)``."""
+    return (pred - target).abs().reshape(pred.shape[0], -1)
+
+
+def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over dimension 1 (tokens), averaged over the rest."""
+    return (pred - target).pow(2).sum(1).mean()
+
+
+def diag_loss(e: torch.Tensor, g_bar: torch.Tensor) -> torch.Tensor:
+    """``mean_{b,d} e^2 g_bar``."""
+    return (e.pow(2) * g_bar).mean()
+
+
+def lowrank_loss(e: torch.Tensor, stats: FisherStats) -> torch.Tensor:
+    """``mean_b (G e_b)^T M (G e_b)`` on the low-rank columns."""
+    a = e[:, stats.cols] @ stats.G[:, stats.cols].T  # (B, j)
+    return ((a @ stats.M) * a).sum(1).mean()
+
+
+def brecq_loss(pred: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``mean((y_hat - y)^2 g^2)`` with per-sample gradients ``g`` (BRECQ's Fisher diagonal)."""
+    d = (pred - target).reshape(pred.shape[0], -1)
+    return (d.pow(2) * grad.reshape_as(d).pow(2)).mean()
+
+
+def kl_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(target) || softmax(pred))`` (batchmean), the head unit's loss."""
+    return F.kl_div(F.log_softmax(pred.float(), -1), F.softmax(target.float(), -1), reduction="batchmean")
+
+
+def implied_fisher(stats: FisherStats, d: int, p1: float, p2: float, lr0: float, diag0: float) -> torch.Tensor:
+    """The dense ``D x D`` matrix F with ``dplr = mean_b e_b^T F e_b`` (for tests and inspection)."""
+    G = torch.zeros(stats.rank, d, dtype=torch.float64)
+    G[:, stats.cols] = stats.G[:, stats.cols].double()
+    low = G.T @ stats.M.double() @ G
+    return p1 / lr0 * low + p2 / (d * diag0) * torch.diag(stats.g_bar.double())
+
+
+class ReconObjective:
+    """The per-step reconstruction loss of one unit, with normalisers re-recorded after each refresh.
+
+    Args:
+        kind: ``mse`` | ``fisher_diag`` | ``fisher_lr`` | ``fisher_dplr`` | ``fisher_brecq`` | ``kl``.
+        p1: weight of the low-rank term (``fisher_dplr``).
+        p2: weight of the diagonal term (``fisher_dplr``).
+    """
+
+    def __init__(self, kind: str, p1: float = 1.0, p2: float = 1.0) -> None:
+        self.kind, self.p1, self.p2 = kind, p1, p2
+        self.norms: dict[str, torch.Tensor] = {}
+
+    @property
+    def uses_fisher(self) -> bool:
+        return self.kind in ("fisher_diag", "fisher_lr", "fisher_dplr")
+
+    def reset(self) -> None:
+        """Record the normalisers again on the next call (after a Fisher refresh)."""
+        self.norms.clear()
+
+    def _normalised(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        if name not in self.norms:
+            self.norms[name] = value.detach().clamp_min(torch.finfo(value.dtype).tiny)
+        return value / self.norms[name]
+
+    def __call__(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        stats: FisherStats | None = None,
+        grad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        pred, target = pred.float(), target.float()
+        if self.kind == "kl":
+            return kl_loss(pred, target)
+        if self.kind == "mse":
+            return self._normalised("mse", mse_loss(pred, target))
+        if self.kind == "fisher_brecq":
+            return self._normalised("brecq", brecq_loss(pred, target, grad))
+        if stats is None:
+            raise FimaqError(f"loss {self.kind} needs Fisher statistics: none were computed")
+        e = flat_error(pred, target)
+        if self.kind == "fisher_diag":
+            return self._normalised("diag", diag_loss(e, stats.g_bar))
+        if self.kind == "fisher_lr":
+            return self._normalised("lr", lowrank_loss(e, stats))
+        lr = self._normalised("lr", lowrank_loss(e, stats))
+        diag = self._normalised("diag", diag_loss(e, stats.g_bar))
+        return self.p1 * lr + self.p2 * diag

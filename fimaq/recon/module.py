@@ -1,0 +1,156 @@
+"""BlockReconModule: the LightningModule that reconstructs one unit (AdaRound + learned activation
+scales + QDrop) against its FP output."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fimaq.config import FisherConfig, ReconConfig
+from fimaq.errors import FimaqError
+from fimaq.quant.adaround import AdaRoundQuantizer, beta_schedule, round_regulariser_on
+from fimaq.recon.cache import UnitCache
+from fimaq.recon.fisher import FisherEstimator
+from fimaq.recon.losses import FisherStats, ReconObjective
+from fimaq.recon.units import Unit
+
+
+class StepIndices(Dataset):
+    """Item ``step`` = the minibatch indices of that step: ``randperm(n)[:batch]`` from a generator
+    seeded with ``(seed, step)``, so any step can be replayed on its own."""
+
+    def __init__(self, num_images: int, batch_size: int, steps: int, seed: int) -> None:
+        self.n, self.batch, self.steps, self.seed = num_images, min(batch_size, num_images), steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return torch.randperm(self.n, generator=gen)[: self.batch]
+
+
+def step_loader(num_images: int, cfg: ReconConfig, seed: int) -> DataLoader:
+    """One batch of indices per optimisation step (no collation, no workers)."""
+    return DataLoader(StepIndices(num_images, cfg.batch_size, cfg.iters, seed), batch_size=None, shuffle=False)
+
+
+class BlockReconModule(L.LightningModule):
+    """Reconstruct one unit: minimise its output loss plus the AdaRound regulariser.
+
+    The unit's weight quantizers must already be AdaRound quantizers (``attach_adaround``) and its
+    activation quantizers in training state (STE, QDrop); the driver does both and undoes them.
+
+    Args:
+        unit: the unit under reconstruction (a submodule of the full model).
+        cache: its FP input/output and quantized input on the reconstruction images.
+        cfg: reconstruction settings.
+        fisher_cfg: Fisher settings (weights of ``fisher_dplr``).
+        fisher: the driver's estimator (``None`` for ``mse`` and the head).
+        brecq_grads: per-image output gradients for ``fisher_brecq``.
+        seed: seed of this unit's random stream (input mixing; QDrop masks use ``generator``).
+        generator: the generator the unit's quantizers draw QDrop masks from.
+    """
+
+    def __init__(
+        self,
+        unit: Unit,
+        cache: UnitCache,
+        cfg: ReconConfig,
+        fisher_cfg: FisherConfig,
+        fisher: FisherEstimator | None = None,
+        brecq_grads: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.unit_name = unit.name
+        self.unit = unit.module
+        self.cache, self.cfg, self.fisher = cache, cfg, fisher
+        self.brecq_grads = brecq_grads
+        self.generator = generator
+        kind = "kl" if unit.is_head else cfg.loss
+        self.objective = ReconObjective(kind, fisher_cfg.p1, fisher_cfg.p2)
+        self.adarounds = [m for m in self.unit.modules() if isinstance(m, AdaRoundQuantizer)]
+        self.act_scales = self._activation_scales() if cfg.learn_act_scales else []
+        self.stats: FisherStats | None = None
+        self.last_loss = float("nan")
+
+    def _activation_scales(self) -> list[torch.nn.Parameter]:
+        from fimaq.quant.quantizer import UniformQuantizer
+
+        ada_bases = {id(a.base) for a in self.adarounds}
+        return [
+            m.scale
+            for m in self.unit.modules()
+            if isinstance(m, UniformQuantizer) and m.active and id(m) not in ada_bases
+        ]
+
+    # ----------------------------------------------------------------- fisher
+    def refresh_fisher(self) -> None:
+        """Grow the Fisher statistics by one rank and re-record the loss normalisers."""
+        if self.fisher is None or not self.objective.uses_fisher:
+            return
+        self.stats = self.fisher.refresh()
+        self.objective.reset()
+        self.log_dict(
+            {
+                f"recon/{self.unit_name}/fisher_rank": float(self.stats.rank),
+                f"recon/{self.unit_name}/fisher_cond": float(self.stats.condition),
+            }
+        )
+
+    # ----------------------------------------------------------------- step
+    def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        dev = self.device
+        x_fp = self.cache.x_fp[idx].to(dev, torch.float32)
+        mode = self.cfg.input_mode
+        if mode == "rinp":
+            return x_fp
+        x_q = self.cache.x_q[idx].to(dev, torch.float32)
+        if mode == "qinp":
+            return x_q
+        keep = torch.rand(x_q.shape, generator=self.generator, device=dev) < self.cfg.drop_prob
+        return torch.where(keep, x_q, x_fp)
+
+    def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.unit.eval()  # dropout/drop-path stay off; the training behaviour is the quantizers' state
+        step, iters = self.global_step, self.cfg.iters
+        idx = idx.to(self.cache.x_fp.device)
+        pred = self.unit(self._inputs(idx))
+        target = self.cache.y_fp[idx].to(self.device, torch.float32)
+        grad = self.brecq_grads[idx].to(self.device) if self.brecq_grads is not None else None
+        rec = self.objective(pred, target, self.stats, grad)
+        beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
+        if self.adarounds and round_regulariser_on(step, iters, self.cfg.warmup):
+            rnd = self.cfg.round_weight * sum(a.regulariser(beta) for a in self.adarounds)
+        else:
+            rnd = torch.zeros((), device=self.device)
+        loss = rec + rnd
+        if not torch.isfinite(loss):
+            raise FimaqError(f"unit {self.unit_name}: the reconstruction loss is NaN/Inf at step {step}")
+        self.last_loss = float(rec.detach())
+        prefix = f"recon/{self.unit_name}"
+        self.log(f"{prefix}/loss", rec.detach(), prog_bar=True)
+        self.log(f"{prefix}/round_loss", torch.as_tensor(rnd).detach())
+        self.log(f"{prefix}/beta", beta)
+        return loss
+
+    def configure_optimizers(self):
+        groups = []
+        lambdas = []
+        alphas = [a.alpha for a in self.adarounds]
+        if alphas:
+            groups.append({"params": alphas, "lr": self.cfg.lr_alpha})
+            lambdas.append(lambda s: 1.0)
+        if self.act_scales:
+            groups.append({"params": self.act_scales, "lr": self.cfg.lr_scale})
+            iters = self.cfg.iters
+            lambdas.append(lambda s: 0.5 * (1 + math.cos(math.pi * min(s, iters) / iters)))
+        if not groups:
+            raise FimaqError(f"unit {self.unit_name} has nothing to reconstruct (no quantized weights or inputs)")
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
