@@ -20,7 +20,9 @@ class FisherRefresh(Callback):
         self.steps = sorted(set(steps))
         self.fired: list[int] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step in self.steps and step not in self.fired:
             pl_module.refresh_fisher()

@@ -77,7 +77,9 @@ class AdaRoundQuantizer(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.shape != self.floor.shape:
-            raise FimaqError(f"AdaRound built for a weight of shape {tuple(self.floor.shape)}, got {tuple(weight.shape)}")
+            raise FimaqError(
+                f"AdaRound built for a weight of shape {tuple(self.floor.shape)}, got {tuple(weight.shape)}"
+            )
         zp = self.base.zero_point
         scale = self.base.scale.detach()
         q = torch.clamp(self.floor + self.rounding() + zp, 0, 2**self.bits - 1)

@@ -91,11 +91,14 @@ def capture_unit(
     return x_all, y_all
 
 
-def describe_cache(unit: Unit, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> str:
+def describe_cache(
+    unit: Unit, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device
+) -> str:
     size = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
+    kind = str(dtype).removeprefix("torch.")
     return (
-        f"cache for {unit.name}: {len(shapes)} tensors of {tuple(shapes[0])} {str(dtype).removeprefix('torch.')}"
-        f" on {device}, {size / 2**20:.1f} MiB"
+        f"cache for {unit.name}: {len(shapes)} tensors of {tuple(shapes[0])} {kind} on {device}, "
+        f"{size / 2**20:.1f} MiB"
     )
 
 

@@ -201,15 +201,31 @@ def reconstruct_model(
                     continue
                 t0 = time.perf_counter()
                 _reconstruct_unit(
-                    net, units, i, unit, set(done), images, cfg, fisher_cfg, fisher, report,
-                    cache_device, dtype, logger, precision, progress, f"{unit.name} [{i + 1}/{bar_total}]",
+                    net,
+                    units,
+                    i,
+                    unit,
+                    set(done),
+                    images,
+                    cfg,
+                    fisher_cfg,
+                    fisher,
+                    report,
+                    cache_device,
+                    dtype,
+                    logger,
+                    precision,
+                    progress,
+                    f"{unit.name} [{i + 1}/{bar_total}]",
                 )
                 done.append(unit.name)
                 save_state()
                 report.unit_seconds[unit.name] = time.perf_counter() - t0
                 log.info(
                     "%s: output MSE %.4g -> %.4g (%.1f s)",
-                    unit.name, report.error_before[unit.name], report.error_after[unit.name],
+                    unit.name,
+                    report.error_before[unit.name],
+                    report.error_after[unit.name],
                     report.unit_seconds[unit.name],
                 )
     finally:
@@ -224,8 +240,22 @@ def reconstruct_model(
 
 
 def _reconstruct_unit(
-    net, units, i, unit, done, images, cfg, fisher_cfg, fisher, report, cache_device, dtype, logger,
-    precision, progress, description,
+    net,
+    units,
+    i,
+    unit,
+    done,
+    images,
+    cfg,
+    fisher_cfg,
+    fisher,
+    report,
+    cache_device,
+    dtype,
+    logger,
+    precision,
+    progress,
+    description,
 ) -> None:
     n, batch = images.shape[0], fisher_cfg.batch_size
     enable_units(net, units, set())
@@ -277,9 +307,15 @@ def _reconstruct_unit(
             )
             trainer.fit(module, train_dataloaders=step_loader(n, cfg, cfg.seed * 10_007 + i))
         state.finalize()
-    bad = [k for k, v in unit.module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [
+        k
+        for k, v in unit.module.state_dict().items()
+        if v.is_floating_point() and not torch.isfinite(v).all()
+    ]
     if bad:
-        raise FimaqError(f"unit {unit.name}: reconstruction produced NaN/Inf in {bad[0]}; finished units are kept")
+        raise FimaqError(
+            f"unit {unit.name}: reconstruction produced NaN/Inf in {bad[0]}; finished units are kept"
+        )
     report.error_after[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch)
     if logger is not None:
         logger.log_metrics(
@@ -290,4 +326,6 @@ def _reconstruct_unit(
             step=i,
         )
     if not torch.isfinite(torch.tensor(report.error_after[unit.name])):
-        raise FimaqError(f"unit {unit.name}: its output is NaN/Inf after reconstruction; finished units are kept")
+        raise FimaqError(
+            f"unit {unit.name}: its output is NaN/Inf after reconstruction; finished units are kept"
+        )

@@ -105,7 +105,9 @@ class FisherEstimator:
         n = self.indices.numel()
         g_row, d_row = (g_sum / n).float(), (d_sum / n).float()
         if not (torch.isfinite(g_row).all() and torch.isfinite(d_row).all()):
-            raise FimaqError(f"unit {self.unit.name}: the Fisher refresh produced NaN/Inf gradients or errors")
+            raise FimaqError(
+                f"unit {self.unit.name}: the Fisher refresh produced NaN/Inf gradients or errors"
+            )
         self.G.append(g_row)
         self.Delta.append(d_row)
         G, Delta = torch.stack(self.G), torch.stack(self.Delta)

@@ -86,7 +86,9 @@ def kl_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(pred.float(), -1), F.softmax(target.float(), -1), reduction="batchmean")
 
 
-def implied_fisher(stats: FisherStats, d: int, p1: float, p2: float, lr0: float, diag0: float) -> torch.Tensor:
+def implied_fisher(
+    stats: FisherStats, d: int, p1: float, p2: float, lr0: float, diag0: float
+) -> torch.Tensor:
     """The dense ``D x D`` matrix F with ``dplr = mean_b e_b^T F e_b`` (for tests and inspection)."""
     G = torch.zeros(stats.rank, d, dtype=torch.float64)
     G[:, stats.cols] = stats.G[:, stats.cols].double()

@@ -35,7 +35,9 @@ class StepIndices(Dataset):
 
 def step_loader(num_images: int, cfg: ReconConfig, seed: int) -> DataLoader:
     """One batch of indices per optimisation step (no collation, no workers)."""
-    return DataLoader(StepIndices(num_images, cfg.batch_size, cfg.iters, seed), batch_size=None, shuffle=False)
+    return DataLoader(
+        StepIndices(num_images, cfg.batch_size, cfg.iters, seed), batch_size=None, shuffle=False
+    )
 
 
 class BlockReconModule(L.LightningModule):
@@ -150,7 +152,9 @@ class BlockReconModule(L.LightningModule):
             iters = self.cfg.iters
             lambdas.append(lambda s: 0.5 * (1 + math.cos(math.pi * min(s, iters) / iters)))
         if not groups:
-            raise FimaqError(f"unit {self.unit_name} has nothing to reconstruct (no quantized weights or inputs)")
+            raise FimaqError(
+                f"unit {self.unit_name} has nothing to reconstruct (no quantized weights or inputs)"
+            )
         opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
