@@ -78,6 +78,36 @@ def load_quantized(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return state, meta
 
 
+def read_meta(path: str | Path) -> dict[str, Any] | None:
+    """The fimaq metadata of an artifact (without loading its tensors); None if it has none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("fimaq")
+    except Exception as exc:
+        raise FimaqError(f"cannot read artifact {path}: {type(exc).__name__}: {exc}") from None
+    return json.loads(raw) if raw else None
+
+
+RUN_FILES = ("calibrated.safetensors", "recon_state.safetensors", "quantized.safetensors")
+
+
+def check_run_dir(root: str | Path, meta: dict[str, Any]) -> None:
+    """Refuse a run folder that holds artifacts of another model or bit-width (never overwrite them)."""
+    for name in RUN_FILES:
+        path = Path(root) / name
+        if not path.is_file():
+            continue
+        saved = read_meta(path) or {}
+        for key in ("arch", "model_kwargs", "quant"):
+            if saved.get(key) != meta.get(key):
+                raise FimaqError(
+                    f"{root} holds a run of another model ({name}: {key}={saved.get(key)}, this run has "
+                    f"{key}={meta.get(key)}); choose another trainer.default_root_dir"
+                )
+
+
 def update_metrics(root: str | Path, values: dict[str, Any], seconds: dict[str, float] | None = None) -> dict:
     """Merge ``values`` (and per-stage wall ``seconds``) into ``<root>/metrics.json``."""
     path = Path(root) / "metrics.json"

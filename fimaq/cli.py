@@ -1,8 +1,9 @@
-"""fimaq's LightningCLI: ``validate`` and ``calibrate`` on one YAML config.
+"""fimaq's LightningCLI: ``fit`` (the whole PTQ), ``calibrate`` and ``validate`` on one YAML config.
 
 Every run writes ``<default_root_dir>/metrics.json`` (accuracies in percent and wall seconds per
-stage); ``calibrate`` also writes ``<default_root_dir>/calibrated.safetensors``. Bad input ends with
-one ``error: ...`` line and exit status 2.
+stage); ``calibrate`` also writes ``<default_root_dir>/calibrated.safetensors``, ``fit`` also
+``recon_state.safetensors`` (after every unit, for resuming), ``quantized.safetensors`` and
+``recon_errors.png``. Bad input ends with one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
-from fimaq.artifacts import save_quantized, update_metrics
+from fimaq.artifacts import check_run_dir, save_quantized, update_metrics
 from fimaq.errors import FimaqError
 from fimaq.module import QuantModel
+from fimaq.recon import STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class FimaqTrainer(L.Trainer):
         if model.quantized:
             raise FimaqError("the model is already quantized (--model.init_from): nothing to calibrate")
         root = Path(self.default_root_dir)
+        check_run_dir(root, model.artifact_meta())
         values: dict[str, Any] = {}
         seconds: dict[str, float] = {}
         if validate_fp:
@@ -99,6 +102,72 @@ class FimaqTrainer(L.Trainer):
         )
         return metrics if self.is_global_zero else values
 
+    def fit(self, model: QuantModel, datamodule: L.LightningDataModule, validate_fp: bool = True) -> dict:
+        """The whole PTQ: calibrate, reconstruct every unit, save quantized.safetensors, validate.
+
+        Re-running with the same ``trainer.default_root_dir`` after an interruption continues at the
+        first unfinished unit (``recon_state.safetensors``). ``--model.init_from calibrated.safetensors``
+        skips the calibration.
+
+        Args:
+            model: the model to quantize.
+            datamodule: must provide ``calibration_tensors()`` and ``reconstruction_tensors()``.
+            validate_fp: also measure the float model's accuracy first.
+        """
+        for need in ("calibration_tensors", "reconstruction_tensors"):
+            if not hasattr(datamodule, need):
+                raise FimaqError(f"{type(datamodule).__name__} has no {need}(): cannot fit")
+        root = Path(self.default_root_dir)
+        check_run_dir(root, model.artifact_meta())
+        if (root / STATE_FILE).is_file() and not model.quantized:
+            rank_zero_info(f"resuming from {root / STATE_FILE}")
+            model.stage = "calibrated"  # the state (calibrated + finished units) is loaded by the driver
+        elif not model.quantized:
+            self.calibrate(model, datamodule, validate_fp=validate_fp)
+        datamodule.setup("fit")
+        images, _ = datamodule.reconstruction_tensors()
+        model.to(self.strategy.root_device)
+        report = model.reconstruct(
+            images,
+            state_dir=root,
+            logger=self.logger,
+            precision=self.precision,
+            progress=self.is_global_zero,
+        )
+        values: dict[str, Any] = {
+            "recon_output_mse": {
+                n: [report.error_before[n], report.error_after[n]] for n in report.error_after
+            },
+            "recon_fisher_seconds": round(report.fisher_seconds, 3),
+        }
+        seconds = {"reconstruct": report.total_seconds}
+        if self.is_global_zero:
+            save_quantized(root / "quantized.safetensors", model.net.state_dict(), model.artifact_meta())
+            if report.error_after:
+                from fimaq.recon.plot import plot_unit_errors
+
+                plot_unit_errors(
+                    report,
+                    root / "recon_errors.png",
+                    title=f"{model.arch} {model.quant.w_bits}/{model.quant.a_bits}",
+                )
+        res = _validate_top1(self, model, datamodule)
+        values.update(reconstructed_top1=res["top1"], reconstructed_top5=res["top5"])
+        seconds["validate_reconstructed"] = res["seconds"]
+        metrics = values
+        if self.is_global_zero:
+            metrics = update_metrics(root, values, seconds)
+            for logger in self.loggers:
+                logger.log_metrics(
+                    {"fit/reconstructed_top1": res["top1"], "fit/reconstructed_top5": res["top5"]}
+                )
+        fp, cal = metrics.get("fp_top1", float("nan")), metrics.get("calibrated_top1", float("nan"))
+        rank_zero_info(
+            f"top-1: FP {fp:.2f}%  calibrated {cal:.2f}%  reconstructed {res['top1']:.2f}%  "
+            f"(reconstruction {report.total_seconds:.1f} s); wrote {root / 'quantized.safetensors'}"
+        )
+        return metrics
+
 
 class FimaqCLI(LightningCLI):
     """LightningCLI with fimaq's subcommands."""
@@ -106,6 +175,7 @@ class FimaqCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {
+            "fit": {"model", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
             "calibrate": {"model", "datamodule"},
         }

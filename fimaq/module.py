@@ -11,10 +11,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fimaq.artifacts import load_quantized, resolve_checkpoint
 from fimaq.calib import CalibReport, calibrate_model
-from fimaq.config import CalibConfig, QuantSpec
+from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.models import create_fp_model
 from fimaq.models.swap import quantize_model, set_quant_enabled
+from fimaq.recon import ReconReport, reconstruct_model
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class QuantModel(L.LightningModule):
         pretrained: let timm download its pretrained weights (needs network access).
         quant: bit-widths (``w_bits``, ``a_bits``, head/patch-embed exceptions, per-layer overrides).
         calib: calibration search settings.
+        recon: block-wise reconstruction settings (``fit``).
+        fisher: Fisher statistics of the reconstruction loss (``fit``).
         init_from: a quantized artifact (``calibrated.safetensors``/``quantized.safetensors``) to start
             from; it must come from the same arch and bit-widths.
     """
@@ -42,6 +45,8 @@ class QuantModel(L.LightningModule):
         pretrained: bool = False,
         quant: QuantSpec | None = None,
         calib: CalibConfig | None = None,
+        recon: ReconConfig | None = None,
+        fisher: FisherConfig | None = None,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -50,6 +55,8 @@ class QuantModel(L.LightningModule):
         self.model_kwargs = dict(model_kwargs or {})
         self.quant = (quant or QuantSpec()).validate()
         self.calib_cfg = (calib or CalibConfig()).validate()
+        self.recon_cfg = (recon or ReconConfig()).validate()
+        self.fisher_cfg = (fisher or FisherConfig()).validate()
         ckpt = None if init_from else resolve_checkpoint(checkpoint_path)
         fp = create_fp_model(
             arch, ckpt, pretrained=pretrained and not init_from, model_kwargs=self.model_kwargs
@@ -103,6 +110,24 @@ class QuantModel(L.LightningModule):
         """Calibrate every quantizer on ``images`` (section 2 of the algorithm)."""
         report = calibrate_model(self.net, images.to(self.device), self.calib_cfg, progress=progress)
         self.stage = "calibrated"
+        return report
+
+    def reconstruct(self, images: torch.Tensor, state_dir=None, **kwargs) -> ReconReport:
+        """Reconstruct every unit on ``images`` (sections 3 and 4); resumes from ``state_dir``."""
+        if not self.quantized:
+            raise FimaqError(
+                "reconstruction needs a calibrated model: calibrate first (or --model.init_from)"
+            )
+        report = reconstruct_model(
+            self.net,
+            images.to(self.device),
+            self.recon_cfg,
+            self.fisher_cfg,
+            state_dir=state_dir,
+            meta=self.artifact_meta(),
+            **kwargs,
+        )
+        self.stage = "reconstructed"
         return report
 
     def use_quantization(self, enabled: bool) -> None:

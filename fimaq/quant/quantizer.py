@@ -9,6 +9,7 @@ from torch import nn
 
 from fimaq.errors import FimaqError
 from fimaq.quant.fake_quant import fake_quant
+from fimaq.quant.ste import bernoulli_mask, fake_quant_ste
 
 MIN_BITS, MAX_BITS = 2, 8
 FP_BITS = (None, 32)
@@ -63,8 +64,9 @@ class UniformQuantizer(nn.Module):
         if not self.active:
             return x
         scale = self.scale.to(torch.float32) if x.dtype != self.scale.dtype else self.scale
-        out = fake_quant(x, scale, self.zero_point, self.bits, ste=self.ste).to(x.dtype)
+        if not self.ste:
+            return fake_quant(x, scale, self.zero_point, self.bits).to(x.dtype)
+        keep = None
         if self.qdrop is not None and self.qdrop < 1:
-            keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.qdrop
-            out = torch.where(keep, out, x)
-        return out
+            keep = bernoulli_mask(x.shape, self.qdrop, self.generator, x.device)
+        return fake_quant_ste(x, scale, self.zero_point, self.bits, keep).to(x.dtype)
