@@ -124,6 +124,12 @@ class FimaqTrainer(L.Trainer):
             model.stage = "calibrated"  # the state (calibrated + finished units) is loaded by the driver
         elif not model.quantized:
             self.calibrate(model, datamodule, validate_fp=validate_fp)
+        elif model.stage == "calibrated":  # --model.init_from: measure the starting point once
+            start = _validate_top1(self, model, datamodule)
+            if self.is_global_zero:
+                update_metrics(root, {"calibrated_top1": start["top1"], "calibrated_top5": start["top5"]})
+        else:
+            raise FimaqError(f"the model is already {model.stage}: start fit from a calibrated artifact")
         datamodule.setup("fit")
         images, _ = datamodule.reconstruction_tensors()
         model.to(self.strategy.root_device)
@@ -132,7 +138,7 @@ class FimaqTrainer(L.Trainer):
             state_dir=root,
             logger=self.logger,
             precision=self.precision,
-            progress=self.is_global_zero,
+            progress=self.is_global_zero and self.progress_bar_callback is not None,
         )
         values: dict[str, Any] = {
             "recon_output_mse": {

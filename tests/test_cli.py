@@ -176,3 +176,70 @@ def test_missing_imagenet_root_from_the_shell(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
     assert torch.__version__  # same interpreter
+
+
+def _fit_args(config: str, root, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "-c",
+        str(ROOT / config),
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--model.calib.search_rounds=1",
+        "--model.calib.num_images=16",
+        "--data.init_args.calib_size=16",
+        "--data.init_args.recon_size=48",
+        "--model.recon.iters=3",
+        "--model.recon.batch_size=8",
+        "--model.fisher.rank=2",
+        "--model.fisher.num_samples=16",
+        *extra,
+    ]
+
+
+def test_fit_end_to_end_then_resume_and_refuse_another_model(tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "fit"
+    main(_fit_args("configs/digits/w4a4.yaml", root))
+    metrics = json.loads((root / "metrics.json").read_text())
+    for key in ("fp_top1", "calibrated_top1", "reconstructed_top1"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["reconstructed_top1"] > 80.0  # 3 steps per unit cannot wreck a W4/A4 model
+    units = {"patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"}
+    assert set(metrics["recon_output_mse"]) == units
+    assert metrics["seconds"]["reconstruct"] > 0
+    state, meta = load_quantized(root / "quantized.safetensors")
+    assert meta["stage"] == "reconstructed" and meta["quant"]["w_bits"] == 4
+    assert not any("alpha" in k for k in state)  # the rounding is folded into the weights
+    assert (root / "recon_errors.png").stat().st_size > 1000
+    assert list((root / "lightning_logs").rglob("events.out.tfevents.*"))
+    assert "reconstructed" in caplog.text and "blocks.3: output MSE" in caplog.text
+    assert "blocks.0 [2/6]" not in capsys.readouterr().out  # no bars when the trainer has none
+
+    # a second fit in the same folder resumes after the last unit: nothing left to train
+    main(_fit_args("configs/digits/w4a4.yaml", root))
+    again, _ = load_quantized(root / "quantized.safetensors")
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+    # the saved artifact validates on its own
+    main(
+        [
+            "validate",
+            "-c",
+            str(ROOT / "configs/digits/w4a4.yaml"),
+            f"--trainer.default_root_dir={root}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--model.init_from={root / 'quantized.safetensors'}",
+        ]
+    )
+    final = json.loads((root / "metrics.json").read_text())
+    assert final["reconstructed_top1"] == pytest.approx(metrics["reconstructed_top1"], abs=1e-6)
+
+    # a run of other bit-widths must not overwrite it
+    with pytest.raises(SystemExit) as exc:
+        main(_fit_args("configs/digits/w3a3.yaml", root))
+    assert exc.value.code == 2
+    assert "holds a run of another model" in capsys.readouterr().err

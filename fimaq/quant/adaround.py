@@ -76,6 +76,8 @@ class AdaRoundQuantizer(nn.Module):
         return (self.alpha >= 0).to(self.floor.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.base.active:
+            return weight  # quantization switched off: the float weight, as with the plain quantizer
         if weight.shape != self.floor.shape:
             raise FimaqError(
                 f"AdaRound built for a weight of shape {tuple(self.floor.shape)}, got {tuple(weight.shape)}"
@@ -88,11 +90,9 @@ class AdaRoundQuantizer(nn.Module):
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
         """The weight with hard rounding ``floor(W/s) + [alpha >= 0]``, dequantized."""
-        soft, self.soft = self.soft, False
-        try:
-            return self.forward(self.floor)
-        finally:
-            self.soft = soft
+        zp = self.base.zero_point
+        q = torch.clamp(self.floor + (self.alpha >= 0).to(self.floor.dtype) + zp, 0, 2**self.bits - 1)
+        return (q - zp) * self.base.scale.detach()
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1."""
@@ -100,7 +100,11 @@ class AdaRoundQuantizer(nn.Module):
 
 
 def attach_adaround(layer: nn.Module) -> AdaRoundQuantizer | None:
-    """Swap a quantized layer's weight quantizer for an AdaRound quantizer (None if FP weights)."""
+    """Swap a quantized layer's weight quantizer for an AdaRound quantizer (None if FP weights).
+
+    The float weight stays in ``layer.weight`` (switching quantization off gives the float layer)
+    until :func:`finalize_adaround` folds the hard-rounded weight into it.
+    """
     base = layer.w_quantizer
     if isinstance(base, AdaRoundQuantizer):
         return base

@@ -1,7 +1,9 @@
 """The reconstruction driver: a plain loop over the units, one fresh Trainer per unit.
 
-It owns the caches and the Fisher estimator; callbacks only decide when to refresh. After every
-unit the whole model state is written atomically, so a killed run continues at the first unfinished
+It owns the caches and the Fisher estimator; callbacks only decide when to refresh. Finished units
+keep their float weights and hard rounding side by side (switching quantization off gives the float
+model for the FP caches and the Fisher passes); the rounding is folded into the weights at the end.
+After every unit the whole model state is written atomically, so a killed run continues at the first unfinished
 unit and, every random draw being seeded per unit, ends with the same weights as an uninterrupted run.
 """
 
@@ -84,6 +86,14 @@ def _trainer_kwargs(device: torch.device) -> dict[str, Any]:
     return {"accelerator": device.type if device.type != "cpu" else "cpu", "devices": 1}
 
 
+def _hard_adaround(unit: Unit) -> None:
+    for layer in unit.weight_layers():
+        ada = attach_adaround(layer)
+        if ada is not None:
+            ada.soft = False
+            ada.alpha.requires_grad_(False)
+
+
 class _TrainingState:
     """Puts a unit into its training state (AdaRound, STE, QDrop, learnable scales) and back."""
 
@@ -106,14 +116,17 @@ class _TrainingState:
         return [q for q in self.unit.quantizers() if q.active and id(q) not in bases]
 
     def finalize(self) -> None:
-        """Fold the hard rounding into the weights."""
+        """Switch to hard rounding (folded into the weights once every unit is done)."""
         for layer in self.layers:
-            finalize_adaround(layer)
+            if isinstance(layer.w_quantizer, AdaRoundQuantizer):
+                layer.w_quantizer.soft = False
+                layer.w_quantizer.alpha.requires_grad_(False)
 
     def __exit__(self, *exc) -> None:
-        for layer in self.layers:  # on error: drop the AdaRound state without folding it
-            if isinstance(layer.w_quantizer, AdaRoundQuantizer):
-                layer.w_quantizer = layer.w_quantizer.base
+        for layer in self.layers:  # on error: drop the unfinished AdaRound state
+            ada = layer.w_quantizer
+            if isinstance(ada, AdaRoundQuantizer) and ada.soft:
+                layer.w_quantizer = ada.base
         for q in self.unit.quantizers():
             q.ste, q.qdrop, q.generator = False, None, None
             q.scale.requires_grad_(False)
@@ -161,6 +174,9 @@ def reconstruct_model(
     done: list[str] = []
     if state_path is not None and state_path.is_file():
         state, done = _check_state(state_path, meta, fingerprint)
+        for unit in units:
+            if unit.name in done:
+                _hard_adaround(unit)  # finished units hold float weights + their rounding (alpha)
         net.load_state_dict(state, strict=True)
         report.resumed_units = list(done)
         log.info("resuming reconstruction after %d finished units (%s)", len(done), state_path)
@@ -230,6 +246,9 @@ def reconstruct_model(
                 )
     finally:
         logging.getLogger("lightning.pytorch").setLevel(level)
+        for unit in units:  # fold the hard rounding of every finished unit into its weights
+            for layer in unit.weight_layers():
+                finalize_adaround(layer)
         enable_units(net, units, {u.name for u in units})
         for p, g in grads.items():
             p.requires_grad_(g)

@@ -129,7 +129,9 @@ class ReconObjective:
         stats: FisherStats | None = None,
         grad: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        pred, target = pred.float(), target.float()
+        if pred.dtype in (torch.float16, torch.bfloat16):
+            pred = pred.float()  # losses are computed in float32 at least (autocast-friendly)
+        target = target.to(pred.dtype)
         if self.kind == "kl":
             return kl_loss(pred, target)
         if self.kind == "mse":

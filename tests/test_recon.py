@@ -1,0 +1,327 @@
+"""Reconstruction: AdaRound, the fused STE, the Fisher losses against brute force, the refresh
+schedule, one unit's training, and the driver (resume equals uninterrupted, NaN stops cleanly)."""
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
+from fimaq.errors import FimaqError
+from fimaq.quant.adaround import (
+    AdaRoundQuantizer,
+    beta_schedule,
+    rectified_sigmoid,
+    round_regulariser_on,
+)
+from fimaq.quant.fake_quant import fake_quant
+from fimaq.quant.quantizer import UniformQuantizer
+from fimaq.quant.ste import bernoulli_mask, fake_quant_ste
+from fimaq.recon.losses import (
+    FisherStats,
+    ReconObjective,
+    implied_fisher,
+    inverse_gram,
+    lowrank_loss,
+)
+
+from conftest import tiny_model
+
+
+def _weight_quantizer(rows=6, cols=10, bits=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    q = UniformQuantizer(bits, (rows, 1), (rows, 1))
+    lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
+    scale = (hi - lo) / (2**bits - 1) * 0.8  # a clipping grid, so some weights saturate
+    q.set_qparams(scale, torch.round(-lo / scale).clamp(0, 2**bits - 1))
+    q.enabled = True
+    return w, q
+
+
+# ----------------------------------------------------------------------------- AdaRound
+def test_adaround_starts_at_the_clamped_float_weight():
+    w, q = _weight_quantizer()
+    ada = AdaRoundQuantizer(q, w)
+    s, zp, qmax = q.scale, q.zero_point, 2**q.bits - 1
+    expected = (torch.clamp(w / s + zp, 0, qmax) - zp) * s  # float weight clipped to the grid's range
+    assert torch.allclose(ada(w), expected, atol=1e-5)
+
+
+def test_hard_rounding_is_floor_plus_indicator_of_alpha():
+    w, q = _weight_quantizer(seed=1)
+    ada = AdaRoundQuantizer(q, w)
+    with torch.no_grad():
+        ada.alpha.copy_(torch.randn(ada.alpha.shape, generator=torch.Generator().manual_seed(5)))
+    s, zp = q.scale.detach(), q.zero_point
+    codes = torch.floor(w / s) + (ada.alpha >= 0).float()
+    expected = (torch.clamp(codes + zp, 0, 2**q.bits - 1) - zp) * s
+    assert torch.equal(ada.hard_weight(), expected)
+    # re-quantizing the folded weight with round-to-nearest gives the same weight
+    assert torch.equal(fake_quant(ada.hard_weight(), s, zp, q.bits), ada.hard_weight())
+
+
+def test_rectified_sigmoid_and_regulariser():
+    alpha = torch.tensor([-100.0, 0.0, 100.0])
+    assert torch.equal(rectified_sigmoid(alpha), torch.tensor([0.0, 0.5, 1.0]))
+    w, q = _weight_quantizer()
+    ada = AdaRoundQuantizer(q, w)
+    with torch.no_grad():
+        ada.alpha.fill_(100.0)  # every offset at 1: nothing left to regularise
+    assert ada.regulariser(2.0).item() == 0.0
+    with torch.no_grad():
+        ada.alpha.fill_(0.0)  # every offset at 1/2: the maximum, 1 per weight
+    assert ada.regulariser(20.0).item() == pytest.approx(w.numel())
+
+
+def test_beta_schedule_endpoints_and_warmup():
+    iters, warm = 1000, 0.2
+    assert beta_schedule(0, iters, warm, 20, 2) == 20
+    assert beta_schedule(198, iters, warm, 20, 2) == 20  # t = 199 < 200
+    assert beta_schedule(iters - 1, iters, warm, 20, 2) == pytest.approx(2.0)
+    mid = beta_schedule(599, iters, warm, 20, 2)  # t = 600: halfway through the decay
+    assert mid == pytest.approx(11.0)
+    assert not round_regulariser_on(198, iters, warm) and round_regulariser_on(199, iters, warm)
+
+
+# ----------------------------------------------------------------------------- STE / QDrop
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fused_ste_matches_autograd_of_the_composed_ops(with_mask):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 9, 5, generator=g) * 3).requires_grad_()
+    s = (torch.rand(1, 9, 1, generator=g) + 0.2).requires_grad_()
+    zp = torch.tensor([3.0])
+    keep = bernoulli_mask(x.shape, 0.5, torch.Generator().manual_seed(1), x.device) if with_mask else None
+    ref = fake_quant(x, s, zp, 3, ste=True)
+    if keep is not None:
+        ref = torch.where(keep, ref, x)
+    out = fake_quant_ste(x, s, zp, 3, keep)
+    upstream = torch.randn(x.shape, generator=g)
+    gx_ref, gs_ref = torch.autograd.grad((ref * upstream).sum(), [x, s])
+    gx, gs = torch.autograd.grad((out * upstream).sum(), [x, s])
+    assert torch.equal(out, ref)
+    assert torch.allclose(gx, gx_ref, atol=1e-6) and torch.allclose(gs, gs_ref, atol=1e-5)
+
+
+def test_bernoulli_mask_rate_and_determinism():
+    a = bernoulli_mask((200, 300), 0.5, torch.Generator().manual_seed(3), torch.device("cpu"))
+    b = bernoulli_mask((200, 300), 0.5, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(a, b) and a.dtype == torch.bool
+    assert abs(a.float().mean().item() - 0.5) < 0.01
+    c = bernoulli_mask((200, 300), 0.25, torch.Generator().manual_seed(4), torch.device("cpu"))
+    assert abs(c.float().mean().item() - 0.25) < 0.01
+
+
+# ----------------------------------------------------------------------------- losses
+def _stats(rank, d, cols=slice(None), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.rand(rank, d, generator=g, dtype=torch.float64)
+    Delta = torch.rand(rank, d, generator=g, dtype=torch.float64)
+    M, cond = inverse_gram(Delta[:, cols], ridge=0.0)
+    return FisherStats(G=G, Delta=Delta, M=M, cols=cols, condition=cond)
+
+
+@pytest.mark.parametrize("cols", [slice(None), slice(0, 4)], ids=["all_tokens", "cls_token"])
+@pytest.mark.parametrize("rank", [1, 2, 5])
+def test_dplr_loss_equals_brute_force_quadratic_form(rank, cols):
+    d, b = 12, 7
+    stats = _stats(rank, d, cols, seed=rank)
+    g = torch.Generator().manual_seed(10 + rank)
+    target = torch.randn(b, 3, 4, generator=g, dtype=torch.float64)
+    first = target + 0.3 * torch.randn(b, 3, 4, generator=g, dtype=torch.float64)
+    pred = target + 0.1 * torch.randn(b, 3, 4, generator=g, dtype=torch.float64)
+    obj = ReconObjective("fisher_dplr", p1=0.7, p2=1.3)
+    obj(first, target, stats)  # records the normalisers on the first call
+    loss = obj(pred, target, stats).item()
+
+    # independent dense construction with numpy: F = p1/lr0 Gc^T (Dc Dc^T)^-1 Gc + p2/(D diag0) diag(g_bar)
+    Gn, Dn = stats.G.numpy(), stats.Delta.numpy()
+    mask = np.zeros(d, dtype=bool)
+    mask[cols] = True
+    Gc = np.where(mask, Gn, 0.0)
+    Dc = Dn[:, mask]
+    low = Gc.T @ np.linalg.inv(Dc @ Dc.T) @ Gc
+    g_bar = Gn.mean(0)
+    e0 = np.abs((first - target).reshape(b, -1).numpy())
+    lr0 = np.mean([x @ low @ x for x in e0])
+    diag0 = np.mean(e0**2 * g_bar)
+    F = 0.7 / lr0 * low + 1.3 / (d * diag0) * np.diag(g_bar)
+    e = np.abs((pred - target).reshape(b, -1).numpy())
+    brute = np.mean([x @ F @ x for x in e])
+    assert loss == pytest.approx(brute, rel=1e-9)
+    dense = implied_fisher(stats, d, 0.7, 1.3, float(obj.norms["lr"]), float(obj.norms["diag"]))
+    assert np.allclose(dense.numpy(), F, rtol=1e-9)
+
+
+def test_fisher_lr_works_at_every_rank_and_resets_its_normaliser():
+    for rank in (1, 2, 3, 5):
+        stats = _stats(rank, 8, seed=rank)
+        obj = ReconObjective("fisher_lr")
+        target = torch.zeros(4, 8, dtype=torch.float64)
+        pred = torch.full((4, 8), 0.5, dtype=torch.float64)
+        assert obj(pred, target, stats).item() == pytest.approx(1.0)  # its own normaliser
+        assert obj(pred * 2, target, stats).item() == pytest.approx(4.0)  # quadratic in e
+        obj.reset()
+        assert obj(pred * 2, target, stats).item() == pytest.approx(1.0)
+        e = (pred - target).abs()
+        a = e @ stats.G.T
+        assert lowrank_loss(e, stats).item() == pytest.approx(((a @ stats.M) * a).sum(1).mean().item())
+
+
+def test_inverse_gram_with_ridge_handles_repeated_rows():
+    row = torch.rand(1, 6, dtype=torch.float64)
+    M, cond = inverse_gram(torch.cat([row, row]), ridge=1e-8)
+    assert torch.isfinite(M).all() and cond > 1e10
+    with pytest.raises(FimaqError, match="singular"):
+        inverse_gram(torch.zeros(2, 6, dtype=torch.float64), ridge=0.0)
+
+
+def test_refresh_schedule():
+    assert FisherConfig(rank=5).refresh_steps(20000) == [0, 4000, 8000, 12000, 16000]
+    assert FisherConfig(rank=3).refresh_steps(10) == [0, 3, 6]
+    assert FisherConfig(rank=5, mode="qf").refresh_steps(100) == [0, 1, 2, 3, 4]
+    assert FisherConfig(rank=5).refresh_steps(3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (ReconConfig(loss="l1"), "recon loss must be one of"),
+        (ReconConfig(iters=0), "recon iters must be an integer >= 1"),
+        (ReconConfig(drop_prob=1.5), "recon drop_prob"),
+        (ReconConfig(input_mode="x"), "recon input_mode"),
+        (FisherConfig(mode="z"), "fisher mode"),
+        (FisherConfig(lowrank_tokens="first"), "fisher lowrank_tokens"),
+        (FisherConfig(temperature=0.0), "fisher temperature must be > 0"),
+    ],
+)
+def test_bad_settings_are_named(cfg, message):
+    with pytest.raises(FimaqError, match=message):
+        cfg.validate()
+
+
+# ----------------------------------------------------------------------------- one unit, the driver
+def _calibrated_tiny(w_bits=3, a_bits=3, seed=0):
+    from fimaq.calib import calibrate_model
+    from fimaq.models.swap import quantize_model
+
+    net = quantize_model(tiny_model("vit", seed=seed), QuantSpec(w_bits=w_bits, a_bits=a_bits))
+    images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=16, search_rounds=1), progress=False)
+    return net, images
+
+
+def _fast_recon(**kw):
+    base = dict(iters=6, batch_size=8, error_images=16)
+    base.update(kw)
+    return ReconConfig(**base)
+
+
+def test_one_unit_trains_its_alphas_and_refreshes_at_the_scheduled_steps(monkeypatch):
+    from fimaq.callbacks import FisherRefresh
+    from fimaq.recon import driver
+
+    net, images = _calibrated_tiny()
+    fired: list[list[int]] = []
+    alphas_moved: list[bool] = []
+    original_fit = L.Trainer.fit
+
+    def spy_fit(self, module, *args, **kwargs):
+        start = [a.alpha.detach().clone() for a in module.adarounds]
+        original_fit(self, module, *args, **kwargs)
+        alphas_moved.append(all(not torch.equal(s, a.alpha) for s, a in zip(start, module.adarounds)))
+        fired.extend(cb.fired for cb in self.callbacks if isinstance(cb, FisherRefresh))
+        assert self.global_step == module.cfg.iters
+
+    monkeypatch.setattr(L.Trainer, "fit", spy_fit)
+    report = driver.reconstruct_model(
+        net, images, _fast_recon(iters=7), FisherConfig(rank=3, batch_size=16), progress=False
+    )
+    # patch_embed, blocks.0, blocks.1 use the Fisher loss; the head does not
+    assert fired == [[0, 2, 4]] * 3
+    assert len(alphas_moved) == 4 and all(alphas_moved)
+    assert set(report.error_after) == {"patch_embed", "blocks.0", "blocks.1", "head"}
+    # afterwards: no AdaRound state left, hard-rounded weights sit on the grid, quantizers on
+    for mod in net.modules():
+        assert not isinstance(mod, AdaRoundQuantizer)
+        if isinstance(mod, UniformQuantizer):
+            assert mod.enabled and not mod.ste and mod.qdrop is None
+    qkv = net.blocks[0].attn.qkv
+    wq = qkv.w_quantizer
+    assert torch.equal(fake_quant(qkv.weight, wq.scale, wq.zero_point, wq.bits), qkv.weight)
+
+
+@pytest.mark.parametrize("loss", ["mse", "fisher_diag", "fisher_lr", "fisher_brecq"])
+def test_every_loss_runs_and_keeps_outputs_finite(loss):
+    from fimaq.recon import reconstruct_model
+
+    net, images = _calibrated_tiny()
+    report = reconstruct_model(
+        net, images, _fast_recon(loss=loss, iters=4), FisherConfig(rank=2, batch_size=16), progress=False
+    )
+    assert all(math.isfinite(v) for v in report.error_after.values())
+    with torch.no_grad():
+        assert torch.isfinite(net(images[:4])).all()
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    from fimaq.recon import STATE_FILE, driver
+
+    cfg, fcfg = _fast_recon(iters=5), FisherConfig(rank=2, batch_size=16)
+    meta = {"arch": "tiny", "quant": {"w_bits": 3}}
+    net, images = _calibrated_tiny()
+    driver.reconstruct_model(net, images, cfg, fcfg, state_dir=tmp_path / "a", meta=meta, progress=False)
+    uninterrupted = {k: v.clone() for k, v in net.state_dict().items()}
+
+    net, images = _calibrated_tiny()
+    original = driver._reconstruct_unit
+    calls = {"n": 0}
+
+    def killed_on_third_unit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "_reconstruct_unit", killed_on_third_unit)
+    with pytest.raises(KeyboardInterrupt):
+        driver.reconstruct_model(net, images, cfg, fcfg, state_dir=tmp_path / "b", meta=meta, progress=False)
+    monkeypatch.setattr(driver, "_reconstruct_unit", original)
+    from fimaq.artifacts import load_quantized
+
+    _, saved = load_quantized(tmp_path / "b" / STATE_FILE)
+    assert saved["units_done"] == ["patch_embed", "blocks.0"]
+
+    fresh, images = _calibrated_tiny()  # a new process: a calibrated model, then the saved state
+    report = driver.reconstruct_model(
+        fresh, images, cfg, fcfg, state_dir=tmp_path / "b", meta=meta, progress=False
+    )
+    assert report.resumed_units == ["patch_embed", "blocks.0"]
+    assert list(report.unit_seconds) == ["blocks.1", "head"]
+    resumed = fresh.state_dict()
+    assert resumed.keys() == uninterrupted.keys()
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+
+    # the same folder refuses a run with other settings
+    with pytest.raises(FimaqError, match="belongs to a run with"):
+        driver.reconstruct_model(
+            fresh, images, _fast_recon(iters=9), fcfg, state_dir=tmp_path / "b", meta=meta, progress=False
+        )
+
+
+def test_nan_stops_with_the_unit_named_and_keeps_finished_units(tmp_path):
+    from fimaq.artifacts import read_meta
+    from fimaq.recon import STATE_FILE, reconstruct_model
+
+    net, images = _calibrated_tiny()
+    with torch.no_grad():
+        net.blocks[1].mlp.fc1.bias[0] = float("nan")
+    with pytest.raises(FimaqError, match="unit blocks.1"):
+        reconstruct_model(
+            net, images, _fast_recon(iters=3, loss="mse"), FisherConfig(), state_dir=tmp_path, progress=False
+        )
+    saved = read_meta(tmp_path / STATE_FILE)  # the finished units' state is on disk (its NaN-free part)
+    assert saved["units_done"] == ["patch_embed", "blocks.0"]
