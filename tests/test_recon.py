@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
@@ -26,8 +27,6 @@ from fimaq.recon.losses import (
     inverse_gram,
     lowrank_loss,
 )
-
-from conftest import tiny_model
 
 
 def _weight_quantizer(rows=6, cols=10, bits=3, seed=0):
@@ -231,7 +230,9 @@ def test_one_unit_trains_its_alphas_and_refreshes_at_the_scheduled_steps(monkeyp
     def spy_fit(self, module, *args, **kwargs):
         start = [a.alpha.detach().clone() for a in module.adarounds]
         original_fit(self, module, *args, **kwargs)
-        alphas_moved.append(all(not torch.equal(s, a.alpha) for s, a in zip(start, module.adarounds)))
+        alphas_moved.append(
+            all(not torch.equal(s, a.alpha) for s, a in zip(start, module.adarounds, strict=True))
+        )
         fired.extend(cb.fired for cb in self.callbacks if isinstance(cb, FisherRefresh))
         assert self.global_step == module.cfg.iters
 

@@ -45,7 +45,11 @@ class FakeQuantSTE(torch.autograd.Function):
 
 
 def fake_quant_ste(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, keep: torch.Tensor | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize with straight-through gradients to ``x`` and ``scale`` (and QDrop ``keep``)."""
     return FakeQuantSTE.apply(x, scale, zero_point, 2**bits - 1, keep)

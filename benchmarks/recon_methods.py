@@ -1,0 +1,97 @@
+"""Reconstruction losses on the embedded default (digits DeiT): calibration only vs mse vs fisher_diag
+vs fisher_dplr, several seeds each, top-1 on the 450 validation digits and wall time.
+
+Calibration is deterministic, so it runs once per bit-width; every reconstruction starts from it.
+Results are appended to a JSON file as they come (a long run can be stopped and resumed).
+Run: python benchmarks/recon_methods.py [--bits 3 4] [--iters 200] [--seeds 0 1 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import fimaq  # noqa: F401
+from fimaq.artifacts import resolve_checkpoint
+from fimaq.calib import calibrate_model
+from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
+from fimaq.data import DigitsDataModule
+from fimaq.models import create_fp_model
+from fimaq.models.swap import quantize_model
+from fimaq.recon import reconstruct_model
+
+ARCH = "deit_tiny_patch16_224"
+KWARGS = dict(img_size=32, patch_size=4, depth=4, num_classes=10)
+
+
+def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (model(x).argmax(-1) == y).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--methods", nargs="+", default=["mse", "fisher_diag", "fisher_dplr"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--fisher-samples", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="lightning_logs/bench_recon_methods.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    dm = DigitsDataModule()
+    dm.setup()
+    calib, _ = dm.calibration_tensors()
+    recon_images, _ = dm.reconstruction_tensors()
+    xv, yv = dm.val_tensors()
+    fp = create_fp_model(ARCH, resolve_checkpoint("embedded:digits_deit_tiny"), model_kwargs=KWARGS)
+    for bits in args.bits:
+        calibrated = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))
+        t0 = time.perf_counter()
+        calibrate_model(calibrated, calib, CalibConfig(), progress=False)
+        results[f"W{bits}/calibration"] = [
+            {"top1": top1(calibrated, xv, yv), "seconds": time.perf_counter() - t0}
+        ]
+        for method in args.methods:
+            key = f"W{bits}/{method}"
+            done = {r["seed"] for r in results.get(key, [])}
+            for seed in args.seeds:
+                if seed in done:
+                    continue
+                model = copy.deepcopy(calibrated)
+                cfg = ReconConfig(iters=args.iters, loss=method, seed=seed)
+                report = reconstruct_model(
+                    model, recon_images, cfg, FisherConfig(num_samples=args.fisher_samples), progress=False
+                )
+                row = {"seed": seed, "top1": top1(model, xv, yv), "seconds": report.total_seconds}
+                results.setdefault(key, []).append(row)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results, indent=1))
+                print(f"{key} seed {seed}: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s", flush=True)
+    print(
+        f"\ntorch threads: {args.threads}, iters per unit: {args.iters}, Fisher samples: {args.fisher_samples}"
+    )
+    print("| bits | method | top-1 (%) mean ± std | runs | seconds per run |\n|---|---|---|---|---|")
+    for key, rows in results.items():
+        bits, method = key.split("/")
+        accs = [r["top1"] for r in rows]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        secs = statistics.mean(r["seconds"] for r in rows)
+        print(
+            f"| {bits}/A{bits[1:]} | {method} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(rows)} | {secs:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
