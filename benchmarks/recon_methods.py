@@ -79,18 +79,15 @@ def main() -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(results, indent=1))
                 print(f"{key} seed {seed}: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s", flush=True)
-    print(
-        f"\ntorch threads: {args.threads}, iters per unit: {args.iters}, Fisher samples: {args.fisher_samples}"
-    )
+    print(f"\ntorch threads: {args.threads}, iters: {args.iters}, Fisher samples: {args.fisher_samples}")
     print("| bits | method | top-1 (%) mean ± std | runs | seconds per run |\n|---|---|---|---|---|")
     for key, rows in results.items():
         bits, method = key.split("/")
         accs = [r["top1"] for r in rows]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         secs = statistics.mean(r["seconds"] for r in rows)
-        print(
-            f"| {bits}/A{bits[1:]} | {method} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(rows)} | {secs:.0f} |"
-        )
+        mean = statistics.mean(accs)
+        print(f"| {bits}/A{bits[1:]} | {method} | {mean:.2f} ± {std:.2f} | {len(rows)} | {secs:.0f} |")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 It owns the caches and the Fisher estimator; callbacks only decide when to refresh. Finished units
 keep their float weights and hard rounding side by side (quantization off gives the float model for
-the FP caches and the Fisher passes); the rounding is folded into the weights at the end.
-After every unit the whole model state is written atomically, so a killed run continues at the first unfinished
-unit and, every random draw being seeded per unit, ends with the same weights as an uninterrupted run.
+the FP caches and the Fisher passes); the rounding is folded into the weights at the end. After
+every unit the whole model state is written atomically, so a killed run continues at the first
+unfinished unit and, every random draw being seeded per unit, ends with the same weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
