@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class ReconReport:
     """Per-unit wall time and output error (MSE on the quantized input) before/after, in unit order."""
 
     unit_seconds: dict[str, float] = field(default_factory=dict)
+    train_seconds: dict[str, float] = field(default_factory=dict)  # the Trainer's fit, refreshes included
+    refresh_seconds: dict[str, float] = field(default_factory=dict)
     error_before: dict[str, float] = field(default_factory=dict)
     error_after: dict[str, float] = field(default_factory=dict)
     resumed_units: list[str] = field(default_factory=list)
@@ -145,6 +148,7 @@ def reconstruct_model(
     logger: Any = None,
     precision: Any = "32-true",
     progress: bool = True,
+    units: Sequence[str] | None = None,
 ) -> ReconReport:
     """Reconstruct every unit of a calibrated model, in order (ALGORITHM sections 3 and 4).
 
@@ -158,6 +162,8 @@ def reconstruct_model(
         logger: a Lightning logger shared by the per-unit trainers (``None``: no logging).
         precision: Lightning precision of the per-unit trainers.
         progress: show the per-unit progress bar.
+        units: reconstruct only these units (names as in ``recon_units``); the others keep their
+            calibrated rounding. All by default.
     """
     cfg = (cfg or ReconConfig()).validate()
     fisher_cfg = (fisher_cfg or FisherConfig()).validate()
@@ -165,7 +171,11 @@ def reconstruct_model(
         raise FimaqError("reconstruction images must be a finite (n, C, H, W) tensor")
     start_time = time.perf_counter()
     report = ReconReport()
+    only = units
     units = recon_units(net)
+    unknown = set(only or ()) - {u.name for u in units}
+    if unknown:
+        raise FimaqError(f"unknown units {sorted(unknown)}; the model has {[u.name for u in units]}")
     device = next(net.parameters()).device
     cache_device = torch.device(cfg.cache_device) if cfg.cache_device else device
     dtype = DTYPES[cfg.cache_dtype]
@@ -197,7 +207,8 @@ def reconstruct_model(
         p.requires_grad_(False)
     was_training = net.training
     net.eval()
-    needs_fisher = cfg.loss != "mse" and any(u.name not in done and not u.is_head for u in units)
+    todo = [u for u in units if u.name not in done and (only is None or u.name in only)]
+    needs_fisher = cfg.loss != "mse" and any(not u.is_head for u in todo)
     fisher = None
     if needs_fisher:
         enable_units(net, units, set())
@@ -214,7 +225,7 @@ def reconstruct_model(
             level = quiet.level
             quiet.setLevel(logging.WARNING)  # the per-unit trainers' banners, once per unit, are noise
             for i, unit in enumerate(units):
-                if unit.name in done:
+                if unit.name in done or (only is not None and unit.name not in only):
                     continue
                 t0 = time.perf_counter()
                 _reconstruct_unit(
@@ -325,7 +336,11 @@ def _reconstruct_unit(
                 precision=precision,
                 **_trainer_kwargs(next(net.parameters()).device),
             )
+            refreshed = fisher.seconds if fisher is not None else 0.0
+            t0 = time.perf_counter()
             trainer.fit(module, train_dataloaders=step_loader(n, cfg, cfg.seed * 10_007 + i))
+            report.train_seconds[unit.name] = time.perf_counter() - t0
+            report.refresh_seconds[unit.name] = (fisher.seconds if fisher is not None else 0.0) - refreshed
         state.finalize()
     bad = [
         k

@@ -1,0 +1,119 @@
+"""Speed of one reconstruction unit: the time of one optimisation step divided by the time of one
+plain forward+backward of the same unit in float (goal <= 1.5), the share of the unit's training
+time spent in Fisher refreshes, and peak memory.
+
+Default: block 0 of the embedded digits DeiT at W4/A4 (min-max qparams: speed does not depend on
+them). Real scale, e.g. on a GPU: ``--arch deit_small_patch16_224 --model-kwargs '{}' --images 1024
+--iters 1000 --rank 1 --device cuda`` (random weights, synthetic images, one Fisher refresh).
+Run: python benchmarks/recon_speed.py [--unit blocks.0] [--iters 300] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+
+import torch
+
+import fimaq  # noqa: F401
+from fimaq.artifacts import resolve_checkpoint
+from fimaq.calib.minmax import minmax_calibrate
+from fimaq.config import FisherConfig, QuantSpec, ReconConfig
+from fimaq.models import create_fp_model
+from fimaq.models.swap import example_input, quantize_model, set_quant_enabled
+from fimaq.recon import recon_units, reconstruct_model
+from fimaq.recon.cache import capture_unit
+
+
+def plain_step_seconds(net, unit, images, batch, repeats=20) -> float:
+    """One float forward+backward of the unit (weights with gradients), batch ``batch``."""
+    set_quant_enabled(net, False)
+    x, _ = capture_unit(net, unit, images[:batch], batch, False, images.device, torch.float32)
+    params = list(unit.module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+
+    def step():
+        out = unit.module(x)
+        out.float().pow(2).mean().backward()
+        for p in params:
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    for p in params:
+        p.requires_grad_(False)
+    set_quant_enabled(net, True)
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="deit_tiny_patch16_224")
+    parser.add_argument(
+        "--model-kwargs", default='{"img_size": 32, "patch_size": 4, "depth": 4, "num_classes": 10}'
+    )
+    parser.add_argument("--checkpoint", default="embedded:digits_deit_tiny", help="'' for random weights")
+    parser.add_argument("--unit", default="blocks.0")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--rank", type=int, default=5)
+    parser.add_argument("--loss", default="fisher_dplr")
+    parser.add_argument("--fisher-samples", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    kwargs = json.loads(args.model_kwargs)
+    ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+    torch.manual_seed(0)
+    net = create_fp_model(args.arch, ckpt, model_kwargs=kwargs).to(args.device)
+    net = quantize_model(net, QuantSpec(w_bits=args.bits, a_bits=args.bits))
+    shape = example_input(net).shape[1:]
+    images = torch.randn(args.images, *shape, generator=torch.Generator().manual_seed(0)).to(args.device)
+    if ckpt and "digits" in args.checkpoint:
+        from fimaq.data import DigitsDataModule
+
+        dm = DigitsDataModule(recon_size=min(args.images, 1347))
+        dm.setup()
+        images = dm.reconstruction_tensors()[0].to(args.device)
+    minmax_calibrate(net, images[:128])
+    unit = next(u for u in recon_units(net) if u.name == args.unit)
+    plain = plain_step_seconds(net, unit, images, 32)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    cfg = ReconConfig(iters=args.iters, loss=args.loss)
+    fcfg = FisherConfig(rank=args.rank, num_samples=args.fisher_samples)
+    report = reconstruct_model(net, images, cfg, fcfg, progress=False, units=[args.unit])
+    train, refresh = report.train_seconds[args.unit], report.refresh_seconds[args.unit]
+    step = (train - refresh) / args.iters
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    where = f"{args.images} images, device {args.device}"
+    print(f"{args.arch} {kwargs} unit {args.unit}, W{args.bits}/A{args.bits}, {where}")
+    print(f"torch threads: {args.threads}")
+    print("| measure | value |\n|---|---|")
+    print(f"| plain FP forward+backward, batch 32 | {plain * 1e3:.1f} ms |")
+    print(f"| reconstruction step (no refresh), batch 32 | {step * 1e3:.1f} ms |")
+    print(f"| step / plain | {step / plain:.2f} |")
+    print(f"| {args.iters} steps + {min(args.rank, args.iters)} Fisher refreshes | {train:.1f} s |")
+    print(f"| Fisher refreshes | {refresh:.1f} s ({100 * refresh / train:.0f}% of the unit's training) |")
+    print(f"| whole unit (caches, errors, training) | {report.unit_seconds[args.unit]:.1f} s |")
+    if args.device.startswith("cuda"):
+        print(f"| peak GPU memory | {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |")
+    print(f"| peak process memory (RSS) | {peak_rss:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
