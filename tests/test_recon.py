@@ -95,7 +95,8 @@ def test_fused_ste_matches_autograd_of_the_composed_ops(with_mask):
     keep = bernoulli_mask(x.shape, 0.5, torch.Generator().manual_seed(1), x.device) if with_mask else None
     ref = fake_quant(x, s, zp, 3, ste=True)
     if keep is not None:
-        ref = torch.where(keep, ref, x)
+        assert set(keep.unique().tolist()) == {0.0, 1.0}
+        ref = torch.where(keep.bool(), ref, x)
     out = fake_quant_ste(x, s, zp, 3, keep)
     upstream = torch.randn(x.shape, generator=g)
     gx_ref, gs_ref = torch.autograd.grad((ref * upstream).sum(), [x, s])
@@ -107,7 +108,8 @@ def test_fused_ste_matches_autograd_of_the_composed_ops(with_mask):
 def test_bernoulli_mask_rate_and_determinism():
     a = bernoulli_mask((200, 300), 0.5, torch.Generator().manual_seed(3), torch.device("cpu"))
     b = bernoulli_mask((200, 300), 0.5, torch.Generator().manual_seed(3), torch.device("cpu"))
-    assert torch.equal(a, b) and a.dtype == torch.bool
+    assert torch.equal(a, b) and a.dtype == torch.float32
+    assert set(a.unique().tolist()) == {0.0, 1.0}
     assert abs(a.float().mean().item() - 0.5) < 0.01
     c = bernoulli_mask((200, 300), 0.25, torch.Generator().manual_seed(4), torch.device("cpu"))
     assert abs(c.float().mean().item() - 0.25) < 0.01

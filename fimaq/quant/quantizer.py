@@ -68,5 +68,5 @@ class UniformQuantizer(nn.Module):
             return fake_quant(x, scale, self.zero_point, self.bits).to(x.dtype)
         keep = None
         if self.qdrop is not None and self.qdrop < 1:
-            keep = bernoulli_mask(x.shape, self.qdrop, self.generator, x.device)
+            keep = bernoulli_mask(x.shape, self.qdrop, self.generator, x.device, x.dtype)
         return fake_quant_ste(x, scale, self.zero_point, self.bits, keep).to(x.dtype)

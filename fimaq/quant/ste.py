@@ -2,7 +2,8 @@
 straight-through estimator and QDrop, and cheap seeded Bernoulli masks.
 
 Forward: ``x_hat = clamp(round(x/s), -zp, qmax - zp) * s`` (equal to ``(clamp(round(x/s) + zp, 0,
-qmax) - zp) * s``), then ``where(keep, x_hat, x)``. Backward (LSQ without gradient scaling):
+qmax) - zp) * s``), then ``x_hat`` where ``keep`` is 1 and ``x`` where it is 0.
+Backward (LSQ without gradient scaling):
 ``dx = g`` where the code is inside the range or the element was dropped, else 0;
 ``ds = g * (round(x/s) - x/s)`` inside the range, ``g * (bound - zp)`` outside, 0 where dropped.
 These are exactly the gradients autograd gives for the composed ops with ``round_ste``; the fused
@@ -15,21 +16,25 @@ import torch
 
 
 class FakeQuantSTE(torch.autograd.Function):
-    """``fake_quant_ste(x, scale, zero_point, bits, keep)``; ``keep`` = QDrop mask or None."""
+    """``fake_quant_ste(x, scale, zero_point, bits, keep)``; ``keep`` = float 0/1 QDrop mask or None.
+
+    Masks are float tensors and selections are ``lerp``/multiplications: on CPU, boolean masks and
+    ``torch.where`` cost several times more memory passes than float arithmetic.
+    """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmax: int, keep):
         zp = zero_point.detach()
         v = x / scale
         r = torch.round(v)
-        rc = torch.maximum(torch.minimum(r, qmax - zp), -zp)
+        rc = torch.clamp(r, -zp, qmax - zp)
         out = rc * scale
-        inside = r == rc
-        ds = rc - v * inside  # r - v inside the range, the clamp bound (minus zp) outside
+        inside = torch.sub(r, rc).abs_().sign_().neg_().add_(1)  # 1 where the code is not clamped
+        ds = torch.addcmul(rc, v, inside, value=-1)  # r - v inside, the clamp bound (minus zp) outside
         if keep is not None:
-            out = torch.where(keep, out, x)
-            ds = ds * keep
-            dx = inside | ~keep
+            out = torch.lerp(x, out, keep)  # exact: weight 1 gives out, weight 0 gives x
+            ds.mul_(keep)
+            dx = torch.addcmul(1 - keep, keep, inside)
         else:
             dx = inside
         ctx.save_for_backward(dx, ds)
@@ -51,14 +56,19 @@ def fake_quant_ste(
     bits: int,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quantize-dequantize with straight-through gradients to ``x`` and ``scale`` (and QDrop ``keep``)."""
+    """Quantize-dequantize with straight-through gradients to ``x`` and ``scale``; ``keep`` is a float
+    0/1 mask (1 = quantized value, 0 = float value, QDrop) or None."""
     return FakeQuantSTE.apply(x, scale, zero_point, 2**bits - 1, keep)
 
 
 def bernoulli_mask(
-    shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None, device: torch.device
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """A boolean mask that is True with probability ``p`` (in steps of 1/256), from random bytes.
+    """A 0/1 float mask that is 1 with probability ``p`` (in steps of 1/256), from random bytes.
 
     One 64-bit draw gives eight bytes, so this costs an eighth of the generator calls of ``rand``.
     """
@@ -68,5 +78,5 @@ def bernoulli_mask(
     words = torch.randint(
         -(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, generator=generator, device=device
     )
-    threshold = round(p * 256)
-    return (words.view(torch.uint8)[:n] < threshold).reshape(shape)
+    byte = words.view(torch.uint8)[:n].reshape(shape).to(dtype)
+    return torch.rsub(byte, round(p * 256)).clamp_(0, 1)  # 1 where byte < 256 p (bytes are integers)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.quant.adaround import AdaRoundQuantizer, beta_schedule, round_regulariser_on
+from fimaq.quant.ste import bernoulli_mask
 from fimaq.recon.cache import UnitCache
 from fimaq.recon.fisher import FisherEstimator
 from fimaq.recon.losses import FisherStats, ReconObjective
@@ -114,8 +115,8 @@ class BlockReconModule(L.LightningModule):
         x_q = self.cache.x_q[idx].to(dev, torch.float32)
         if mode == "qinp":
             return x_q
-        keep = torch.rand(x_q.shape, generator=self.generator, device=dev) < self.cfg.drop_prob
-        return torch.where(keep, x_q, x_fp)
+        keep = bernoulli_mask(x_q.shape, self.cfg.drop_prob, self.generator, dev)
+        return torch.lerp(x_fp, x_q, keep)
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.unit.eval()  # dropout/drop-path stay off; the training behaviour is the quantizers' state
