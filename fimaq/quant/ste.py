@@ -7,7 +7,7 @@ Backward (LSQ without gradient scaling):
 ``dx = g`` where the code is inside the range or the element was dropped, else 0;
 ``ds = g * (round(x/s) - x/s)`` inside the range, ``g * (bound - zp)`` outside, 0 where dropped.
 These are exactly the gradients autograd gives for the composed ops with ``round_ste``; the fused
-form needs a third of the memory passes.
+form needs far fewer passes over memory.
 """
 
 from __future__ import annotations
