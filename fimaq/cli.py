@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,8 @@ class FimaqCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python main.py`` and the ``fimaq`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Lightning's own use of a torch API that torch deprecated; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     try:
         FimaqCLI(
             QuantModel,

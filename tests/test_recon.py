@@ -269,6 +269,17 @@ def test_every_loss_runs_and_keeps_outputs_finite(loss):
         assert torch.isfinite(net(images[:4])).all()
 
 
+def test_low_precision_caches_and_qinp_input(tmp_path):
+    from fimaq.recon import reconstruct_model
+
+    net, images = _calibrated_tiny(w_bits=4, a_bits=4)
+    cfg = _fast_recon(iters=3, loss="mse", cache_dtype="bfloat16", input_mode="qinp")
+    report = reconstruct_model(net, images, cfg, FisherConfig(), progress=False)
+    assert all(math.isfinite(v) for v in report.error_after.values())
+    with pytest.raises(FimaqError, match="unknown units"):
+        reconstruct_model(net, images, cfg, FisherConfig(), progress=False, units=["blocks.9"])
+
+
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     from fimaq.recon import STATE_FILE, driver
 
