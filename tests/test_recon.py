@@ -339,3 +339,48 @@ def test_nan_stops_with_the_unit_named_and_keeps_finished_units(tmp_path):
         )
     saved = read_meta(tmp_path / STATE_FILE)  # the finished units' state is on disk (its NaN-free part)
     assert saved["units_done"] == ["patch_embed", "blocks.0"]
+
+
+def test_units_of_swin_and_distilled_deit_reconstruct():
+    import timm
+
+    from fimaq.calib import calibrate_model
+    from fimaq.models.swap import quantize_model
+    from fimaq.recon import recon_units, reconstruct_model
+
+    distilled = timm.create_model(
+        "deit_tiny_distilled_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        embed_dim=48,
+        num_heads=3,
+        num_classes=10,
+    ).eval()
+    for fp, size, expected in (
+        (
+            tiny_model("swin"),
+            56,
+            [
+                "patch_embed",
+                "layers.0.blocks.0",
+                "layers.0.blocks.1",
+                "layers.1.downsample",
+                "layers.1.blocks.0",
+                "layers.1.blocks.1",
+                "head.fc",
+            ],
+        ),
+        (distilled, 32, ["patch_embed", "blocks.0", "head", "head_dist"]),
+    ):
+        net = quantize_model(fp, QuantSpec(w_bits=4, a_bits=4))
+        assert [u.name for u in recon_units(net)] == expected
+        images = torch.randn(24, 3, size, size, generator=torch.Generator().manual_seed(0))
+        calibrate_model(net, images[:8], CalibConfig(num_images=8, eq_n=8, search_rounds=1), progress=False)
+        cfg = _fast_recon(iters=3)
+        report = reconstruct_model(
+            net, images, cfg, FisherConfig(rank=2, lowrank_tokens="cls"), progress=False
+        )
+        assert list(report.error_after) == expected
+        with torch.no_grad():
+            assert torch.isfinite(net(images[:2])).all()
