@@ -376,7 +376,7 @@ def test_units_of_swin_and_distilled_deit_reconstruct():
         net = quantize_model(fp, QuantSpec(w_bits=4, a_bits=4))
         assert [u.name for u in recon_units(net)] == expected
         images = torch.randn(24, 3, size, size, generator=torch.Generator().manual_seed(0))
-        calibrate_model(net, images[:8], CalibConfig(num_images=8, eq_n=8, search_rounds=1), progress=False)
+        calibrate_model(net, images[:8], CalibConfig(num_images=8, eq_n=16, search_rounds=1), progress=False)
         cfg = _fast_recon(iters=3)
         report = reconstruct_model(
             net, images, cfg, FisherConfig(rank=2, lowrank_tokens="cls"), progress=False
