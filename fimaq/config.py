@@ -80,8 +80,9 @@ class CalibConfig:
 
     def validate(self) -> CalibConfig:
         """Check the settings; returns self."""
-        for key in ("num_images", "eq_n", "batch_size", "candidate_chunk", "images_per_chunk"):
+        for key in ("num_images", "batch_size", "candidate_chunk", "images_per_chunk"):
             require_int(f"calibration {key}", getattr(self, key), 1)
+        require_int("calibration eq_n", self.eq_n, 16, note=" (each grid spans up to 16 zero points)")
         require_int("calibration search_rounds", self.search_rounds, 0)
         return self
 

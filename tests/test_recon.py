@@ -384,3 +384,8 @@ def test_units_of_swin_and_distilled_deit_reconstruct():
         assert list(report.error_after) == expected
         with torch.no_grad():
             assert torch.isfinite(net(images[:2])).all()
+
+
+def test_a_grid_too_small_for_the_zero_points_is_refused():
+    with pytest.raises(FimaqError, match="calibration eq_n must be an integer >= 16"):
+        CalibConfig(eq_n=8).validate()
