@@ -21,7 +21,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.artifacts import check_run_dir, save_quantized, update_metrics
+from fimaq.config import MixedPrecisionConfig
 from fimaq.errors import FimaqError
+from fimaq.mixed_precision.plan import BitPlan
 from fimaq.module import QuantModel
 from fimaq.recon import STATE_FILE
 
@@ -84,7 +86,8 @@ class FimaqTrainer(L.Trainer):
         datamodule.setup("fit")
         images, _ = datamodule.calibration_tensors()
         model.to(self.strategy.root_device)
-        report = model.calibrate(images, progress=self.is_global_zero)
+        bars = self.is_global_zero and self.progress_bar_callback is not None
+        report = model.calibrate(images, progress=bars)
         seconds["calibrate"] = report.total_seconds
         values["calibration_seconds_per_layer"] = round(report.seconds_per_layer, 4)
         if self.is_global_zero:
@@ -175,6 +178,99 @@ class FimaqTrainer(L.Trainer):
         )
         return metrics
 
+    def search_bits(
+        self,
+        model: QuantModel,
+        datamodule: L.LightningDataModule,
+        budget: float = 3.0,
+        candidates: list[int] | None = None,
+        min_bits: int = 2,
+        max_bits: int = 8,
+        rounds: int = 3,
+        normalise: str = "type",
+        micro_batch: int = 1,
+        include_patch_embed: bool = False,
+        include_head: bool = False,
+    ) -> BitPlan:
+        """LampQ: allocate weight bits per layer under an average-bits budget; writes bit_plan.yaml/png.
+
+        Use the plan with ``calibrate``/``fit --model.bit_plan <default_root_dir>/bit_plan.yaml``.
+
+        Args:
+            model: the model to allocate (its float weights, and a_bits for every layer).
+            datamodule: must provide ``calibration_tensors()``.
+            budget: average weight bits (weighted by layer size) the plan may use.
+            candidates: bit-widths a layer may take (default 2..8).
+            min_bits: smallest weight bits of any layer.
+            max_bits: largest weight bits of any layer.
+            rounds: allocation rounds (stops early when an allocation repeats).
+            normalise: ``type`` (type-aware Fisher normalisation) or ``none``.
+            micro_batch: images per gradient of the Fisher trace (1 = per-sample).
+            include_patch_embed: also allocate the patch embedding.
+            include_head: also allocate the classifier.
+        """
+        from fimaq.mixed_precision import plot_plan, search_bit_plan
+
+        cfg = MixedPrecisionConfig(
+            budget=budget,
+            candidates=list(candidates) if candidates else [2, 3, 4, 5, 6, 7, 8],
+            min_bits=min_bits,
+            max_bits=max_bits,
+            rounds=rounds,
+            normalise=normalise,
+            micro_batch=micro_batch,
+            include_patch_embed=include_patch_embed,
+            include_head=include_head,
+        ).validate()
+        if not hasattr(datamodule, "calibration_tensors"):
+            raise FimaqError(f"{type(datamodule).__name__} has no calibration_tensors(): cannot search bits")
+        root = Path(self.default_root_dir)
+        datamodule.setup("fit")
+        images, _ = datamodule.calibration_tensors()
+        device = self.strategy.root_device
+        start = time.perf_counter()
+
+        def make_fp():
+            return model.fresh_fp().to(device)
+
+        def report(r: int, plan: BitPlan) -> None:
+            for logger in self.loggers:
+                logger.log_metrics({"search_bits/average_w_bits": plan.average_w_bits}, step=r)
+
+        plan = search_bit_plan(
+            make_fp,
+            model.quant,
+            images.to(device),
+            cfg,
+            model.calib_cfg,
+            model.arch,
+            model.model_kwargs,
+            progress=self.is_global_zero and self.progress_bar_callback is not None,
+            on_round=report,
+        )
+        seconds = time.perf_counter() - start
+        if self.is_global_zero:
+            plan.save(root / "bit_plan.yaml")
+            fig = plot_plan(plan, root / "bit_plan.png")
+            for logger in self.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_figure"):
+                    experiment.add_figure("search_bits/plan", fig)
+            update_metrics(
+                root,
+                {"bit_plan_average_w_bits": plan.average_w_bits, "bit_plan_rounds": len(plan.rounds)},
+                {"search_bits": seconds},
+            )
+        counts: dict[int, int] = {}
+        for bits in plan.layers.values():
+            counts[bits["w_bits"]] = counts.get(bits["w_bits"], 0) + 1
+        rank_zero_info(
+            f"bit plan: average {plan.average_w_bits:.3f} weight bits (budget {plan.budget:g}); layers per "
+            f"bit-width {dict(sorted(counts.items()))}; {len(plan.rounds)} rounds in {seconds:.1f} s; "
+            f"wrote {root / 'bit_plan.yaml'}"
+        )
+        return plan
+
 
 class FimaqCLI(LightningCLI):
     """LightningCLI with fimaq's subcommands."""
@@ -183,6 +279,7 @@ class FimaqCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {
             "fit": {"model", "datamodule"},
+            "search_bits": {"model", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
             "calibrate": {"model", "datamodule"},
         }

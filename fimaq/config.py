@@ -212,3 +212,67 @@ def _fraction(name: str, value: object, closed_right: bool = True) -> None:
     ok = ok and (value <= 1 if closed_right else value < 1)
     if not ok:
         raise FimaqError(f"{name} must be a number in [0, 1{']' if closed_right else ')'}, got {value!r}")
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """LampQ bit allocation (ALGORITHM section 5).
+
+    Attributes:
+        budget: the average weight bits (weighted by layer size) the plan may use.
+        candidates: bit-widths a layer may take.
+        min_bits: smallest weight bits of any layer.
+        max_bits: largest weight bits of any layer.
+        rounds: allocation rounds; round 0 measures the sensitivity on the uniformly quantized model
+            (the largest candidate within the budget), every later one on the previous allocation.
+            Stops early when an allocation repeats.
+        normalise: ``type`` (alpha_t = 1 / mean trace of the layer type) or ``none`` (ablation).
+        micro_batch: images per gradient of the Fisher trace (1 = per-sample).
+        temperature: T of the KL between FP and quantized predictions.
+        num_images: images for the Fisher trace (default: all calibration images).
+        include_patch_embed: also allocate the patch embedding's bits (else it keeps ``w_bits``).
+        include_head: also allocate the classifier's bits (else it keeps ``w_bits``).
+    """
+
+    budget: float = 3.0
+    candidates: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
+    min_bits: int = 2
+    max_bits: int = 8
+    rounds: int = 3
+    normalise: str = "type"
+    micro_batch: int = 1
+    temperature: float = 1.0
+    num_images: int | None = None
+    include_patch_embed: bool = False
+    include_head: bool = False
+
+    def validate(self) -> MixedPrecisionConfig:
+        """Check the settings; returns self."""
+        if not self.candidates:
+            raise FimaqError("mixed precision: the candidate bit-widths are empty")
+        for b in self.candidates:
+            require_int("mixed precision candidate bits", b, 2, 8)
+        require_int("mixed precision min_bits", self.min_bits, 2, 8)
+        require_int("mixed precision max_bits", self.max_bits, 2, 8)
+        if self.min_bits > self.max_bits:
+            raise FimaqError(f"mixed precision min_bits={self.min_bits} > max_bits={self.max_bits}")
+        if not self.allowed_bits():
+            raise FimaqError(
+                f"no candidate bit-width {sorted(self.candidates)} lies in [{self.min_bits}, {self.max_bits}]"
+            )
+        require_int("mixed precision rounds", self.rounds, 1)
+        require_int("mixed precision micro_batch", self.micro_batch, 1)
+        if self.num_images is not None:
+            require_int("mixed precision num_images", self.num_images, 1)
+        _choice("mixed precision normalise", self.normalise, ("type", "none"))
+        if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 8:
+            raise FimaqError(
+                f"mixed precision budget must be average weight bits in (0, 8], got {self.budget!r}"
+            )
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise FimaqError(f"mixed precision temperature must be > 0, got {self.temperature!r}")
+        return self
+
+    def allowed_bits(self) -> list[int]:
+        """The candidates within [min_bits, max_bits], ascending."""
+        return sorted({b for b in self.candidates if self.min_bits <= b <= self.max_bits})

@@ -13,6 +13,7 @@ from fimaq.artifacts import load_quantized, resolve_checkpoint
 from fimaq.calib import CalibReport, calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
+from fimaq.mixed_precision.plan import BitPlan
 from fimaq.models import create_fp_model
 from fimaq.models.swap import quantize_model, set_quant_enabled
 from fimaq.recon import ReconReport, reconstruct_model
@@ -33,6 +34,8 @@ class QuantModel(L.LightningModule):
         calib: calibration search settings.
         recon: block-wise reconstruction settings (``fit``).
         fisher: Fisher statistics of the reconstruction loss (``fit``).
+        bit_plan: a mixed-precision plan (``search_bits`` writes ``bit_plan.yaml``): every layer it
+            names is quantized at its planned bits. It must have been made for this arch.
         init_from: a quantized artifact (``calibrated.safetensors``/``quantized.safetensors``) to start
             from; it must come from the same arch and bit-widths.
     """
@@ -47,6 +50,7 @@ class QuantModel(L.LightningModule):
         calib: CalibConfig | None = None,
         recon: ReconConfig | None = None,
         fisher: FisherConfig | None = None,
+        bit_plan: str | None = None,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -54,10 +58,17 @@ class QuantModel(L.LightningModule):
         self.arch = arch
         self.model_kwargs = dict(model_kwargs or {})
         self.quant = (quant or QuantSpec()).validate()
+        if bit_plan:
+            plan = BitPlan.load(bit_plan)
+            plan.check_model(arch, self.model_kwargs, bit_plan)
+            q = self.quant
+            overrides = {**plan.overrides(), **q.overrides}  # explicit overrides win
+            self.quant = QuantSpec(q.w_bits, q.a_bits, q.head_a_bits, overrides).validate()
         self.calib_cfg = (calib or CalibConfig()).validate()
         self.recon_cfg = (recon or ReconConfig()).validate()
         self.fisher_cfg = (fisher or FisherConfig()).validate()
-        ckpt = None if init_from else resolve_checkpoint(checkpoint_path)
+        self._checkpoint = resolve_checkpoint(checkpoint_path)
+        ckpt = None if init_from else self._checkpoint
         fp = create_fp_model(
             arch, ckpt, pretrained=pretrained and not init_from, model_kwargs=self.model_kwargs
         )
@@ -68,6 +79,14 @@ class QuantModel(L.LightningModule):
         self.top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
         if init_from:
             self.load_artifact(init_from)
+
+    def fresh_fp(self) -> torch.nn.Module:
+        """A new float model from the same checkpoint (for stages that re-quantize from scratch)."""
+        if self._checkpoint is None and not self.hparams.pretrained:
+            raise FimaqError("this stage needs the float weights: give --model.checkpoint_path")
+        return create_fp_model(
+            self.arch, self._checkpoint, pretrained=self.hparams.pretrained, model_kwargs=self.model_kwargs
+        )
 
     # ----------------------------------------------------------------- state
     def artifact_meta(self) -> dict[str, Any]:
