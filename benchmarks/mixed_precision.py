@@ -91,9 +91,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(
-        f"\ntorch threads: {args.threads}; activations {args.a_bits} bits; reconstruction {args.iters} steps/unit"
-    )
+    print(f"\ntorch threads: {args.threads}; A{args.a_bits}; reconstruction {args.iters} steps per unit")
     print("| weights | average weight bits | calibrated top-1 | reconstructed top-1 | allocation seconds |")
     print("|---|---|---|---|---|")
     for r in rows:
