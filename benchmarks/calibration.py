@@ -11,23 +11,12 @@ import copy
 import time
 
 import torch
+from _digits import digits_sets, embedded_fp, top1
 
-import fimaq  # noqa: F401
-from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib import calibrate_model
 from fimaq.calib.minmax import minmax_calibrate
 from fimaq.config import CalibConfig, QuantSpec
-from fimaq.data import DigitsDataModule
-from fimaq.models import create_fp_model
 from fimaq.models.swap import iter_qlayers, quantize_model
-
-ARCH = "deit_tiny_patch16_224"
-KWARGS = dict(img_size=32, patch_size=4, depth=4, num_classes=10)
-
-
-def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return 100.0 * (model(x).argmax(-1) == y).float().mean().item()
 
 
 def main() -> None:
@@ -36,11 +25,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dm = DigitsDataModule()
-    dm.setup()
-    calib, _ = dm.calibration_tensors()
-    xv, yv = dm.val_tensors()
-    fp = create_fp_model(ARCH, resolve_checkpoint("embedded:digits_deit_tiny"), model_kwargs=KWARGS)
+    data = digits_sets()
+    calib, _ = data["calib"]
+    xv, yv = data["val"]
+    fp = embedded_fp()
     rows = [("FP", "-", top1(fp, xv, yv), 0.0, 0.0)]
     for bits in args.bits:
         naive = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))

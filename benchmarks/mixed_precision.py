@@ -16,24 +16,13 @@ import time
 from pathlib import Path
 
 import torch
+from _digits import ARCH, KWARGS, digits_sets, embedded_fp, top1
 
-import fimaq  # noqa: F401
-from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, MixedPrecisionConfig, QuantSpec, ReconConfig
-from fimaq.data import DigitsDataModule
 from fimaq.mixed_precision import search_bit_plan
-from fimaq.models import create_fp_model
 from fimaq.models.swap import quantize_model
 from fimaq.recon import reconstruct_model
-
-ARCH = "deit_tiny_patch16_224"
-KWARGS = dict(img_size=32, patch_size=4, depth=4, num_classes=10)
-
-
-def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return 100.0 * (model(x).argmax(-1) == y).float().mean().item()
 
 
 def main() -> None:
@@ -46,15 +35,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    dm = DigitsDataModule()
-    dm.setup()
-    calib, _ = dm.calibration_tensors()
-    recon_images, _ = dm.reconstruction_tensors()
-    xv, yv = dm.val_tensors()
-    ckpt = resolve_checkpoint("embedded:digits_deit_tiny")
-
-    def make_fp():
-        return create_fp_model(ARCH, ckpt, model_kwargs=KWARGS)
+    data = digits_sets()
+    calib, _ = data["calib"]
+    recon_images, _ = data["recon"]
+    xv, yv = data["val"]
+    make_fp = embedded_fp
 
     base_bits = int(args.budget)
     spec = QuantSpec(w_bits=base_bits, a_bits=args.a_bits)

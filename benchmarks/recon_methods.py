@@ -17,23 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from _digits import digits_sets, embedded_fp, top1
 
-import fimaq  # noqa: F401
-from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
-from fimaq.data import DigitsDataModule
-from fimaq.models import create_fp_model
 from fimaq.models.swap import quantize_model
 from fimaq.recon import reconstruct_model
-
-ARCH = "deit_tiny_patch16_224"
-KWARGS = dict(img_size=32, patch_size=4, depth=4, num_classes=10)
-
-
-def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return 100.0 * (model(x).argmax(-1) == y).float().mean().item()
 
 
 def main() -> None:
@@ -50,12 +39,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    dm = DigitsDataModule()
-    dm.setup()
-    calib, _ = dm.calibration_tensors()
-    recon_images, _ = dm.reconstruction_tensors()
-    xv, yv = dm.val_tensors()
-    fp = create_fp_model(ARCH, resolve_checkpoint("embedded:digits_deit_tiny"), model_kwargs=KWARGS)
+    data = digits_sets()
+    calib, _ = data["calib"]
+    recon_images, _ = data["recon"]
+    xv, yv = data["val"]
+    fp = embedded_fp()
     for bits in args.bits:
         calibrated = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))
         t0 = time.perf_counter()

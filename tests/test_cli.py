@@ -63,6 +63,18 @@ def test_every_yaml_parses_with_every_subcommand(config, subcommand):
     assert cfg.trainer.default_root_dir.endswith(config.stem)
 
 
+def _validate_args(config: str, root, artifact: str) -> list[str]:
+    return [
+        "validate",
+        "-c",
+        str(ROOT / config),
+        f"--trainer.default_root_dir={root}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--model.init_from={root / artifact}",
+    ]
+
+
 def test_calibrate_end_to_end_writes_artifacts(tmp_path):
     root = tmp_path / "run"
     args = [
@@ -106,30 +118,11 @@ def test_calibrate_end_to_end_writes_artifacts(tmp_path):
     assert state["blocks.0.attn.qkv.a_quantizer.scale"].shape == (1, 65, 1)
 
     # the artifact validates on its own, and a config of other bit-widths refuses it
-    main(
-        [
-            "validate",
-            "-c",
-            str(ROOT / "configs/digits/w8a8.yaml"),
-            f"--trainer.default_root_dir={root}",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            f"--model.init_from={root / 'calibrated.safetensors'}",
-        ]
-    )
+    main(_validate_args("configs/digits/w8a8.yaml", root, "calibrated.safetensors"))
     again = json.loads((root / "metrics.json").read_text())
     assert again["calibrated_top1"] == pytest.approx(metrics["calibrated_top1"], abs=1e-6)
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "validate",
-                "-c",
-                str(ROOT / "configs/digits/w4a4.yaml"),
-                f"--trainer.default_root_dir={root}",
-                "--trainer.logger=false",
-                f"--model.init_from={root / 'calibrated.safetensors'}",
-            ]
-        )
+        main(_validate_args("configs/digits/w4a4.yaml", root, "calibrated.safetensors"))
     assert exc.value.code == 2
 
 
@@ -224,17 +217,7 @@ def test_fit_end_to_end_then_resume_and_refuse_another_model(tmp_path, capsys, c
     assert all(torch.equal(again[k], state[k]) for k in state)
 
     # the saved artifact validates on its own
-    main(
-        [
-            "validate",
-            "-c",
-            str(ROOT / "configs/digits/w4a4.yaml"),
-            f"--trainer.default_root_dir={root}",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            f"--model.init_from={root / 'quantized.safetensors'}",
-        ]
-    )
+    main(_validate_args("configs/digits/w4a4.yaml", root, "quantized.safetensors"))
     final = json.loads((root / "metrics.json").read_text())
     assert final["reconstructed_top1"] == pytest.approx(metrics["reconstructed_top1"], abs=1e-6)
 

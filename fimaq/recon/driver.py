@@ -214,7 +214,9 @@ def reconstruct_model(
         enable_units(net, units, set())
         targets = soft_targets(net, images, fisher_cfg.temperature, fisher_cfg.batch_size)
         fisher = FisherEstimator(net, images, targets, fisher_cfg, seed=cfg.seed)
-    bar_total = len(units)
+    ctx = _Context(
+        net, units, images, cfg, fisher_cfg, fisher, report, cache_device, dtype, logger, precision, progress
+    )
     level = logging.getLogger("lightning.pytorch").level
     try:
         with warnings.catch_warnings():
@@ -228,24 +230,7 @@ def reconstruct_model(
                 if unit.name in done or (only is not None and unit.name not in only):
                     continue
                 t0 = time.perf_counter()
-                _reconstruct_unit(
-                    net,
-                    units,
-                    i,
-                    unit,
-                    set(done),
-                    images,
-                    cfg,
-                    fisher_cfg,
-                    fisher,
-                    report,
-                    cache_device,
-                    dtype,
-                    logger,
-                    precision,
-                    progress,
-                    f"{unit.name} [{i + 1}/{bar_total}]",
-                )
+                _reconstruct_unit(ctx, i, unit, set(done), f"{unit.name} [{i + 1}/{len(units)}]")
                 done.append(unit.name)
                 save_state()
                 report.unit_seconds[unit.name] = time.perf_counter() - t0
@@ -270,24 +255,36 @@ def reconstruct_model(
     return report
 
 
-def _reconstruct_unit(
-    net,
-    units,
-    i,
-    unit,
-    done,
-    images,
-    cfg,
-    fisher_cfg,
-    fisher,
-    report,
-    cache_device,
-    dtype,
-    logger,
-    precision,
-    progress,
-    description,
-) -> None:
+@dataclass
+class _Context:
+    """What every unit of one reconstruction run shares."""
+
+    net: nn.Module
+    units: list[Unit]
+    images: torch.Tensor
+    cfg: ReconConfig
+    fisher_cfg: FisherConfig
+    fisher: FisherEstimator | None
+    report: ReconReport
+    cache_device: torch.device
+    dtype: torch.dtype
+    logger: Any
+    precision: Any
+    progress: bool
+
+
+def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], description: str) -> None:
+    """Cache, train, finalise and measure unit ``i`` (``done``: the units already reconstructed)."""
+    net, units, images, cfg, fisher_cfg, fisher, report = (
+        ctx.net,
+        ctx.units,
+        ctx.images,
+        ctx.cfg,
+        ctx.fisher_cfg,
+        ctx.fisher,
+        ctx.report,
+    )
+    cache_device, dtype, logger = ctx.cache_device, ctx.dtype, ctx.logger
     n, batch = images.shape[0], fisher_cfg.batch_size
     enable_units(net, units, set())
     x_shape, y_shape = unit_shapes(net, unit, images)
@@ -320,7 +317,7 @@ def _reconstruct_unit(
         if not module.adarounds and not module.act_scales:
             log.info("%s has no quantized weights or inputs: skipped", unit.name)
         else:
-            callbacks = [UnitProgressBar(description)] if progress else []
+            callbacks = [UnitProgressBar(description)] if ctx.progress else []
             if use_fisher:
                 callbacks.append(FisherRefresh(fisher_cfg.refresh_steps(cfg.iters)))
             trainer = L.Trainer(
@@ -329,11 +326,11 @@ def _reconstruct_unit(
                 callbacks=callbacks,
                 enable_checkpointing=False,
                 enable_model_summary=False,
-                enable_progress_bar=progress,
+                enable_progress_bar=ctx.progress,
                 num_sanity_val_steps=0,
                 limit_val_batches=0,
                 log_every_n_steps=max(1, min(50, cfg.iters // 20)),
-                precision=precision,
+                precision=ctx.precision,
                 **_trainer_kwargs(next(net.parameters()).device),
             )
             refreshed = fisher.seconds if fisher is not None else 0.0
