@@ -217,14 +217,13 @@ def reconstruct_model(
     ctx = _Context(
         net, units, images, cfg, fisher_cfg, fisher, report, cache_device, dtype, logger, precision, progress
     )
-    level = logging.getLogger("lightning.pytorch").level
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-            quiet = logging.getLogger("lightning.pytorch")
-            level = quiet.level
             quiet.setLevel(logging.WARNING)  # the per-unit trainers' banners, once per unit, are noise
             for i, unit in enumerate(units):
                 if unit.name in done or (only is not None and unit.name not in only):
@@ -242,7 +241,7 @@ def reconstruct_model(
                     report.unit_seconds[unit.name],
                 )
     finally:
-        logging.getLogger("lightning.pytorch").setLevel(level)
+        quiet.setLevel(level)
         for unit in units:  # fold the hard rounding of every finished unit into its weights
             for layer in unit.weight_layers():
                 finalize_adaround(layer)
