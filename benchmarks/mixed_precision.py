@@ -71,6 +71,7 @@ def main() -> None:
             "calibrated_top1": calibrated,
             "reconstructed_top1": top1(recon, xv, yv),
             "search_seconds": search_s,
+            "w_bits": {k: v["w_bits"] for k, v in overrides.items()},
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
