@@ -191,6 +191,7 @@ class FimaqTrainer(L.Trainer):
         micro_batch: int = 1,
         include_patch_embed: bool = False,
         include_head: bool = False,
+        layer_bits: dict[str, list[int]] | None = None,
     ) -> BitPlan:
         """LampQ: allocate weight bits per layer under an average-bits budget; writes bit_plan.yaml/png.
 
@@ -208,6 +209,7 @@ class FimaqTrainer(L.Trainer):
             micro_batch: images per gradient of the Fisher trace (1 = per-sample).
             include_patch_embed: also allocate the patch embedding.
             include_head: also allocate the classifier.
+            layer_bits: per-layer ``[min, max]`` weight bits, e.g. ``{blocks.0.attn.qkv: [4, 8]}``.
         """
         from fimaq.mixed_precision import plot_plan, search_bit_plan
 
@@ -221,6 +223,7 @@ class FimaqTrainer(L.Trainer):
             micro_batch=micro_batch,
             include_patch_embed=include_patch_embed,
             include_head=include_head,
+            layer_bits=dict(layer_bits or {}),
         ).validate()
         if not hasattr(datamodule, "calibration_tensors"):
             raise FimaqError(f"{type(datamodule).__name__} has no calibration_tensors(): cannot search bits")

@@ -232,6 +232,8 @@ class MixedPrecisionConfig:
         num_images: images for the Fisher trace (default: all calibration images).
         include_patch_embed: also allocate the patch embedding's bits (else it keeps ``w_bits``).
         include_head: also allocate the classifier's bits (else it keeps ``w_bits``).
+        layer_bits: per-layer ``[min, max]`` weight bits, ``{layer name: [min, max]}``, within the
+            global range (e.g. keep ``blocks.0.attn.qkv`` at 4 bits or more).
     """
 
     budget: float = 3.0
@@ -245,6 +247,7 @@ class MixedPrecisionConfig:
     num_images: int | None = None
     include_patch_embed: bool = False
     include_head: bool = False
+    layer_bits: dict[str, list[int]] = field(default_factory=dict)
 
     def validate(self) -> MixedPrecisionConfig:
         """Check the settings; returns self."""
@@ -260,6 +263,15 @@ class MixedPrecisionConfig:
             raise FimaqError(
                 f"no candidate bit-width {sorted(self.candidates)} lies in [{self.min_bits}, {self.max_bits}]"
             )
+        for name, bounds in self.layer_bits.items():
+            if len(bounds) != 2:
+                raise FimaqError(f"mixed precision layer_bits[{name!r}] must be [min, max], got {bounds!r}")
+            lo, hi = (require_int(f"mixed precision layer_bits[{name!r}]", b, 2, 8) for b in bounds)
+            if not any(lo <= b <= hi for b in self.allowed_bits()):
+                allowed = self.allowed_bits()
+                raise FimaqError(
+                    f"mixed precision layer_bits[{name!r}] = [{lo}, {hi}] leaves none of {allowed}"
+                )
         require_int("mixed precision rounds", self.rounds, 1)
         require_int("mixed precision micro_batch", self.micro_batch, 1)
         if self.num_images is not None:
@@ -273,6 +285,7 @@ class MixedPrecisionConfig:
             raise FimaqError(f"mixed precision temperature must be > 0, got {self.temperature!r}")
         return self
 
-    def allowed_bits(self) -> list[int]:
-        """The candidates within [min_bits, max_bits], ascending."""
-        return sorted({b for b in self.candidates if self.min_bits <= b <= self.max_bits})
+    def allowed_bits(self, layer: str | None = None) -> list[int]:
+        """The candidates within [min_bits, max_bits] (and the layer's own bounds), ascending."""
+        lo, hi = self.layer_bits.get(layer, (self.min_bits, self.max_bits)) if layer else (2, 8)
+        return sorted({b for b in self.candidates if self.min_bits <= b <= self.max_bits and lo <= b <= hi})

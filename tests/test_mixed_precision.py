@@ -147,11 +147,47 @@ def test_bit_plan_round_trips_and_refuses_another_model(tmp_path):
         (MixedPrecisionConfig(candidates=[2, 3], min_bits=4), "no candidate bit-width"),
         (MixedPrecisionConfig(budget=0), "budget must be average weight bits"),
         (MixedPrecisionConfig(normalise="layer"), "normalise must be one of"),
+        (MixedPrecisionConfig(layer_bits={"blocks.0.attn.qkv": [4]}), r"must be \[min, max\]"),
+        (MixedPrecisionConfig(candidates=[2, 3], layer_bits={"x": [4, 8]}), "leaves none of"),
     ],
 )
 def test_bad_mixed_precision_settings(cfg, message):
     with pytest.raises(FimaqError, match=message):
         cfg.validate()
+
+
+def test_per_layer_bounds_reach_the_allocation():
+    import conftest
+
+    from fimaq.config import CalibConfig, QuantSpec
+    from fimaq.mixed_precision import search_bit_plan
+
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cfg = MixedPrecisionConfig(budget=3.0, rounds=1, micro_batch=4, layer_bits={"blocks.1.mlp.fc2": [6, 8]})
+    plan = search_bit_plan(
+        lambda: conftest.tiny_model("vit"),
+        QuantSpec(w_bits=3, a_bits=4),
+        images,
+        cfg,
+        CalibConfig(num_images=8, eq_n=16, search_rounds=1),
+        "tiny",
+        {},
+        progress=False,
+    )
+    assert plan.layers["blocks.1.mlp.fc2"]["w_bits"] >= 6
+    assert plan.average_w_bits <= 3.0 + 1e-9
+    with pytest.raises(FimaqError, match="not allocated"):
+        bad = MixedPrecisionConfig(budget=3.0, rounds=1, layer_bits={"blocks.7.mlp.fc2": [6, 8]})
+        search_bit_plan(
+            lambda: conftest.tiny_model("vit"),
+            QuantSpec(w_bits=3, a_bits=4),
+            images,
+            bad,
+            CalibConfig(num_images=8, eq_n=16, search_rounds=1),
+            "tiny",
+            {},
+            progress=False,
+        )
 
 
 def test_search_bits_then_fit_with_the_plan(tmp_path):

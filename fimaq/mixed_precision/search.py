@@ -70,9 +70,13 @@ def search_bit_plan(
     types = {n: role for n, (_, role) in probe.items()}
     sizes = [probe[n][0].weight.numel() for n in names]
     errors = np.array([quantization_errors(probe[n][0].weight, bits) for n in names])
+    unknown = set(cfg.layer_bits) - set(names)
+    if unknown:
+        raise FimaqError(f"layer_bits names layers that are not allocated: {sorted(unknown)}")
+    allowed = np.array([[b in cfg.allowed_bits(n) for b in bits] for n in names])
     within = [b for b in bits if b <= cfg.budget]
     start = max(within) if within else bits[0]
-    current = {n: start for n in names}
+    current = {n: min(max(start, min(cfg.allowed_bits(n))), max(cfg.allowed_bits(n))) for n in names}
     fisher_images = images[: cfg.num_images] if cfg.num_images else images
     history: list[dict[str, int]] = []
     plan: BitPlan | None = None
@@ -94,7 +98,7 @@ def search_bit_plan(
         )
         omega = type_normalise(traces, types, cfg.normalise)
         cost = np.array([omega[n] for n in names])[:, None] * errors
-        choice = solve_allocation(cost, sizes, bits, cfg.budget)
+        choice = solve_allocation(cost, sizes, bits, cfg.budget, allowed)
         new = dict(zip(names, choice, strict=True))
         history.append(new)
         avg = float(np.dot(choice, sizes) / sum(sizes))
