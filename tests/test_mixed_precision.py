@@ -163,31 +163,20 @@ def test_per_layer_bounds_reach_the_allocation():
     from fimaq.mixed_precision import search_bit_plan
 
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    cfg = MixedPrecisionConfig(budget=3.0, rounds=1, micro_batch=4, layer_bits={"blocks.1.mlp.fc2": [6, 8]})
-    plan = search_bit_plan(
-        lambda: conftest.tiny_model("vit"),
-        QuantSpec(w_bits=3, a_bits=4),
-        images,
-        cfg,
-        CalibConfig(num_images=8, eq_n=16, search_rounds=1),
-        "tiny",
-        {},
-        progress=False,
-    )
+
+    def search(layer_bits):
+        cfg = MixedPrecisionConfig(budget=3.0, rounds=1, micro_batch=4, layer_bits=layer_bits)
+        calib = CalibConfig(num_images=8, eq_n=16, search_rounds=1)
+        spec = QuantSpec(w_bits=3, a_bits=4)
+        return search_bit_plan(
+            lambda: conftest.tiny_model("vit"), spec, images, cfg, calib, "tiny", {}, False
+        )
+
+    plan = search({"blocks.1.mlp.fc2": [6, 8]})
     assert plan.layers["blocks.1.mlp.fc2"]["w_bits"] >= 6
     assert plan.average_w_bits <= 3.0 + 1e-9
     with pytest.raises(FimaqError, match="not allocated"):
-        bad = MixedPrecisionConfig(budget=3.0, rounds=1, layer_bits={"blocks.7.mlp.fc2": [6, 8]})
-        search_bit_plan(
-            lambda: conftest.tiny_model("vit"),
-            QuantSpec(w_bits=3, a_bits=4),
-            images,
-            bad,
-            CalibConfig(num_images=8, eq_n=16, search_rounds=1),
-            "tiny",
-            {},
-            progress=False,
-        )
+        search({"blocks.7.mlp.fc2": [6, 8]})
 
 
 def test_search_bits_then_fit_with_the_plan(tmp_path):
