@@ -26,13 +26,6 @@ class UnitCache:
     y_fp: torch.Tensor
     x_q: torch.Tensor
 
-    @property
-    def num_images(self) -> int:
-        return self.x_fp.shape[0]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.x_fp, self.y_fp, self.x_q))
-
 
 def _model_device(net: nn.Module) -> torch.device:
     return next(net.parameters()).device
@@ -61,7 +54,8 @@ def capture_unit(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``net`` on ``images`` up to ``unit``; return its input (and output), stored on device/dtype.
 
-    The forward pass stops right after the unit (later units never run).
+    The forward pass stops right after the unit (later units never run). The cache size is logged
+    when the first batch has shown the shapes, before the rest is filled.
     """
     model_device = _model_device(net)
     probe: dict[str, torch.Tensor] = {}
@@ -83,8 +77,10 @@ def capture_unit(
                 raise FimaqError(f"unit {unit.name} did not run in the model's forward pass")
             x, y = probe.pop("x"), probe.pop("y")
             if x_all is None:
-                x_all = torch.empty((n, *x.shape[1:]), device=device, dtype=dtype)
-                y_all = torch.empty((n, *y.shape[1:]), device=device, dtype=dtype) if want_output else None
+                shapes = [(n, *x.shape[1:])] + ([(n, *y.shape[1:])] if want_output else [])
+                log.info(describe_cache(unit, shapes, dtype, device))
+                x_all = torch.empty(shapes[0], device=device, dtype=dtype)
+                y_all = torch.empty(shapes[1], device=device, dtype=dtype) if want_output else None
             x_all[start : start + x.shape[0]] = x.to(device=device, dtype=dtype)
             if want_output:
                 y_all[start : start + y.shape[0]] = y.to(device=device, dtype=dtype)
@@ -96,14 +92,5 @@ def describe_cache(
 ) -> str:
     size = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
     kind = str(dtype).removeprefix("torch.")
-    return (
-        f"cache for {unit.name}: {len(shapes)} tensors of {tuple(shapes[0])} {kind} on {device}, "
-        f"{size / 2**20:.1f} MiB"
-    )
-
-
-@torch.no_grad()
-def unit_shapes(net: nn.Module, unit: Unit, image: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per-image input and output shapes of ``unit`` (one probe image)."""
-    x, y = capture_unit(net, unit, image[:1], 1, True, torch.device("cpu"), torch.float32)
-    return tuple(x.shape[1:]), tuple(y.shape[1:])
+    listed = ", ".join(str(tuple(sh)) for sh in shapes)
+    return f"cache for {unit.name}: {listed} {kind} on {device}, {size / 2**20:.1f} MiB"

@@ -29,7 +29,7 @@ from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.quant.adaround import AdaRoundQuantizer, attach_adaround, finalize_adaround
 from fimaq.quant.quantizer import UniformQuantizer
-from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, describe_cache, soft_targets, unit_shapes
+from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, soft_targets
 from fimaq.recon.fisher import FisherEstimator
 from fimaq.recon.module import BlockReconModule, step_loader
 from fimaq.recon.units import Unit, enable_units, recon_units
@@ -286,8 +286,6 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
     cache_device, dtype, logger = ctx.cache_device, ctx.dtype, ctx.logger
     n, batch = images.shape[0], fisher_cfg.batch_size
     enable_units(net, units, set())
-    x_shape, y_shape = unit_shapes(net, unit, images)
-    log.info(describe_cache(unit, [(n, *x_shape), (n, *y_shape), (n, *x_shape)], dtype, cache_device))
     x_fp, y_fp = capture_unit(net, unit, images, batch, True, cache_device, dtype)
     if done and cfg.input_mode != "rinp":
         enable_units(net, units, done)

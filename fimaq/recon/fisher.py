@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import torch
@@ -90,8 +91,6 @@ class FisherEstimator:
     @torch.no_grad()
     def refresh(self) -> FisherStats:
         """Add one rank: ``g_j = mean_n |dL/dy_n|``, ``delta_j = mean_n |y_hat_n - y_n|``; recompute ``M``."""
-        import time
-
         assert self.unit is not None and self.y_fp is not None
         start = time.perf_counter()
         g_sum = d_sum = None

@@ -79,7 +79,6 @@ class BlockReconModule(L.LightningModule):
         self.adarounds = [m for m in self.unit.modules() if isinstance(m, AdaRoundQuantizer)]
         self.act_scales = self._activation_scales() if cfg.learn_act_scales else []
         self.stats: FisherStats | None = None
-        self.last_loss = float("nan")
 
     def _activation_scales(self) -> list[torch.nn.Parameter]:
         from fimaq.quant.quantizer import UniformQuantizer
@@ -134,7 +133,6 @@ class BlockReconModule(L.LightningModule):
         loss = rec + rnd
         if not torch.isfinite(loss):
             raise FimaqError(f"unit {self.unit_name}: the reconstruction loss is NaN/Inf at step {step}")
-        self.last_loss = float(rec.detach())
         prefix = f"recon/{self.unit_name}"
         self.log(f"{prefix}/loss", rec.detach(), prog_bar=True)
         self.log(f"{prefix}/round_loss", torch.as_tensor(rnd).detach())
