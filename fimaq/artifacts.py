@@ -52,7 +52,7 @@ def save_quantized(path: str | Path, state: dict[str, torch.Tensor], meta: dict[
     atomic_write_bytes(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def load_quantized(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by :func:`save_quantized`: (state dict, metadata)."""
     from safetensors import safe_open
 

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from fimaq.artifacts import load_quantized, resolve_checkpoint
+from fimaq.artifacts import read_artifact, resolve_checkpoint
 from fimaq.calib import CalibReport, calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
@@ -105,7 +105,7 @@ class QuantModel(L.LightningModule):
 
     def load_artifact(self, path: str) -> None:
         """Load a quantized artifact made for the same arch and bit-widths."""
-        state, meta = load_quantized(path)
+        state, meta = read_artifact(path)
         mine = self.artifact_meta()
         for key in ("arch", "model_kwargs", "quant"):
             if meta.get(key) != mine[key]:

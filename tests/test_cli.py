@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fimaq.artifacts import load_quantized
+from fimaq.artifacts import read_artifact
 from fimaq.cli import FimaqCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_calibrate_end_to_end_writes_artifacts(tmp_path):
     assert metrics["fp_top1"] > 95.0
     assert metrics["calibrated_top1"] > metrics["fp_top1"] - 2.0  # W8/A8 stays close to FP
     assert metrics["seconds"]["calibrate"] > 0
-    state, meta = load_quantized(root / "calibrated.safetensors")
+    state, meta = read_artifact(root / "calibrated.safetensors")
     assert (
         meta["arch"] == "deit_tiny_patch16_224"
         and meta["quant"]["w_bits"] == 8
@@ -203,7 +203,7 @@ def test_fit_end_to_end_then_resume_and_refuse_another_model(tmp_path, capsys, c
     units = {"patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"}
     assert set(metrics["recon_output_mse"]) == units
     assert metrics["seconds"]["reconstruct"] > 0
-    state, meta = load_quantized(root / "quantized.safetensors")
+    state, meta = read_artifact(root / "quantized.safetensors")
     assert meta["stage"] == "reconstructed" and meta["quant"]["w_bits"] == 4
     assert not any("alpha" in k for k in state)  # the rounding is folded into the weights
     assert (root / "recon_errors.png").stat().st_size > 1000
@@ -213,7 +213,7 @@ def test_fit_end_to_end_then_resume_and_refuse_another_model(tmp_path, capsys, c
 
     # a second fit in the same folder resumes after the last unit: nothing left to train
     main(_fit_args("configs/digits/w4a4.yaml", root))
-    again, _ = load_quantized(root / "quantized.safetensors")
+    again, _ = read_artifact(root / "quantized.safetensors")
     assert all(torch.equal(again[k], state[k]) for k in state)
 
     # the saved artifact validates on its own

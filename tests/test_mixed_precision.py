@@ -180,7 +180,7 @@ def test_per_layer_bounds_reach_the_allocation():
 
 
 def test_search_bits_then_fit_with_the_plan(tmp_path):
-    from fimaq.artifacts import load_quantized
+    from fimaq.artifacts import read_artifact
     from fimaq.cli import main
 
     root = tmp_path / "mp"
@@ -217,7 +217,7 @@ def test_search_bits_then_fit_with_the_plan(tmp_path):
             "--model.fisher.num_samples=8",
         ]
     )
-    state, meta = load_quantized(fit_root / "quantized.safetensors")
+    state, meta = read_artifact(fit_root / "quantized.safetensors")
     assert meta["quant"]["overrides"] == plan.overrides()
     qkv = plan.layers["blocks.0.attn.qkv"]["w_bits"]
     w = state["blocks.0.attn.qkv.weight"]

@@ -303,9 +303,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         driver.reconstruct_model(net, images, cfg, fcfg, state_dir=tmp_path / "b", meta=meta, progress=False)
     monkeypatch.setattr(driver, "_reconstruct_unit", original)
-    from fimaq.artifacts import load_quantized
+    from fimaq.artifacts import read_artifact
 
-    _, saved = load_quantized(tmp_path / "b" / STATE_FILE)
+    _, saved = read_artifact(tmp_path / "b" / STATE_FILE)
     assert saved["units_done"] == ["patch_embed", "blocks.0"]
 
     fresh, images = _calibrated_tiny()  # a new process: a calibrated model, then the saved state

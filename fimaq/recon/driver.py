@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from fimaq.artifacts import load_quantized, save_quantized
+from fimaq.artifacts import read_artifact, save_quantized
 from fimaq.callbacks import FisherRefresh, UnitProgressBar
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
@@ -59,7 +59,7 @@ def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: in
 
 
 def _check_state(path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]) -> tuple[dict, list[str]]:
-    state, saved = load_quantized(path)
+    state, saved = read_artifact(path)
     for key, value in {**meta, "fingerprint": fingerprint}.items():
         if key == "stage":
             continue
