@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -43,12 +44,34 @@ def _validate_top1(
 
 
 class FimaqTrainer(L.Trainer):
-    """A Lightning Trainer with fimaq's stages as methods (each one a CLI subcommand)."""
+    """A Lightning Trainer with fimaq's stages as methods (each one a CLI subcommand).
+
+    With ``--trainer.strategy ddp --trainer.devices N`` every stage runs on N processes (gloo on CPU,
+    NCCL on GPUs): each rank holds a shard of the calibration and reconstruction images, statistics
+    and gradients are reduced over the ranks, and only rank 0 writes files and logs.
+    """
+
+    def start_ranks(self) -> None:
+        """Start the other processes and the process group (data-parallel strategies), once."""
+        if self.world_size <= 1 or torch.distributed.is_initialized():
+            return
+        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+        launcher = self.strategy.launcher
+        if not isinstance(launcher, _SubprocessScriptLauncher):
+            raise FimaqError(
+                f"fimaq runs data parallel with --trainer.strategy ddp, not {type(self.strategy).__name__} "
+                f"with {type(launcher).__name__}"
+            )
+        launcher.launch(lambda: None, trainer=self)  # rank 0 starts the others: they run this command
+        self.strategy.setup_environment()
+        rank_zero_info(f"data parallel: {self.world_size} processes ({self.strategy.process_group_backend})")
 
     def validate(self, model: QuantModel, datamodule: L.LightningDataModule | None = None, **kwargs: Any):
         """Evaluate the model (float, or quantized with --model.init_from) on the validation set."""
         if kwargs or not isinstance(model, QuantModel):
             return super().validate(model, datamodule=datamodule, **kwargs)
+        self.start_ranks()
         res = _validate_top1(self, model, datamodule)
         key = "fp" if not model.quantized else model.stage
         if self.is_global_zero:
@@ -74,6 +97,7 @@ class FimaqTrainer(L.Trainer):
             raise FimaqError(f"{type(datamodule).__name__} has no calibration_tensors(): cannot calibrate")
         if model.quantized:
             raise FimaqError("the model is already quantized (--model.init_from): nothing to calibrate")
+        self.start_ranks()
         root = Path(self.default_root_dir)
         check_run_dir(root, model.artifact_meta())
         values: dict[str, Any] = {}
@@ -121,6 +145,7 @@ class FimaqTrainer(L.Trainer):
         for need in ("calibration_tensors", "reconstruction_tensors"):
             if not hasattr(datamodule, need):
                 raise FimaqError(f"{type(datamodule).__name__} has no {need}(): cannot fit")
+        self.start_ranks()
         root = Path(self.default_root_dir)
         check_run_dir(root, model.artifact_meta())
         if (root / STATE_FILE).is_file() and not model.quantized:
@@ -227,6 +252,7 @@ class FimaqTrainer(L.Trainer):
         ).validate()
         if not hasattr(datamodule, "calibration_tensors"):
             raise FimaqError(f"{type(datamodule).__name__} has no calibration_tensors(): cannot search bits")
+        self.start_ranks()
         root = Path(self.default_root_dir)
         datamodule.setup("fit")
         images, _ = datamodule.calibration_tensors()

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
+from fimaq import dist
 from fimaq.artifacts import read_artifact, resolve_checkpoint
 from fimaq.calib import CalibReport, calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
@@ -126,20 +127,28 @@ class QuantModel(L.LightningModule):
 
     # ----------------------------------------------------------------- stages
     def calibrate(self, images: torch.Tensor, progress: bool = True) -> CalibReport:
-        """Calibrate every quantizer on ``images`` (section 2 of the algorithm)."""
+        """Calibrate every quantizer on ``images`` (section 2 of the algorithm).
+
+        Data parallel (an initialised process group): every rank passes all images; each keeps its
+        shard of the first ``calib.num_images`` and the captured statistics are gathered.
+        """
+        images = dist.shard_rows(images[: self.calib_cfg.num_images])
         report = calibrate_model(self.net, images.to(self.device), self.calib_cfg, progress=progress)
         self.stage = "calibrated"
         return report
 
     def reconstruct(self, images: torch.Tensor, state_dir=None, **kwargs) -> ReconReport:
-        """Reconstruct every unit on ``images`` (sections 3 and 4); resumes from ``state_dir``."""
+        """Reconstruct every unit on ``images`` (sections 3 and 4); resumes from ``state_dir``.
+
+        Data parallel (an initialised process group): every rank passes all images and keeps its shard.
+        """
         if not self.quantized:
             raise FimaqError(
                 "reconstruction needs a calibrated model: calibrate first (or --model.init_from)"
             )
         report = reconstruct_model(
             self.net,
-            images.to(self.device),
+            dist.shard_rows(images).to(self.device),
             self.recon_cfg,
             self.fisher_cfg,
             state_dir=state_dir,

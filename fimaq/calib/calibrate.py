@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fimaq import dist
 from fimaq.calib.capture import capture_io, explicit_matmuls, run_batches
 from fimaq.calib.layers import calibrate_conv, calibrate_linear, calibrate_matmul
 from fimaq.config import CalibConfig
@@ -73,7 +74,11 @@ def calibrate_model(
 
     Args:
         model: a quantized model (``fimaq.models.swap.quantize_model``).
-        images: calibration images ``(n, C, H, W)``, used as given (already transformed).
+        images: calibration images ``(n, C, H, W)``, used as given (already transformed). Data
+            parallel: this rank's contiguous shard (ranks in order, at most ``num_images`` in all);
+            each rank runs its shard through the model and the captured layer inputs and outputs are
+            gathered, so every rank searches the same tensors as one process and ends with the same
+            qparams.
         cfg: search settings.
         progress: show a progress bar.
         units: calibrate only these units (names as in ``QLayer.unit``); all by default.
@@ -83,7 +88,9 @@ def calibrate_model(
         raise FimaqError(f"calibration images must be a (n, C, H, W) tensor, got shape {tuple(images.shape)}")
     if not torch.isfinite(images).all():
         raise FimaqError("calibration images contain NaN or Inf")
-    images = images[: cfg.num_images]
+    if dist.world_size() == 1:
+        images = images[: cfg.num_images]
+    num_images = dist.shard_offsets(images.shape[0], images.device)[0]
     layers = list(iter_qlayers(model))
     if not layers:
         raise FimaqError("model has no quantized layers: call quantize_model first")
@@ -106,12 +113,16 @@ def calibrate_model(
                 t0 = time.perf_counter()
                 with capture_io({q.name: q.module for q in pending}) as store:
                     run_batches(model, images, cfg.batch_size)
+                if dist.world_size() > 1:
+                    for captured in store.values():
+                        captured.inputs = [dist.all_gather_rows(t) for t in captured.inputs]
+                        captured.output = dist.all_gather_rows(captured.output)
                 report.capture_seconds += time.perf_counter() - t0
                 while pending:
                     layer = pending.pop(0)
                     bar.set_postfix_str(layer.name)
                     t1 = time.perf_counter()
-                    calibrate_layer(layer, store[layer.name], cfg, images.shape[0])
+                    calibrate_layer(layer, store[layer.name], cfg, num_images)
                     report.layer_seconds[layer.name] = time.perf_counter() - t1
                     bar.update()
                     if _folds(layer, cfg) and cfg.recapture_after_fold:

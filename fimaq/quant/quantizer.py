@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from fimaq.errors import FimaqError
 from fimaq.quant.fake_quant import fake_quant
-from fimaq.quant.ste import bernoulli_mask, fake_quant_ste
+from fimaq.quant.ste import batch_mask, fake_quant_ste
 
 MIN_BITS, MAX_BITS = 2, 8
 FP_BITS = (None, 32)
@@ -46,6 +47,8 @@ class UniformQuantizer(nn.Module):
         # else its float value; masks come from ``generator`` (seeded by the caller).
         self.qdrop: float | None = None
         self.generator: torch.Generator | None = None
+        # Data parallel: this rank's rows of the global batch (masks are drawn for the whole batch)
+        self.rows = None
 
     @property
     def active(self) -> bool:
@@ -68,5 +71,19 @@ class UniformQuantizer(nn.Module):
             return fake_quant(x, scale, self.zero_point, self.bits).to(x.dtype)
         keep = None
         if self.qdrop is not None and self.qdrop < 1:
-            keep = bernoulli_mask(x.shape, self.qdrop, self.generator, x.device, x.dtype)
+            keep = batch_mask(x.shape, self.qdrop, self.generator, x.device, x.dtype, self.rows)
         return fake_quant_ste(x, scale, self.zero_point, self.bits, keep).to(x.dtype)
+
+
+@contextmanager
+def batch_rows(module: nn.Module, rows) -> Iterator[None]:
+    """Tell every quantizer in ``module`` which rows of the global batch this rank holds
+    (a :class:`fimaq.dist.LocalBatch`; ``None``: all of them) while the block runs."""
+    qs = [m for m in module.modules() if isinstance(m, UniformQuantizer)]
+    for q in qs:
+        q.rows = rows
+    try:
+        yield
+    finally:
+        for q in qs:
+            q.rows = None

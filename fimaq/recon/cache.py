@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fimaq import dist
 from fimaq.errors import FimaqError
 from fimaq.recon.units import StopForward, Unit, first_tensor, unit_hook
 
@@ -78,7 +79,7 @@ def capture_unit(
             x, y = probe.pop("x"), probe.pop("y")
             if x_all is None:
                 shapes = [(n, *x.shape[1:])] + ([(n, *y.shape[1:])] if want_output else [])
-                log.info(describe_cache(unit, shapes, dtype, device))
+                dist.info(log, describe_cache(unit, shapes, dtype, device))
                 x_all = torch.empty(shapes[0], device=device, dtype=dtype)
                 y_all = torch.empty(shapes[1], device=device, dtype=dtype) if want_output else None
             x_all[start : start + x.shape[0]] = x.to(device=device, dtype=dtype)

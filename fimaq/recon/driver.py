@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from fimaq import dist
 from fimaq.artifacts import read_artifact, save_quantized
 from fimaq.callbacks import FisherRefresh, UnitProgressBar
 from fimaq.config import FisherConfig, ReconConfig
@@ -73,15 +74,16 @@ def _check_state(path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]) 
 
 @torch.no_grad()
 def unit_error(unit: Unit, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Mean squared error of ``unit(x)`` against ``y`` (float64 accumulation)."""
+    """Mean squared error of ``unit(x)`` against ``y`` (float64 accumulation; summed over ranks)."""
     device = next(unit.module.parameters()).device
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
         out = unit.module(x[start : start + batch_size].to(device, torch.float32)).double()
         ref = y[start : start + batch_size].to(device).double()
-        total += float((out - ref).pow(2).sum())
-        count += ref.numel()
-    return total / max(1, count)
+        sums[0] += (out - ref).pow(2).sum()
+        sums[1] += ref.numel()
+    total, count = dist.all_reduce_sum(sums).tolist()
+    return total / max(1.0, count)
 
 
 def _trainer_kwargs(device: torch.device) -> dict[str, Any]:
@@ -154,7 +156,8 @@ def reconstruct_model(
 
     Args:
         net: a calibrated quantized model (``quantize_model`` + ``calibrate_model``).
-        images: the reconstruction images ``(n, C, H, W)``, already transformed.
+        images: the reconstruction images ``(n, C, H, W)``, already transformed. Data parallel: this
+            rank's contiguous shard (ranks in order); every sum is reduced over the ranks.
         cfg: reconstruction settings.
         fisher_cfg: Fisher settings.
         state_dir: where ``recon_state.safetensors`` is written after each unit (and resumed from).
@@ -177,10 +180,11 @@ def reconstruct_model(
     if unknown:
         raise FimaqError(f"unknown units {sorted(unknown)}; the model has {[u.name for u in units]}")
     device = next(net.parameters()).device
+    n_total, lo, hi = dist.shard_offsets(images.shape[0], device)
     cache_device = torch.device(cfg.cache_device) if cfg.cache_device else device
     dtype = DTYPES[cfg.cache_dtype]
     meta = dict(meta or {})
-    fingerprint = recon_fingerprint(cfg, fisher_cfg, images.shape[0])
+    fingerprint = recon_fingerprint(cfg, fisher_cfg, n_total)
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     done: list[str] = []
     if state_path is not None and state_path.is_file():
@@ -190,10 +194,11 @@ def reconstruct_model(
                 _hard_adaround(unit)  # finished units hold float weights + their rounding (alpha)
         net.load_state_dict(state, strict=True)
         report.resumed_units = list(done)
-        log.info("resuming reconstruction after %d finished units (%s)", len(done), state_path)
+        dist.info(log, "resuming reconstruction after %d finished units (%s)", len(done), state_path)
+    dist.barrier()  # every rank has read the state before rank 0 writes it again
 
     def save_state() -> None:
-        if state_path is not None:
+        if state_path is not None and dist.is_main():
             save_quantized(
                 state_path,
                 net.state_dict(),
@@ -213,10 +218,11 @@ def reconstruct_model(
     if needs_fisher:
         enable_units(net, units, set())
         targets = soft_targets(net, images, fisher_cfg.temperature, fisher_cfg.batch_size)
-        fisher = FisherEstimator(net, images, targets, fisher_cfg, seed=cfg.seed)
+        fisher = FisherEstimator(net, images, targets, fisher_cfg, seed=cfg.seed, shard=(n_total, lo, hi))
     ctx = _Context(
         net, units, images, cfg, fisher_cfg, fisher, report, cache_device, dtype, logger, precision, progress
     )
+    ctx.shard = (n_total, lo, hi)
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
     try:
@@ -233,7 +239,8 @@ def reconstruct_model(
                 done.append(unit.name)
                 save_state()
                 report.unit_seconds[unit.name] = time.perf_counter() - t0
-                log.info(
+                dist.info(
+                    log,
                     "%s: output MSE %.4g -> %.4g (%.1f s)",
                     unit.name,
                     report.error_before[unit.name],
@@ -270,6 +277,7 @@ class _Context:
     logger: Any
     precision: Any
     progress: bool
+    shard: tuple[int, int, int] = (0, 0, 0)  # (n_total, lo, hi) of this rank's images
 
 
 def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], description: str) -> None:
@@ -284,7 +292,9 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         ctx.report,
     )
     cache_device, dtype, logger = ctx.cache_device, ctx.dtype, ctx.logger
-    n, batch = images.shape[0], fisher_cfg.batch_size
+    if not dist.is_main():
+        logger = None  # only rank 0 logs
+    (n, lo, hi), batch = ctx.shard, fisher_cfg.batch_size
     enable_units(net, units, set())
     x_fp, y_fp = capture_unit(net, unit, images, batch, True, cache_device, dtype)
     if done and cfg.input_mode != "rinp":
@@ -293,7 +303,7 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
     else:
         x_q = x_fp
     cache = UnitCache(x_fp, y_fp, x_q)
-    m = cfg.error_images or n
+    m = max(0, min(hi, cfg.error_images or n) - lo)  # this rank's rows among the first error_images
     enable_units(net, units, {unit.name})
     report.error_before[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch)
     brecq = None
@@ -309,10 +319,10 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         if use_fisher:
             fisher.start(unit, y_fp)
         module = BlockReconModule(
-            unit, cache, cfg, fisher_cfg, fisher if use_fisher else None, brecq, generator
+            unit, cache, cfg, fisher_cfg, fisher if use_fisher else None, brecq, generator, (lo, hi)
         )
         if not module.adarounds and not module.act_scales:
-            log.info("%s has no quantized weights or inputs: skipped", unit.name)
+            dist.info(log, "%s has no quantized weights or inputs: skipped", unit.name)
         else:
             callbacks = [UnitProgressBar(description)] if ctx.progress else []
             if use_fisher:

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fimaq import dist
 from fimaq.config import FisherConfig
 from fimaq.errors import FimaqError
+from fimaq.quant.quantizer import batch_rows
 from fimaq.recon.losses import FisherStats, inverse_gram
 from fimaq.recon.units import Unit, unit_hook
 
@@ -33,13 +35,23 @@ class FisherEstimator:
         targets: ``P = softmax(logits_FP / T)`` per image.
         cfg: Fisher settings.
         seed: seed of the ``num_samples`` subset.
+        shard: ``(n_total, lo, hi)`` when ``images`` are this rank's rows ``[lo, hi)`` of ``n_total``
+            (data parallel): the subset and its batches are global, each rank runs its members and the
+            sums are reduced over ranks, giving the statistics of one process.
     """
 
     def __init__(
-        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: FisherConfig, seed: int = 0
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        cfg: FisherConfig,
+        seed: int = 0,
+        shard: tuple[int, int, int] | None = None,
     ) -> None:
         self.net, self.images, self.targets, self.cfg = net, images, targets, cfg
-        n = images.shape[0]
+        n, self.lo, self.hi = shard if shard is not None else (images.shape[0], 0, images.shape[0])
+        self.n_total = n
         if cfg.num_samples is not None and cfg.num_samples < n:
             gen = torch.Generator().manual_seed(seed)
             self.indices = torch.randperm(n, generator=gen)[: cfg.num_samples].sort().values
@@ -64,14 +76,20 @@ class FisherEstimator:
             else:
                 log.info("%s has no class token: its low-rank Fisher uses all tokens", unit.name)
 
-    def _batches(self, indices: torch.Tensor) -> Iterator[torch.Tensor]:
+    def _batches(self, indices: torch.Tensor) -> Iterator[dist.LocalBatch]:
+        """This rank's part of each global batch of ``indices``."""
         for start in range(0, indices.numel(), self.cfg.batch_size):
-            yield indices[start : start + self.cfg.batch_size]
+            chunk = indices[start : start + self.cfg.batch_size]
+            if dist.world_size() == 1:
+                yield dist.whole_batch(chunk)
+            else:
+                yield dist.local_batch(chunk, self.lo, self.hi)
 
-    def _output_grads(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unit output, dL/d output) for the images ``idx``."""
+    def _output_grads(self, part: dist.LocalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit output, dL/d output) for this rank's images of one global batch."""
         assert self.unit is not None
         device = next(self.net.parameters()).device
+        idx, rows = part.rows, part if dist.world_size() > 1 else None
         seen: dict[str, torch.Tensor] = {}
 
         def hook(_m, _args, out):
@@ -79,12 +97,13 @@ class FisherEstimator:
             seen["y"] = leaf
             return leaf
 
-        with torch.enable_grad(), unit_hook(self.unit.module, hook):
+        with torch.enable_grad(), unit_hook(self.unit.module, hook), batch_rows(self.net, rows):
             logits = self.net(self.images[idx].to(device)).float()
             if "y" not in seen:
                 raise FimaqError(f"unit {self.unit.name} did not run in the model's forward pass")
             log_q = F.log_softmax(logits / self.cfg.temperature, dim=-1)
-            loss = F.kl_div(log_q, self.targets[idx].to(device), reduction="batchmean")
+            kl = F.kl_div(log_q, self.targets[idx].to(device), reduction="none").sum(-1)
+            loss = (kl * part.weights.to(device)).sum() / part.total  # "batchmean" of the global batch
             (grad,) = torch.autograd.grad(loss, seen["y"])
         return seen["y"].detach(), grad
 
@@ -94,13 +113,16 @@ class FisherEstimator:
         assert self.unit is not None and self.y_fp is not None
         start = time.perf_counter()
         g_sum = d_sum = None
-        for idx in self._batches(self.indices):
-            y_hat, grad = self._output_grads(idx)
-            g = grad.abs().reshape(idx.numel(), -1).double().sum(0)
-            err = (y_hat.float() - self.y_fp[idx].to(y_hat.device).float()).abs()
-            d = err.reshape(idx.numel(), -1).double().sum(0)
+        for part in self._batches(self.indices):
+            y_hat, grad = self._output_grads(part)
+            w = part.weights.to(grad.device, torch.float64)
+            g = w @ grad.abs().reshape(w.numel(), -1).double()
+            err = (y_hat.float() - self.y_fp[part.rows].to(y_hat.device).float()).abs()
+            d = w @ err.reshape(w.numel(), -1).double()
             g_sum = g if g_sum is None else g_sum + g
             d_sum = d if d_sum is None else d_sum + d
+        dist.all_reduce_sum(g_sum)
+        dist.all_reduce_sum(d_sum)
         n = self.indices.numel()
         g_row, d_row = (g_sum / n).float(), (d_sum / n).float()
         if not (torch.isfinite(g_row).all() and torch.isfinite(d_row).all()):
@@ -117,10 +139,10 @@ class FisherEstimator:
 
     @torch.no_grad()
     def per_sample_grads(self) -> torch.Tensor:
-        """Per-image ``dL/dy`` at the unit (flattened), for ``fisher_brecq``; over all images."""
+        """Per-image ``dL/dy`` at the unit (flattened), for ``fisher_brecq``; over this rank's images."""
         assert self.unit is not None
         rows = []
-        for idx in self._batches(torch.arange(self.images.shape[0])):
-            _, grad = self._output_grads(idx)
-            rows.append(grad.reshape(idx.numel(), -1).float())
+        for part in self._batches(torch.arange(self.n_total)):
+            _, grad = self._output_grads(part)
+            rows.append(grad.reshape(part.weights.numel(), -1)[part.weights > 0].float())
         return torch.cat(rows)

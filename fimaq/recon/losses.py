@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fimaq.dist import all_reduce_sum
 from fimaq.errors import FimaqError
 
 
@@ -108,6 +109,7 @@ class ReconObjective:
     def __init__(self, kind: str, p1: float = 1.0, p2: float = 1.0) -> None:
         self.kind, self.p1, self.p2 = kind, p1, p2
         self.norms: dict[str, torch.Tensor] = {}
+        self.share: float | None = None
 
     @property
     def uses_fisher(self) -> bool:
@@ -119,7 +121,10 @@ class ReconObjective:
 
     def _normalised(self, name: str, value: torch.Tensor) -> torch.Tensor:
         if name not in self.norms:
-            self.norms[name] = value.detach().clamp_min(torch.finfo(value.dtype).tiny)
+            norm = value.detach().clone()
+            if self.share is not None:  # data parallel: the global batch's value
+                norm = all_reduce_sum(norm * self.share)
+            self.norms[name] = norm.clamp_min(torch.finfo(value.dtype).tiny)
         return value / self.norms[name]
 
     def __call__(
@@ -128,7 +133,11 @@ class ReconObjective:
         target: torch.Tensor,
         stats: FisherStats | None = None,
         grad: torch.Tensor | None = None,
+        share: float | None = None,
     ) -> torch.Tensor:
+        """The loss of this batch; ``share``: this rank's fraction of a data-parallel global batch
+        (normalisers are then recorded on the whole global batch)."""
+        self.share = share
         if pred.dtype in (torch.float16, torch.bfloat16):
             pred = pred.float()  # losses are computed in float32 at least (autocast-friendly)
         target = target.to(pred.dtype)

@@ -9,10 +9,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fimaq import dist
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.quant.adaround import AdaRoundQuantizer, beta_schedule, round_regulariser_on
-from fimaq.quant.ste import bernoulli_mask
+from fimaq.quant.quantizer import batch_rows
+from fimaq.quant.ste import batch_mask
 from fimaq.recon.cache import UnitCache
 from fimaq.recon.fisher import FisherEstimator
 from fimaq.recon.losses import FisherStats, ReconObjective
@@ -54,8 +56,11 @@ class BlockReconModule(L.LightningModule):
         fisher_cfg: Fisher settings (weights of ``fisher_dplr``).
         fisher: the driver's estimator (``None`` for ``mse`` and the head).
         brecq_grads: per-image output gradients for ``fisher_brecq``.
-        seed: seed of this unit's random stream (input mixing; QDrop masks use ``generator``).
-        generator: the generator the unit's quantizers draw QDrop masks from.
+        generator: the generator of the input mixing and the quantizers' QDrop masks.
+        shard: ``(lo, hi)``, the global rows of the reconstruction images this rank's cache holds
+            (data parallel; default: all of them). Gradients are averaged over ranks before every
+            optimizer step and each rank's loss is weighted by its share of the global batch, so any
+            number of ranks optimises the same objective as one process.
     """
 
     def __init__(
@@ -67,8 +72,11 @@ class BlockReconModule(L.LightningModule):
         fisher: FisherEstimator | None = None,
         brecq_grads: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        self.world = dist.world_size()
+        self.lo, self.hi = shard if shard is not None else (0, cache.x_fp.shape[0])
         self.unit_name = unit.name
         self.unit = unit.module
         self.cache, self.cfg, self.fisher = cache, cfg, fisher
@@ -105,7 +113,7 @@ class BlockReconModule(L.LightningModule):
         )
 
     # ----------------------------------------------------------------- step
-    def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, idx: torch.Tensor, rows: dist.LocalBatch | None) -> torch.Tensor:
         dev = self.device
         x_fp = self.cache.x_fp[idx].to(dev, torch.float32)
         mode = self.cfg.input_mode
@@ -114,23 +122,30 @@ class BlockReconModule(L.LightningModule):
         x_q = self.cache.x_q[idx].to(dev, torch.float32)
         if mode == "qinp":
             return x_q
-        keep = bernoulli_mask(x_q.shape, self.cfg.drop_prob, self.generator, dev)
+        keep = batch_mask(x_q.shape, self.cfg.drop_prob, self.generator, dev, rows=rows)
         return torch.lerp(x_fp, x_q, keep)
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.unit.eval()  # dropout/drop-path stay off; the training behaviour is the quantizers' state
         step, iters = self.global_step, self.cfg.iters
+        rows, share = None, None
+        if self.world > 1:  # this rank's members of the global batch
+            rows = dist.local_batch(idx, self.lo, self.hi)
+            idx, share = rows.rows, rows.real / rows.total
         idx = idx.to(self.cache.x_fp.device)
-        pred = self.unit(self._inputs(idx))
+        with batch_rows(self.unit, rows):
+            pred = self.unit(self._inputs(idx, rows))
         target = self.cache.y_fp[idx].to(self.device, torch.float32)
         grad = self.brecq_grads[idx].to(self.device) if self.brecq_grads is not None else None
-        rec = self.objective(pred, target, self.stats, grad)
+        rec = self.objective(pred, target, self.stats, grad, share=share)
+        # data parallel: the ranks' mean gradient is then the global batch's gradient
+        weight = self.world * share if share is not None else 1.0
         beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
         if self.adarounds and round_regulariser_on(step, iters, self.cfg.warmup):
             rnd = self.cfg.round_weight * sum(a.regulariser(beta) for a in self.adarounds)
         else:
             rnd = torch.zeros((), device=self.device)
-        loss = rec + rnd
+        loss = rec * weight + rnd
         if not torch.isfinite(loss):
             raise FimaqError(f"unit {self.unit_name}: the reconstruction loss is NaN/Inf at step {step}")
         prefix = f"recon/{self.unit_name}"
@@ -138,6 +153,16 @@ class BlockReconModule(L.LightningModule):
         self.log(f"{prefix}/round_loss", torch.as_tensor(rnd).detach())
         self.log(f"{prefix}/beta", beta)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        flat = dist.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def configure_optimizers(self):
         groups = []
