@@ -111,7 +111,7 @@ class FimaqTrainer(L.Trainer):
         images, _ = datamodule.calibration_tensors()
         model.to(self.strategy.root_device)
         bars = self.is_global_zero and self.progress_bar_callback is not None
-        report = model.calibrate(images, progress=bars)
+        report = model.calibrate(images, progress=bars, precision=self.precision)
         seconds["calibrate"] = report.total_seconds
         values["calibration_seconds_per_layer"] = round(report.seconds_per_layer, 4)
         if self.is_global_zero:

@@ -126,14 +126,18 @@ class QuantModel(L.LightningModule):
         return self.stage != "fp"
 
     # ----------------------------------------------------------------- stages
-    def calibrate(self, images: torch.Tensor, progress: bool = True) -> CalibReport:
+    def calibrate(
+        self, images: torch.Tensor, progress: bool = True, precision: str = "32-true"
+    ) -> CalibReport:
         """Calibrate every quantizer on ``images`` (section 2 of the algorithm).
 
         Data parallel (an initialised process group): every rank passes all images; each keeps its
         shard of the first ``calib.num_images`` and the captured statistics are gathered.
         """
         images = dist.shard_rows(images[: self.calib_cfg.num_images])
-        report = calibrate_model(self.net, images.to(self.device), self.calib_cfg, progress=progress)
+        report = calibrate_model(
+            self.net, images.to(self.device), self.calib_cfg, progress=progress, precision=precision
+        )
         self.stage = "calibrated"
         return report
 

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fimaq import dist
+from fimaq.amp import autocast, check_precision
 from fimaq.calib.capture import capture_io, explicit_matmuls, run_batches
 from fimaq.calib.layers import calibrate_conv, calibrate_linear, calibrate_matmul
 from fimaq.config import CalibConfig
@@ -63,6 +64,7 @@ def calibrate_model(
     cfg: CalibConfig | None = None,
     progress: bool = True,
     units: Sequence[str] | None = None,
+    precision: str = "32-true",
 ) -> CalibReport:
     """Search the qparams of every quantized layer of ``model`` (built by ``quantize_model``).
 
@@ -82,8 +84,11 @@ def calibrate_model(
         cfg: search settings.
         progress: show a progress bar.
         units: calibrate only these units (names as in ``QLayer.unit``); all by default.
+        precision: Lightning precision of the capture passes (``bf16-mixed``: autocast; the captured
+            tensors and the searches stay float32).
     """
     cfg = (cfg or CalibConfig()).validate()
+    check_precision(precision)
     if images.ndim != 4 or images.shape[0] < 1:
         raise FimaqError(f"calibration images must be a (n, C, H, W) tensor, got shape {tuple(images.shape)}")
     if not torch.isfinite(images).all():
@@ -112,7 +117,8 @@ def calibrate_model(
             while pending:
                 t0 = time.perf_counter()
                 with capture_io({q.name: q.module for q in pending}) as store:
-                    run_batches(model, images, cfg.batch_size)
+                    with autocast(precision, images.device):
+                        run_batches(model, images, cfg.batch_size)
                 if dist.world_size() > 1:
                     for captured in store.values():
                         captured.inputs = [dist.all_gather_rows(t) for t in captured.inputs]

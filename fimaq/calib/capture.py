@@ -20,6 +20,12 @@ class Captured:
     output: torch.Tensor | None = None
 
 
+def _keep(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """A captured tensor, on ``device`` and in float32 when autocast made it bf16/fp16."""
+    dtype = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+    return t.detach().to(device=device or t.device, dtype=dtype)
+
+
 @contextmanager
 def capture_io(
     modules: dict[str, nn.Module], device: torch.device | None = None
@@ -38,8 +44,8 @@ def capture_io(
 
         def hook(_m, args, out, name=name):
             ins, outs = parts[name]
-            ins.append([a.detach().to(device or a.device) for a in args if isinstance(a, torch.Tensor)])
-            outs.append(out.detach().to(device or out.device))
+            ins.append([_keep(a, device) for a in args if isinstance(a, torch.Tensor)])
+            outs.append(_keep(out, device))
 
         hooks.append(mod.register_forward_hook(hook))
     result: dict[str, Captured] = {name: Captured() for name in modules}

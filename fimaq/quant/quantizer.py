@@ -66,13 +66,15 @@ class UniformQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        scale = self.scale.to(torch.float32) if x.dtype != self.scale.dtype else self.scale
+        # float32 arithmetic whatever the input (autocast hands bf16/fp16 activations over)
+        xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        scale = self.scale.to(xf.dtype) if xf.dtype != self.scale.dtype else self.scale
         if not self.ste:
-            return fake_quant(x, scale, self.zero_point, self.bits).to(x.dtype)
+            return fake_quant(xf, scale, self.zero_point, self.bits).to(x.dtype)
         keep = None
         if self.qdrop is not None and self.qdrop < 1:
-            keep = batch_mask(x.shape, self.qdrop, self.generator, x.device, x.dtype, self.rows)
-        return fake_quant_ste(x, scale, self.zero_point, self.bits, keep).to(x.dtype)
+            keep = batch_mask(xf.shape, self.qdrop, self.generator, xf.device, xf.dtype, self.rows)
+        return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep).to(x.dtype)
 
 
 @contextmanager

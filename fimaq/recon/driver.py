@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fimaq import dist
+from fimaq.amp import autocast, check_precision
 from fimaq.artifacts import read_artifact, save_quantized
 from fimaq.callbacks import FisherRefresh, UnitProgressBar
 from fimaq.config import FisherConfig, ReconConfig
@@ -170,6 +171,7 @@ def reconstruct_model(
     """
     cfg = (cfg or ReconConfig()).validate()
     fisher_cfg = (fisher_cfg or FisherConfig()).validate()
+    precision = check_precision(precision)
     if images.ndim != 4 or not torch.isfinite(images).all():
         raise FimaqError("reconstruction images must be a finite (n, C, H, W) tensor")
     start_time = time.perf_counter()
@@ -217,8 +219,11 @@ def reconstruct_model(
     fisher = None
     if needs_fisher:
         enable_units(net, units, set())
-        targets = soft_targets(net, images, fisher_cfg.temperature, fisher_cfg.batch_size)
-        fisher = FisherEstimator(net, images, targets, fisher_cfg, seed=cfg.seed, shard=(n_total, lo, hi))
+        with autocast(precision, device):
+            targets = soft_targets(net, images, fisher_cfg.temperature, fisher_cfg.batch_size)
+        fisher = FisherEstimator(
+            net, images, targets, fisher_cfg, seed=cfg.seed, shard=(n_total, lo, hi), precision=precision
+        )
     ctx = _Context(
         net, units, images, cfg, fisher_cfg, fisher, report, cache_device, dtype, logger, precision, progress
     )
@@ -296,10 +301,13 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         logger = None  # only rank 0 logs
     (n, lo, hi), batch = ctx.shard, fisher_cfg.batch_size
     enable_units(net, units, set())
-    x_fp, y_fp = capture_unit(net, unit, images, batch, True, cache_device, dtype)
+    device = next(net.parameters()).device
+    with autocast(ctx.precision, device):
+        x_fp, y_fp = capture_unit(net, unit, images, batch, True, cache_device, dtype)
     if done and cfg.input_mode != "rinp":
         enable_units(net, units, done)
-        x_q, _ = capture_unit(net, unit, images, batch, False, cache_device, dtype)
+        with autocast(ctx.precision, device):
+            x_q, _ = capture_unit(net, unit, images, batch, False, cache_device, dtype)
     else:
         x_q = x_fp
     cache = UnitCache(x_fp, y_fp, x_q)

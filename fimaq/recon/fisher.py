@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fimaq import dist
+from fimaq.amp import autocast
 from fimaq.config import FisherConfig
 from fimaq.errors import FimaqError
 from fimaq.quant.quantizer import batch_rows
@@ -38,6 +39,8 @@ class FisherEstimator:
         shard: ``(n_total, lo, hi)`` when ``images`` are this rank's rows ``[lo, hi)`` of ``n_total``
             (data parallel): the subset and its batches are global, each rank runs its members and the
             sums are reduced over ranks, giving the statistics of one process.
+        precision: Lightning precision of the forward passes (``bf16-mixed``: autocast; the
+            statistics are accumulated in float64).
     """
 
     def __init__(
@@ -48,7 +51,9 @@ class FisherEstimator:
         cfg: FisherConfig,
         seed: int = 0,
         shard: tuple[int, int, int] | None = None,
+        precision: str = "32-true",
     ) -> None:
+        self.precision = precision
         self.net, self.images, self.targets, self.cfg = net, images, targets, cfg
         n, self.lo, self.hi = shard if shard is not None else (images.shape[0], 0, images.shape[0])
         self.n_total = n
@@ -97,7 +102,12 @@ class FisherEstimator:
             seen["y"] = leaf
             return leaf
 
-        with torch.enable_grad(), unit_hook(self.unit.module, hook), batch_rows(self.net, rows):
+        with (
+            torch.enable_grad(),
+            unit_hook(self.unit.module, hook),
+            batch_rows(self.net, rows),
+            autocast(self.precision, device),
+        ):
             logits = self.net(self.images[idx].to(device)).float()
             if "y" not in seen:
                 raise FimaqError(f"unit {self.unit.name} did not run in the model's forward pass")
