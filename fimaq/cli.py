@@ -252,7 +252,11 @@ class FimaqTrainer(L.Trainer):
         ).validate()
         if not hasattr(datamodule, "calibration_tensors"):
             raise FimaqError(f"{type(datamodule).__name__} has no calibration_tensors(): cannot search bits")
-        self.start_ranks()
+        if self.world_size > 1:
+            raise FimaqError(
+                "search_bits runs in one process: drop --trainer.strategy/--trainer.devices for it (fit and "
+                "calibrate with the plan can then run data parallel)"
+            )
         root = Path(self.default_root_dir)
         datamodule.setup("fit")
         images, _ = datamodule.calibration_tensors()
@@ -319,6 +323,8 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Lightning's own use of a torch API that torch deprecated; nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # data parallel validation pads the last batch of a rank with repeated images (at most one per rank)
+    warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
     try:
         FimaqCLI(
             QuantModel,
