@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from _digits import ARCH, KWARGS, digits_sets, embedded_fp, top1
 
+from fimaq.artifacts import atomic_write_bytes
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, MixedPrecisionConfig, QuantSpec, ReconConfig
 from fimaq.mixed_precision import search_bit_plan
@@ -76,7 +77,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        text = json.dumps(rows, indent=1)
+        atomic_write_bytes(Path(args.out), lambda tmp, text=text: Path(tmp).write_text(text))
     print(f"\ntorch threads: {args.threads}; A{args.a_bits}; reconstruction {args.iters} steps per unit")
     print("| weights | average weight bits | calibrated top-1 | reconstructed top-1 | allocation seconds |")
     print("|---|---|---|---|---|")

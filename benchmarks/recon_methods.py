@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from _digits import digits_sets, embedded_fp, top1
 
+from fimaq.artifacts import atomic_write_bytes
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.models.swap import quantize_model
@@ -65,7 +66,8 @@ def main() -> None:
                 row = {"seed": seed, "top1": top1(model, xv, yv), "seconds": report.total_seconds}
                 results.setdefault(key, []).append(row)
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(results, indent=1))
+                text = json.dumps(results, indent=1)
+                atomic_write_bytes(out, lambda tmp, text=text: Path(tmp).write_text(text))
                 print(f"{key} seed {seed}: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s", flush=True)
     print(f"\ntorch threads: {args.threads}, iters: {args.iters}, Fisher samples: {args.fisher_samples}")
     print("| bits | method | top-1 (%) mean ± std | runs | seconds per run |\n|---|---|---|---|---|")

@@ -16,3 +16,22 @@ def require_int(name: str, value: object, minimum: int, maximum: int | None = No
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
         raise FimaqError(f"{name} must be an integer {bound}{note}, got {value!r}")
     return value
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``"TypeName: message"`` of ``exc`` on one line, for wrapping a library error into a FimaqError.
+
+    Multi-line library messages (torch's weights-only refusal, YAML parser errors) keep their most
+    telling line: the one naming a refused global if there is one, else the first non-empty line.
+
+    Args:
+        exc: the exception to describe.
+        limit: longest message kept (longer ones are cut after their first sentence, or end with "...").
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line for line in lines if "GLOBAL" in line or "Unsupported global" in line]
+    text = (telling or lines or [""])[0]
+    if len(text) > limit:
+        end = text.find(". ", 0, limit)  # keep whole sentences where one fits
+        text = text[: end + 1] if end > 0 else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

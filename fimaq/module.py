@@ -10,13 +10,13 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from fimaq import dist
-from fimaq.artifacts import read_artifact, resolve_checkpoint
+from fimaq.artifacts import check_state_dict, read_artifact, resolve_checkpoint
 from fimaq.calib import CalibReport, calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.models import create_fp_model
-from fimaq.models.swap import quantize_model, set_quant_enabled
+from fimaq.models.swap import iter_qlayers, quantize_model, set_quant_enabled
 from fimaq.recon import ReconReport, reconstruct_model
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ class QuantModel(L.LightningModule):
             arch, ckpt, pretrained=pretrained and not init_from, model_kwargs=self.model_kwargs
         )
         self.net = quantize_model(fp, self.quant)
+        if bit_plan:
+            plan.check_layers([q.name for q in iter_qlayers(self.net)], bit_plan)
         self.stage = "fp"
         num_classes = self.net.num_classes
         self.top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
@@ -113,11 +115,8 @@ class QuantModel(L.LightningModule):
                 raise FimaqError(
                     f"{path} was made for {key}={meta.get(key)}, but this run has {key}={mine[key]}"
                 )
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise FimaqError(
-                f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        check_state_dict(self.net.state_dict(), state, f"artifact {path}", f"this {self.arch} model")
+        self.net.load_state_dict(state, strict=True)
         self.stage = meta.get("stage", "calibrated")
         set_quant_enabled(self.net, True)
 

@@ -113,6 +113,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """
     _ensure_repo_importable()
     import fimaq  # noqa: F401  (torchvision shim before timm)
+    from fimaq.artifacts import atomic_write_bytes
     from fimaq.data import DigitsDataModule
     from fimaq.errors import FimaqError
     from fimaq.models import create_fp_model
@@ -171,7 +172,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    save_file(state, str(args.out), metadata={"arch": ARCH, "model_kwargs": json.dumps(MODEL_KWARGS)})
+    meta = {"arch": ARCH, "model_kwargs": json.dumps(MODEL_KWARGS)}
+    atomic_write_bytes(args.out, lambda tmp: save_file(state, tmp, metadata=meta))
 
     reloaded = create_fp_model(ARCH, str(args.out), model_kwargs=MODEL_KWARGS)
     check_top1 = evaluate(reloaded, val_x, val_y)
@@ -200,7 +202,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "data": "fimaq.data.DigitsDataModule() defaults: 1347 train / 450 val",
     }
     card_path = args.out.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    text = json.dumps(card, indent=2) + "\n"
+    atomic_write_bytes(card_path, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {args.out} and {card_path}: val top-1 {val_top1:.2f}%", flush=True)
     return card
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,8 @@ import torch
 from torch import nn
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
-from fimaq.errors import FimaqError
+from fimaq.artifacts import check_finite, check_state_dict, safetensors_error
+from fimaq.errors import FimaqError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -23,50 +26,52 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     Args:
         path: ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` file holding a state dict (optionally
             nested under ``state_dict``, ``model`` or ``module``).
+
+    Raises:
+        FimaqError: the file is missing, truncated, not a state dict of tensors, or holds pickled
+            Python objects (refused, never executed).
     """
     path = Path(path)
     if not path.is_file():
         raise FimaqError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
+        except Exception as exc:
+            raise safetensors_error(path, exc, "checkpoint") from None
+    else:
+        try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FimaqError:
-        raise
-    except Exception as exc:  # corrupt or truncated file, or a pickle with code in it
-        raise FimaqError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        except pickle.UnpicklingError as exc:
+            if "weights only" not in str(exc).lower():  # a damaged pickle stream
+                raise FimaqError(f"checkpoint {path} is truncated or corrupt ({one_line(exc)})") from None
+            refused = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f"refused global {refused.group(1)}" if refused else one_line(exc)
+            raise FimaqError(  # a pickle with code (or other objects) in it, or not a checkpoint at all
+                f"checkpoint {path} is not a plain state dict of tensors: it holds other pickled objects "
+                f"({what}), and fimaq never unpickles code"
+            ) from None
+        except Exception as exc:  # truncated, or not a torch file at all
+            raise FimaqError(
+                f"checkpoint {path} is truncated or not a PyTorch/safetensors state dict ({one_line(exc)})"
+            ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise FimaqError(f"checkpoint {path} does not hold a state dict of tensors")
+    if not state:
+        raise FimaqError(f"checkpoint {path} holds no tensors")
     return state
 
 
 def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], arch: str, path: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatch(es), first: {wrong[0]}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), first: {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[0]}")
-        raise FimaqError(f"checkpoint {path} does not fit arch '{arch}': " + "; ".join(parts))
-    for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise FimaqError(f"checkpoint {path} holds NaN or Inf values in '{k}'")
+    check_state_dict(model.state_dict(), state, f"checkpoint {path}", f"arch '{arch}'")
+    check_finite(state, f"checkpoint {path}")
 
 
 def create_fp_model(

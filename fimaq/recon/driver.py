@@ -25,7 +25,7 @@ from torch import nn
 
 from fimaq import dist
 from fimaq.amp import autocast, check_precision
-from fimaq.artifacts import read_artifact, save_quantized
+from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
 from fimaq.callbacks import FisherRefresh, UnitProgressBar
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
@@ -194,6 +194,7 @@ def reconstruct_model(
         for unit in units:
             if unit.name in done:
                 _hard_adaround(unit)  # finished units hold float weights + their rounding (alpha)
+        check_state_dict(net.state_dict(), state, f"reconstruction state {state_path}", "this model")
         net.load_state_dict(state, strict=True)
         report.resumed_units = list(done)
         dist.info(log, "resuming reconstruction after %d finished units (%s)", len(done), state_path)
