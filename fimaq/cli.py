@@ -304,6 +304,71 @@ class FimaqTrainer(L.Trainer):
         )
         return plan
 
+    def export(
+        self,
+        model: QuantModel,
+        datamodule: L.LightningDataModule,
+        onnx: bool = True,
+        opset: int = 18,
+        check_images: int = 128,
+    ) -> dict:
+        """Deployable files: export.safetensors (integer weight codes) and model.onnx, both checked.
+
+        ``export.safetensors`` must reload with ``fimaq.load_quantized`` into a model with identical
+        outputs, and ``model.onnx`` must match PyTorch in onnxruntime within the tolerance stated in
+        ``fimaq.export_onnx``, on calibration images, before either file is (atomically) written.
+
+        Args:
+            model: the quantized model (``--model.init_from calibrated/quantized.safetensors``).
+            datamodule: must provide ``calibration_tensors()`` (the check images).
+            onnx: also write ``model.onnx``.
+            opset: ONNX opset (18 or later).
+            check_images: calibration images the checks run on.
+        """
+        from fimaq.errors import require_int
+        from fimaq.export import export_copy, export_quantized
+        from fimaq.export_onnx import export_onnx
+
+        if not model.quantized:
+            raise FimaqError("export needs --model.init_from a quantized artifact")
+        if not hasattr(datamodule, "calibration_tensors"):
+            raise FimaqError(
+                f"{type(datamodule).__name__} has no calibration_tensors(): cannot check the export"
+            )
+        require_int("export opset", opset, 18)
+        require_int("export check_images", check_images, 1)
+        root = Path(self.default_root_dir)
+        check_run_dir(root, model.artifact_meta())
+        datamodule.setup("fit")
+        images, _ = datamodule.calibration_tensors()
+        images = images[:check_images].float()
+        if not self.is_global_zero:
+            return {}
+        start = time.perf_counter()
+        net = export_copy(model.net)
+        info = export_quantized(net, model.artifact_meta(), root / "export.safetensors", check_input=images)
+        values: dict[str, Any] = {"export_bytes": info["bytes"], "export_reload_max_abs_diff": 0.0}
+        line = f"export: wrote {info['path']} ({info['bytes'] / 1e6:.2f} MB, reload identical)"
+        if onnx:
+            res = export_onnx(net, root / "model.onnx", images[:2], opset=opset, check_input=images)
+            par = res["parity"]
+            values.update(
+                onnx_bytes=res["bytes"],
+                onnx_max_abs_diff=par["max_abs_diff"],
+                onnx_mean_abs_diff=par["mean_abs_diff"],
+                onnx_mean_limit=par["mean_limit"],
+                onnx_argmax_agreement=par["argmax_agreement"],
+                onnx_forms=res["forms"],
+            )
+            line += (
+                f" and {res['path']} ({res['bytes'] / 1e6:.2f} MB; onnxruntime vs PyTorch on {par['images']} "
+                f"images: max |diff| {par['max_abs_diff']:.2e}, mean {par['mean_abs_diff']:.2e} <= "
+                f"{par['mean_limit']:.2e}, argmax agreement {100 * par['argmax_agreement']:.1f}%)"
+            )
+        metrics = update_metrics(root, values, {"export": time.perf_counter() - start})
+        rank_zero_info(line)
+        return metrics
+
 
 class FimaqCLI(LightningCLI):
     """LightningCLI with fimaq's subcommands."""
@@ -315,6 +380,7 @@ class FimaqCLI(LightningCLI):
             "search_bits": {"model", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
             "calibrate": {"model", "datamodule"},
+            "export": {"model", "datamodule"},
         }
 
 

@@ -71,7 +71,11 @@ class QuantModel(L.LightningModule):
         self._checkpoint = resolve_checkpoint(checkpoint_path)
         ckpt = None if init_from else self._checkpoint
         fp = create_fp_model(
-            arch, ckpt, pretrained=pretrained and not init_from, model_kwargs=self.model_kwargs
+            arch,
+            ckpt,
+            pretrained=pretrained and not init_from,
+            model_kwargs=self.model_kwargs,
+            weights_follow=bool(init_from),
         )
         self.net = quantize_model(fp, self.quant)
         if bit_plan:

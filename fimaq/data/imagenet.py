@@ -82,7 +82,7 @@ def resolve_timm_data_config(arch: str, model_kwargs: dict[str, Any] | None = No
     log.info("no pretrained config for %s: building the model once to read its data config", arch)
     from fimaq.models import create_fp_model
 
-    model = create_fp_model(arch, model_kwargs=kwargs)
+    model = create_fp_model(arch, model_kwargs=kwargs, weights_follow=True)  # only its data config
     return dict(resolve_model_data_config(model, args=args))
 
 

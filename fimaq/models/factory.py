@@ -79,6 +79,7 @@ def create_fp_model(
     checkpoint_path: str | None = None,
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+    weights_follow: bool = False,
 ) -> nn.Module:
     """Build a float timm model in eval mode.
 
@@ -87,6 +88,8 @@ def create_fp_model(
         checkpoint_path: local weights (safetensors or a plain state dict); loaded strictly.
         pretrained: download timm's pretrained weights (needs network access); off by default.
         model_kwargs: keyword overrides for ``timm.create_model`` (img_size, depth, num_classes, ...).
+        weights_follow: the caller loads the weights itself (a quantized artifact): no warning about
+            the random initialisation.
     """
     import timm
 
@@ -105,6 +108,6 @@ def create_fp_model(
         state = load_state_dict_file(checkpoint_path)
         _check_state_dict(model, state, arch, str(checkpoint_path))
         model.load_state_dict(state, strict=True)
-    elif not pretrained:
+    elif not pretrained and not weights_follow:
         log.warning("no checkpoint_path given for %s: the model keeps its random initialisation", arch)
     return model.eval()
