@@ -3,7 +3,7 @@
 Every run writes ``<default_root_dir>/metrics.json`` (accuracies in percent and wall seconds per
 stage); ``calibrate`` also writes ``<default_root_dir>/calibrated.safetensors``, ``fit`` also
 ``recon_state.safetensors`` (after every unit, for resuming), ``quantized.safetensors`` and
-``recon_errors.png``. Bad input ends with one ``error: ...`` line and exit status 2.
+``recon_errors.png``; ``export`` writes ``export.safetensors`` and ``model.onnx``. Bad input ends with one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
