@@ -1,9 +1,11 @@
-"""fimaq's LightningCLI: ``fit`` (the whole PTQ), ``calibrate`` and ``validate`` on one YAML config.
+"""fimaq's LightningCLI: ``fit`` (the whole PTQ), ``calibrate``, ``search_bits``, ``validate`` and
+``export`` on one YAML config.
 
 Every run writes ``<default_root_dir>/metrics.json`` (accuracies in percent and wall seconds per
 stage); ``calibrate`` also writes ``<default_root_dir>/calibrated.safetensors``, ``fit`` also
 ``recon_state.safetensors`` (after every unit, for resuming), ``quantized.safetensors`` and
-``recon_errors.png``; ``export`` writes ``export.safetensors`` and ``model.onnx``. Bad input ends with one ``error: ...`` line and exit status 2.
+``recon_errors.png``; ``export`` writes ``export.safetensors`` and ``model.onnx``. Bad input ends
+with one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
