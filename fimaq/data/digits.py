@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from fimaq import dist
 from fimaq.errors import FimaqError, require_int
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ class DigitsDataModule(L.LightningDataModule):
         self._val = (val_x, val_y)
         self._calib = (train_x[calib_idx].contiguous(), train_y[calib_idx].contiguous())
         self._recon = (train_x[recon_idx].contiguous(), train_y[recon_idx].contiguous())
-        log.info(
+        dist.info(
+            log,
             "digits: %d train, %d val, %d calib, %d recon images of %dx%dx%d",
             len(train_x),
             len(val_x),

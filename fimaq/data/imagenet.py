@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import fimaq  # noqa: F401  (torchvision shim before torchvision / timm)
+from fimaq import dist
 from fimaq.errors import FimaqError, require_int
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,8 @@ class ImageNetDataModule(L.LightningDataModule):
             chosen = np.random.RandomState(self.seed).permutation(n_val)[: self.val_limit]
             self._val_indices = sorted(int(i) for i in chosen)
         self._train_set, self._val_set = train_set, val_set
-        log.info(
+        dist.info(
+            log,
             "%s: %d train / %d val images (%d classes); calib %d, recon %d, eval %d; transforms of %s %s",
             self.root,
             n_train,
