@@ -149,21 +149,27 @@ def test_act_output_search_equals_brute_force():
 
 
 def test_matmul_operand_search_equals_brute_force():
+    from fimaq.calib import reference_order as ref
+
     torch.manual_seed(4)
     a, bm = torch.randn(6, 2, 5, 4), torch.randn(6, 2, 4, 5)
     out = a @ bm
-    up, lo = grids.matmul_operand_bounds(a, 16)
-    s, z = grids.bounds_to_qparams(up, lo, 3)
-    got = search.matmul_operand_sse(a, bm, out, s, z, 3, "A", chunk=4, images_per_chunk=2).argmin(0)
-    brute = torch.stack(
-        [
-            ((fake_quant(a, s[c].view(1, -1, 1, 1), z[c].view(1, -1, 1, 1), 3) @ bm - out).double() ** 2).sum(
-                (0, 2, 3)
-            )
-            for c in range(s.shape[0])
-        ]
-    )
-    assert torch.equal(got, brute.argmin(0))
+    for operand, x in (("A", a), ("B", bm)):
+        up, lo = grids.matmul_operand_bounds(x, 16)
+        s, z = grids.bounds_to_qparams(up, lo, 3)
+        errors = search.matmul_image_errors(a, bm, out, s, z, 3, operand, chunk=4, images_per_chunk=4)
+        brute = []
+        for c in range(s.shape[0]):
+            xq = fake_quant(x, s[c].view(1, -1, 1, 1), z[c].view(1, -1, 1, 1), 3)
+            prod = xq @ bm if operand == "A" else a @ xq
+            brute.append(((prod - out).double() ** 2).sum((0, 2, 3)))
+        brute = torch.stack(brute)
+        assert torch.equal(errors.sum(1, dtype=torch.float64).argmin(0), brute.argmin(0))
+        torch.testing.assert_close(errors.sum(1, dtype=torch.float64) * 25, brute, rtol=1e-5, atol=1e-9)
+        cands, heads = torch.tensor([0, 3, 9]), torch.tensor([1])
+        got = ref.matmul_error_from_images(errors, cands, heads, batch_size=4, cand_chunk=2)
+        expect = errors[cands][:, :4, heads].sum(1) + errors[cands][:, 4:, heads].sum(1)
+        assert torch.equal(got, expect)
 
 
 def test_resolve_near_ties_defers_to_reference_only_within_tolerance():

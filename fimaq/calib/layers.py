@@ -52,8 +52,10 @@ def search_linear(
         )
         wq = (_pick(ws, wi), _pick(wz, wi))
     if a_bits is not None:
-        a_s, a_z = grids.activation_grid(x, a_bits, cfg.eq_n)
-        sse = search.act_self_sse(x, a_s, a_z, a_bits)
+        x_sorted = search.sorted_input(x)
+        a_s, a_z = grids.activation_grid(x, a_bits, cfg.eq_n, sorted_values=x_sorted)
+        sse = search.act_self_sse(x, a_s, a_z, a_bits, sorted_x=x_sorted)
+        del x_sorted
         ai = int(
             search.resolve_near_ties(
                 sse,
@@ -99,8 +101,10 @@ def fold_layernorm(
 
     The float function is unchanged; returns the captured input transformed like the LayerNorm output.
     """
-    scales, zps = grids.activation_grid(x, bits, cfg.eq_n, channel_wise=True)
-    sse = search.act_self_sse(x, scales, zps, bits, channel_wise=True)
+    x_sorted = search.sorted_input(x, channel_wise=True)
+    scales, zps = grids.activation_grid(x, bits, cfg.eq_n, channel_wise=True, sorted_values=x_sorted)
+    sse = search.act_self_sse(x, scales, zps, bits, channel_wise=True, sorted_x=x_sorted)
+    del x_sorted
     x3 = x.view(num_images, -1, x.shape[-1])
     idx = search.resolve_near_ties(
         sse,
@@ -240,12 +244,10 @@ def calibrate_matmul(
             other_a = a[:, todo] if op == "A" else quantized("A", a)[:, todo]
             other_b = quantized("B", b)[:, todo] if op == "A" else b[:, todo]
             sub_out = out[:, todo]
-            sse = search.matmul_operand_sse(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
+            errors = search.matmul_image_errors(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
             idx = search.resolve_near_ties(
-                sse,
-                lambda c, g: ref.matmul_error(
-                    other_a, other_b, sub_out, s, z, bits[op], op, c, g, cfg.batch_size
-                ),
+                errors.sum(dim=1, dtype=torch.float64),
+                lambda c, g: ref.matmul_error_from_images(errors, c, g, cfg.batch_size),
                 search.tie_rtol(bits[op]),
             )
             for j, h in enumerate(todo.tolist()):

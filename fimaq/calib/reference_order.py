@@ -66,36 +66,23 @@ def linear_act_error(
     return total.unsqueeze(-1)
 
 
-def matmul_error(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    out: torch.Tensor,
-    scales: torch.Tensor,
-    zps: torch.Tensor,
-    bits: int,
-    operand: str,
+def matmul_error_from_images(
+    image_errors: torch.Tensor,
     cands: torch.Tensor,
     heads: torch.Tensor,
     batch_size: int,
     cand_chunk: int = 16,
 ) -> torch.Tensor:
-    """Per-head candidates of one operand of ``a @ b`` (the other given already quantized), for the
-    heads ``heads`` only (heads are independent; each head's numbers are as in the full product).
-    Candidates are processed ``cand_chunk`` at a time (each candidate's numbers do not depend on it)."""
-    a, b, out = a[:, heads], b[:, heads], out[:, heads]
+    """Per-head candidates of one matmul operand, from the reference's own per-image mean errors
+    (:func:`fimaq.quant.search.matmul_image_errors`, (P, n, H)): summed per batch of images, then over
+    batches, in float32, as the reference does. Returns (len(cands), len(heads))."""
+    per_head = image_errors[:, :, heads]
     results = []
     for c0 in range(0, cands.numel(), cand_chunk):
-        c = cands[c0 : c0 + cand_chunk]
-        sc = scales[c][:, heads].reshape(-1, 1, heads.numel(), 1, 1)
-        zp = zps[c][:, heads].reshape(-1, 1, heads.numel(), 1, 1)
+        errs = per_head[cands[c0 : c0 + cand_chunk]]
         total = None
-        for b0 in range(0, a.shape[0], batch_size):
-            ab, bb, ob = a[b0 : b0 + batch_size], b[b0 : b0 + batch_size], out[b0 : b0 + batch_size]
-            if operand == "A":
-                prod = fake_quant_nograd(ab, sc, zp, bits) @ bb.unsqueeze(0)
-            else:
-                prod = ab.unsqueeze(0) @ fake_quant_nograd(bb, sc, zp, bits)
-            part = (ob.unsqueeze(0) - prod).pow_(2).mean(dim=(3, 4)).sum(dim=1)
+        for b0 in range(0, errs.shape[1], batch_size):
+            part = errs[:, b0 : b0 + batch_size].contiguous().sum(dim=1)
             total = part if total is None else total + part
         results.append(total)
     return torch.cat(results, 0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fimaq.quant.sorted_sse import sort_rows
+
 QUANTILE_MAX_NUMEL = 2**24  # torch.quantile refuses larger inputs
 
 
@@ -26,6 +28,15 @@ def chunked_quantile(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         if chunks > flat.numel():
             raise ValueError("cannot split tensor for quantiles")
     return torch.quantile(flat.view(chunks, -1), q.to(flat.device), dim=-1).mean(dim=-1)
+
+
+def sorted_quantile(sorted_rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(x, q, dim=-1)`` (linear interpolation) from ``x`` already sorted along its last
+    dimension, bit for bit: the same float32 ranks, order statistics and ``lerp``. Returns (len(q), ...)."""
+    ranks = q.to(sorted_rows) * (sorted_rows.shape[-1] - 1)
+    below = ranks.long()
+    above = ranks.ceil().long()
+    return torch.lerp(sorted_rows[..., below], sorted_rows[..., above], ranks - below).movedim(-1, 0)
 
 
 def _zero_points(bits: int, num_scale: int, device: torch.device) -> torch.Tensor:
@@ -57,17 +68,25 @@ def weight_grid(w: torch.Tensor, bits: int, eq_n: int) -> tuple[torch.Tensor, to
 
 
 def activation_grid(
-    x: torch.Tensor, bits: int, eq_n: int, channel_wise: bool = False
+    x: torch.Tensor,
+    bits: int,
+    eq_n: int,
+    channel_wise: bool = False,
+    sorted_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates for an input tensor ``(..., C)``: per tensor ``(P,)`` or per channel ``(C, P)``.
 
     Same construction as :func:`weight_grid` on the whole tensor (or per channel), scales clamped to
-    at least 1e-4.
+    at least 1e-4. ``sorted_values``: the tensor already sorted (one row ``(1, numel)`` per tensor, or
+    ``(C, M)`` per channel), which spares the quantiles their own sort; same result.
     """
     qmax, num_zp, _ = _levels(bits)
     num_scale = int(eq_n / num_zp)
     pct = torch.tensor([0.9, 1.0])
-    if channel_wise:
+    if sorted_values is not None and (channel_wise or x.numel() <= QUANTILE_MAX_NUMEL):
+        both = sorted_quantile(sorted_values, torch.cat([pct, 1 - pct]).to(x.device))  # (4, groups)
+        upper, lower = both[:2].T, both[2:].T  # (groups, 2) each
+    elif channel_wise:
         flat = x.reshape(-1, x.shape[-1])
         cols = max(1, QUANTILE_MAX_NUMEL // flat.shape[0])
         ups, lows = [], []
@@ -115,9 +134,11 @@ def matmul_operand_bounds(x: torch.Tensor, eq_n: int) -> tuple[torch.Tensor, tor
     from q(1 - 0.99999) to q(1 - 0.99), quantile levels in float32 as in the reference. The searches
     evaluate the first ``eq_n`` candidates (the reference never evaluates the last one).
     """
-    pct = torch.tensor([0.99, 0.99999])
-    per_head = [x[:, h] for h in range(x.shape[1])]
-    both = torch.stack([chunked_quantile(t, torch.cat([pct, 1 - pct])) for t in per_head], dim=-1)
+    pct = torch.cat([torch.tensor([0.99, 0.99999]), 1 - torch.tensor([0.99, 0.99999])]).to(x.device)
+    if x[:, 0].numel() <= QUANTILE_MAX_NUMEL:  # one sort per head
+        both = sorted_quantile(sort_rows(x.transpose(0, 1).reshape(x.shape[1], -1)), pct)
+    else:
+        both = torch.stack([chunked_quantile(x[:, h], pct) for h in range(x.shape[1])], dim=-1)
     uppers, lowers = both[:2], both[2:]  # (2, H) each
     t = torch.linspace(0, 1, steps=eq_n + 1, device=x.device)[:, None]
     upper = uppers[0:1] + t * (uppers[1:2] - uppers[0:1])

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from fimaq.quant.fake_quant import fake_quant
-from fimaq.quant.sorted_sse import SortedValues
+from fimaq.quant.sorted_sse import SortedValues, sort_rows
 
 ChunkEval = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate indices, chunk) -> (n, groups) SSE
 
@@ -69,13 +69,15 @@ def pruned_totals(
 def fake_quant_nograd(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:
-    """``fake_quant`` without autograd, in four in-place passes: ``s * clamp(round(x / s), -zp, qmax - zp)``
-    (bit-identical: the rounded values and zero points are small integers). The result is contiguous
-    in the broadcast shape."""
+    """``fake_quant`` without autograd, in place: ``s * (clamp(round(x / s) + zp, 0, qmax) - zp)``.
+
+    Bit-identical to ``fake_quant`` (the rounded values and zero points are small integers, so adding
+    and removing the zero point is exact); clamping to scalar bounds is much faster than to per-group
+    tensors. The result is contiguous in the broadcast shape.
+    """
     shape = torch.broadcast_shapes(x.shape, scale.shape, zero_point.shape)
     t = torch.div(x, scale, out=torch.empty(shape, dtype=x.dtype, device=x.device))
-    t.round_()
-    t.clamp_(min=-zero_point, max=(2**bits - 1) - zero_point)
+    t.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point)
     return t.mul_(scale)
 
 
@@ -84,15 +86,25 @@ def _candidate_chunks(num: int, chunk: int):
         yield start, min(num, start + chunk)
 
 
-def _self_sse(x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
+def sorted_input(x: torch.Tensor, channel_wise: bool = False) -> torch.Tensor:
+    """An input ``(M, C)`` sorted for :func:`act_self_sse` and ``grids.activation_grid``: the whole
+    tensor as one row ``(1, M*C)``, or each channel ``(C, M)``."""
+    return sort_rows(x.T if channel_wise else x.reshape(1, -1))
+
+
+def _self_sse(
+    x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int, sorted_x: torch.Tensor | None = None
+) -> torch.Tensor:
     """Own squared error of each group (row of ``x``, (G, n)) under each candidate (grids (G, P)), (P, G):
-    one sort when the groups are long, a direct pass over the values when they are short."""
+    one sort (or ``sorted_x``, the rows already sorted) when the groups are long, a direct pass over
+    the values when they are short."""
     if x.shape[1] <= 16 * 2**bits:  # short rows (weights): the direct pass is cheaper than sorting
         err = fake_quant_nograd(x.unsqueeze(1), scales.unsqueeze(-1), zps.unsqueeze(-1), bits).sub_(
             x.unsqueeze(1)
         )
         return err.pow_(2).sum(dim=-1, dtype=torch.float64).T
-    return SortedValues(x).sse(scales, zps, bits).T
+    values = SortedValues(x) if sorted_x is None else SortedValues(sorted_x, presorted=True)
+    return values.sse(scales, zps, bits).T
 
 
 def weight_self_sse(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
@@ -152,13 +164,19 @@ def resolve_near_ties(
 
 
 def act_self_sse(
-    x: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bits: int, channel_wise: bool = False
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    zps: torch.Tensor,
+    bits: int,
+    channel_wise: bool = False,
+    sorted_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The input's own squared error per candidate: per tensor (grids (P,), returns (P, 1)) or per
-    channel (grids (C, P), returns (P, C)); ``x`` is (M, C)."""
+    channel (grids (C, P), returns (P, C)); ``x`` is (M, C), ``sorted_x`` optionally
+    :func:`sorted_input` of it."""
     if channel_wise:
-        return _self_sse(x.T.contiguous(), scales, zps, bits)
-    return _self_sse(x.reshape(1, -1), scales.view(1, -1), zps.view(1, -1), bits)
+        return _self_sse(x.T.contiguous(), scales, zps, bits, sorted_x)
+    return _self_sse(x.reshape(1, -1), scales.view(1, -1), zps.view(1, -1), bits, sorted_x)
 
 
 def act_output_sse(
@@ -205,7 +223,7 @@ def act_output_sse(
     return pruned_totals(evaluate, scales.shape[0], num_chunks, keep_rtol=tie_rtol(bits))
 
 
-def matmul_operand_sse(
+def matmul_image_errors(
     a: torch.Tensor,
     b: torch.Tensor,
     out: torch.Tensor,
@@ -216,32 +234,36 @@ def matmul_operand_sse(
     chunk: int,
     images_per_chunk: int,
 ) -> torch.Tensor:
-    """Squared error of the product against the FP ``out`` for each candidate of one operand of
-    ``a @ b`` (the other already quantized as given), per head: (P, H), ``inf`` where pruned.
-    Grids are (P, H)."""
-    n = a.shape[0]
-    num_chunks = -(-n // images_per_chunk)
+    """Mean squared error of the product against the FP ``out``, per (candidate, image, head), for each
+    candidate of one operand of ``a @ b`` (the other already quantized as given): (P, n, H) float32.
 
-    def evaluate(cands: torch.Tensor, k: int) -> torch.Tensor:
-        sl = slice(k * images_per_chunk, (k + 1) * images_per_chunk)
-        ak, bk, ok = a[sl], b[sl], out[sl]
-        n_k, heads, rows, inner = ak.shape
-        cols = bk.shape[-1]
-        res = []
-        for s, e in _candidate_chunks(cands.numel(), chunk):
-            c = cands[s:e]
-            p = c.numel()
-            # candidates are stacked along the rows (A) or columns (B) of one larger product per head
+    Grids are (P, H). Each image's error is computed exactly as the reference does (float32 product,
+    ``(out - prod)^2`` averaged over the head's output), so these numbers serve both the exact ranking
+    (summed in float64) and the reference's float32 order on near-ties
+    (:func:`fimaq.calib.reference_order.matmul_error_from_images`). Candidates are stacked along the
+    rows (A) or columns (B) of one larger product per head: the product's values do not depend on it.
+    """
+    n, heads, rows, inner = a.shape
+    cols = b.shape[-1]
+    errors = torch.empty(scales.shape[0], n, heads, dtype=torch.float32, device=a.device)
+    for s, e in _candidate_chunks(scales.shape[0], chunk):
+        p = e - s
+        if operand == "A":
+            sc, zp = scales[s:e].T.reshape(1, heads, p, 1, 1), zps[s:e].T.reshape(1, heads, p, 1, 1)
+        else:
+            sc, zp = scales[s:e].T.reshape(1, heads, 1, p, 1), zps[s:e].T.reshape(1, heads, 1, p, 1)
+        for i0 in range(0, n, images_per_chunk):
+            sl = slice(i0, i0 + images_per_chunk)
+            ak, bk, ok = a[sl], b[sl], out[sl]
+            n_k = ak.shape[0]
             if operand == "A":
-                sc, zp = scales[c].T.reshape(1, heads, p, 1, 1), zps[c].T.reshape(1, heads, p, 1, 1)
                 a_hat = fake_quant_nograd(ak.unsqueeze(2), sc, zp, bits).view(n_k, heads, p * rows, inner)
-                prod = (a_hat @ bk).view(n_k, heads, p, rows, cols).sub_(ok.unsqueeze(2))
-                res.append(prod.pow_(2).sum(dim=(0, 3, 4), dtype=torch.float64).T)  # (p, H)
+                err = torch.matmul(a_hat, bk).view(n_k, heads, p, rows, cols)
+                torch.sub(ok.unsqueeze(2), err, out=err)
             else:
-                sc, zp = scales[c].T.reshape(1, heads, 1, p, 1), zps[c].T.reshape(1, heads, 1, p, 1)
                 b_hat = fake_quant_nograd(bk.unsqueeze(3), sc, zp, bits).view(n_k, heads, inner, p * cols)
-                prod = (ak @ b_hat).view(n_k, heads, rows, p, cols).sub_(ok.unsqueeze(3))
-                res.append(prod.pow_(2).sum(dim=(0, 2, 4), dtype=torch.float64).T)
-        return torch.cat(res, 0)
-
-    return pruned_totals(evaluate, scales.shape[0], num_chunks, keep_rtol=tie_rtol(bits))
+                prod = torch.matmul(ak, b_hat).view(n_k, heads, rows, p, cols)
+                err = torch.empty(n_k, heads, p, rows, cols, dtype=prod.dtype, device=prod.device)
+                torch.sub(ok.unsqueeze(2), prod.transpose(2, 3), out=err)
+            errors[s:e, sl] = err.pow_(2).mean(dim=(3, 4)).permute(2, 0, 1)
+    return errors

@@ -8,7 +8,16 @@ A uniform quantizer maps every value in ``[t_{j-1}, t_j)`` to the same level, wi
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def sort_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` (groups, n) sorted ascending (NumPy's vectorised sort for CPU float32, several
+    times faster than ``torch.sort`` there; the sorted values are the same)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(np.sort(x.detach().contiguous().numpy(), axis=-1))
+    return torch.sort(x, dim=-1).values
 
 
 class SortedValues:
@@ -17,10 +26,11 @@ class SortedValues:
     Args:
         x: ``(groups, n)``: each row is quantized on its own (a weight row, a channel, or the whole
             tensor as a single row).
+        presorted: ``x`` is already sorted along its rows (e.g. by :func:`sort_rows`).
     """
 
-    def __init__(self, x: torch.Tensor) -> None:
-        vals = torch.sort(x.double(), dim=-1).values
+    def __init__(self, x: torch.Tensor, presorted: bool = False) -> None:
+        vals = (x if presorted else sort_rows(x)).double()
         zero = torch.zeros(vals.shape[0], 1, dtype=torch.float64, device=vals.device)
         self.sorted = vals.contiguous()
         self.s1 = torch.cat([zero, vals.cumsum(-1)], dim=-1)
@@ -39,11 +49,9 @@ class SortedValues:
         first = torch.zeros(g, p, 1, dtype=pos.dtype, device=pos.device)
         last = torch.full((g, p, 1), self.n, dtype=pos.dtype, device=pos.device)
         bounds = torch.cat([first, pos, last], dim=-1)  # (G, P, qmax + 2) segment edges
-        lo, hi = bounds[..., :-1], bounds[..., 1:]
-        s1 = self.s1.unsqueeze(1).expand(-1, p, -1)
-        s2 = self.s2.unsqueeze(1).expand(-1, p, -1)
-        seg1 = s1.gather(-1, hi) - s1.gather(-1, lo)
-        seg2 = s2.gather(-1, hi) - s2.gather(-1, lo)
-        count = (hi - lo).double()
+        flat = bounds.view(g, -1)  # prefix sums at every edge, once; segments are their differences
+        seg1 = self.s1.gather(-1, flat).view(g, p, qmax + 2).diff(dim=-1)
+        seg2 = self.s2.gather(-1, flat).view(g, p, qmax + 2).diff(dim=-1)
+        count = bounds.diff(dim=-1).double()
         levels = (torch.arange(qmax + 1, dtype=torch.float64, device=s.device) - z) * s  # (G, P, qmax+1)
         return (seg2 - 2 * levels * seg1 + count * levels * levels).sum(-1)
