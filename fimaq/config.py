@@ -63,7 +63,8 @@ class CalibConfig:
         search_rounds: alternating weight/activation rounds after the initial search.
         batch_size: images per forward pass while capturing.
         candidate_chunk: candidates evaluated at once (bounds memory; no effect on the result).
-        images_per_chunk: images per slice of the pruned output-error searches (speed only).
+        images_per_chunk: images per slice of the output-error searches and of the matmul sweeps (speed
+            only).
         fold_layernorm: fold per-channel input scales of qkv/fc1/reduction into the preceding LayerNorm.
         recapture_after_fold: capture a unit's remaining layers again after a fold (bit-faithful to the
             reference's float rounding; off saves one forward pass per fold).
