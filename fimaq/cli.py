@@ -328,8 +328,7 @@ class FimaqTrainer(L.Trainer):
             check_images: calibration images the checks run on.
         """
         from fimaq.errors import require_int
-        from fimaq.export import export_copy, export_quantized
-        from fimaq.export_onnx import export_onnx
+        from fimaq.export_onnx import write_exports
 
         if not model.quantized:
             raise FimaqError("export needs --model.init_from a quantized artifact")
@@ -347,26 +346,7 @@ class FimaqTrainer(L.Trainer):
         if not self.is_global_zero:
             return {}
         start = time.perf_counter()
-        net = export_copy(model.net)
-        info = export_quantized(net, model.artifact_meta(), root / "export.safetensors", check_input=images)
-        values: dict[str, Any] = {"export_bytes": info["bytes"], "export_reload_max_abs_diff": 0.0}
-        line = f"export: wrote {info['path']} ({info['bytes'] / 1e6:.2f} MB, reload identical)"
-        if onnx:
-            res = export_onnx(net, root / "model.onnx", images[:2], opset=opset, check_input=images)
-            par = res["parity"]
-            values.update(
-                onnx_bytes=res["bytes"],
-                onnx_max_abs_diff=par["max_abs_diff"],
-                onnx_mean_abs_diff=par["mean_abs_diff"],
-                onnx_mean_limit=par["mean_limit"],
-                onnx_argmax_agreement=par["argmax_agreement"],
-                onnx_forms=res["forms"],
-            )
-            line += (
-                f" and {res['path']} ({res['bytes'] / 1e6:.2f} MB; onnxruntime vs PyTorch on {par['images']} "
-                f"images: max |diff| {par['max_abs_diff']:.2e}, mean {par['mean_abs_diff']:.2e} <= "
-                f"{par['mean_limit']:.2e}, argmax agreement {100 * par['argmax_agreement']:.1f}%)"
-            )
+        values, line = write_exports(model.net, model.artifact_meta(), root, images, onnx=onnx, opset=opset)
         metrics = update_metrics(root, values, {"export": time.perf_counter() - start})
         rank_zero_info(line)
         return metrics

@@ -56,7 +56,7 @@ from torch import nn
 
 from fimaq.artifacts import atomic_write_bytes
 from fimaq.errors import FimaqError
-from fimaq.export import export_copy, quiet_loggers, require_quantized, weight_codes
+from fimaq.export import export_copy, export_quantized, quiet_loggers, require_quantized, weight_codes
 from fimaq.layers import QuantConv2d, QuantLinear
 from fimaq.quant.quantizer import UniformQuantizer
 
@@ -361,3 +361,33 @@ __all__ = [
     "onnx_session",
     "qdq_form",
 ]
+
+
+def write_exports(
+    net: nn.Module, meta: dict[str, Any], root: Path, images: torch.Tensor, onnx: bool = True, opset: int = 18
+) -> tuple[dict[str, Any], str]:
+    """Write ``root/export.safetensors`` (and ``root/model.onnx``), each checked on ``images`` first.
+
+    Returns the values for ``metrics.json`` and a one-line summary.
+    """
+    net = export_copy(net)
+    info = export_quantized(net, meta, Path(root) / "export.safetensors", check_input=images)
+    values: dict[str, Any] = {"export_bytes": info["bytes"], "export_reload_max_abs_diff": 0.0}
+    line = f"export: wrote {info['path']} ({info['bytes'] / 1e6:.2f} MB, reload identical)"
+    if onnx:
+        res = export_onnx(net, Path(root) / "model.onnx", images[:2], opset=opset, check_input=images)
+        par = res["parity"]
+        values.update(
+            onnx_bytes=res["bytes"],
+            onnx_max_abs_diff=par["max_abs_diff"],
+            onnx_mean_abs_diff=par["mean_abs_diff"],
+            onnx_mean_limit=par["mean_limit"],
+            onnx_argmax_agreement=par["argmax_agreement"],
+            onnx_forms=res["forms"],
+        )
+        line += (
+            f" and {res['path']} ({res['bytes'] / 1e6:.2f} MB; onnxruntime vs PyTorch on {par['images']} "
+            f"images: max |diff| {par['max_abs_diff']:.2e}, mean {par['mean_abs_diff']:.2e} <= "
+            f"{par['mean_limit']:.2e}, argmax agreement {100 * par['argmax_agreement']:.1f}%)"
+        )
+    return values, line
