@@ -226,9 +226,20 @@ def reconstruct_model(
             net, images, targets, fisher_cfg, seed=cfg.seed, shard=(n_total, lo, hi), precision=precision
         )
     ctx = _Context(
-        net, units, images, cfg, fisher_cfg, fisher, report, cache_device, dtype, logger, precision, progress
+        net,
+        units,
+        images,
+        cfg,
+        fisher_cfg,
+        fisher,
+        report,
+        cache_device,
+        dtype,
+        logger,
+        precision,
+        progress,
+        (n_total, lo, hi),
     )
-    ctx.shard = (n_total, lo, hi)
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
     try:
@@ -283,7 +294,7 @@ class _Context:
     logger: Any
     precision: Any
     progress: bool
-    shard: tuple[int, int, int] = (0, 0, 0)  # (n_total, lo, hi) of this rank's images
+    shard: tuple[int, int, int]  # (n_total, lo, hi) of this rank's images
 
 
 def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], description: str) -> None:
