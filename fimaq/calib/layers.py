@@ -11,6 +11,7 @@ from fimaq.config import CalibConfig
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
 from fimaq.quant import grids, search
 from fimaq.quant.fake_quant import fake_quant
+from fimaq.quant.int_sweep import int_matmul_available, product_sse
 
 
 def _pick(grid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,8 @@ def search_linear(
         if a_bits is not None and not _same(wq, a_used_for):
             a_used_for = wq
             w_hat = fake_quant(w, wq[0], wq[1], w_bits) if wq is not None else w
-            sse = search.act_output_sse(x, w_hat, bias, y, a_s, a_z, a_bits, chunk, rows_per_chunk)
+            w_q = None if wq is None else (w, wq[0], wq[1], w_bits)
+            sse = search.act_output_sse(x, w_hat, bias, y, a_s, a_z, a_bits, chunk, rows_per_chunk, w_q)
             ai = int(
                 search.resolve_near_ties(
                     sse,
@@ -244,12 +246,25 @@ def calibrate_matmul(
             other_a = a[:, todo] if op == "A" else quantized("A", a)[:, todo]
             other_b = quantized("B", b)[:, todo] if op == "A" else b[:, todo]
             sub_out = out[:, todo]
-            errors = search.matmul_image_errors(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
-            idx = search.resolve_near_ties(
-                errors.sum(dim=1, dtype=torch.float64),
-                lambda c, g: ref.matmul_error_from_images(errors, c, g, cfg.batch_size),
-                search.tie_rtol(bits[op]),
-            )
+
+            def reference(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+                # per-image float32 errors do not depend on which candidates are stacked with them
+                sub = (other_a[:, g], other_b[:, g], sub_out[:, g], s[c][:, g], z[c][:, g])
+                errs = search.matmul_image_errors(*sub, bits[op], op, chunk, ipc)
+                everyone = (torch.arange(c.numel()), torch.arange(g.numel()))
+                return ref.matmul_error_from_images(errs, *everyone, cfg.batch_size)
+
+            if bits[other] is not None and int_matmul_available(a.device):
+                os_, oz = qparams(other)
+                y_q = (os_[todo], oz[todo], bits[other])
+                ops = (a[:, todo], b[:, todo], sub_out)
+                if op == "B":  # (A B)^T = B^T A^T: sweep the left operand of the transposed product
+                    ops = tuple(v.transpose(-1, -2).contiguous() for v in (ops[1], ops[0], ops[2]))
+                totals = product_sse(*ops, y_q, s, z, bits[op]).sum(dim=1)
+            else:
+                errs = search.matmul_image_errors(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
+                totals = errs.sum(dim=1, dtype=torch.float64)
+            idx = search.resolve_near_ties(totals, reference, search.tie_rtol(bits[op]))
             for j, h in enumerate(todo.tolist()):
                 memo[keys[h]] = int(idx[j])
         idx = torch.tensor([memo[k] for k in keys], dtype=torch.long)

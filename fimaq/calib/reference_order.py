@@ -57,8 +57,8 @@ def linear_act_error(
     sc, zp = scales[cands], zps[cands]
     total = None
     for b0 in range(0, x.shape[0], batch_size):
-        xb = x[b0 : b0 + batch_size].unsqueeze(-1)
-        x_sim = fake_quant_nograd(xb, sc, zp, bits).movedim(-1, -2)  # (b, tokens, p, in)
+        xb = x[b0 : b0 + batch_size].unsqueeze(-2)
+        x_sim = fake_quant_nograd(xb, sc.view(-1, 1), zp.view(-1, 1), bits)  # (b, tokens, p, in), contiguous
         out = F.linear(x_sim, w_hat, bias)
         err = (y[b0 : b0 + batch_size].unsqueeze(-2) - out).pow_(2).mean(dim=-1)
         part = err.mean(dim=tuple(range(1, err.ndim - 1))).sum(dim=0)

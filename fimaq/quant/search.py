@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from fimaq.quant.fake_quant import fake_quant
+from fimaq.quant.int_sweep import int_matmul_available, product_sse
 from fimaq.quant.sorted_sse import SortedValues, sort_rows
 
 ChunkEval = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate indices, chunk) -> (n, groups) SSE
@@ -189,17 +190,37 @@ def act_output_sse(
     bits: int,
     chunk: int,
     rows_per_chunk: int,
+    w_qparams: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Output squared error ``||x_hat W_hat^T + b - y||^2`` of each per-tensor input candidate, (P, 1);
-    ``inf`` for candidates pruned as more than 1e-4 worse than the best."""
+    ``inf`` for candidates pruned as more than 1e-4 worse than the best.
+
+    ``w_qparams``: (float weight, row scales, row zero points, bits) of ``w_hat`` where the weight is
+    quantized: layers with at least as many inputs as outputs then take exact int8 products
+    (:func:`fimaq.quant.int_sweep.product_sse`) on CPU.
+    """
     num_chunks = -(-x.shape[0] // rows_per_chunk)
 
     target = y - bias
     gram = (w_hat.T @ w_hat) if w_hat.shape[1] < w_hat.shape[0] else None
+    use_int = gram is None and w_qparams is not None and int_matmul_available(x.device)
 
     def evaluate(cands: torch.Tensor, k: int) -> torch.Tensor:
         rows = slice(k * rows_per_chunk, (k + 1) * rows_per_chunk)
         xs, ts = x[rows], target[rows]
+        if use_int:
+            w, ws, wz, w_bits = w_qparams
+            y_q = (ws.reshape(1, -1), wz.reshape(1, -1), w_bits)
+            sse = product_sse(
+                xs.view(1, 1, *xs.shape),
+                w.T.view(1, 1, *w.T.shape),
+                ts.view(1, 1, *ts.shape),
+                y_q,
+                scales[cands].view(-1, 1),
+                zps[cands].view(-1, 1),
+                bits,
+            )
+            return sse.view(-1, 1)
         if gram is not None:  # ||D W^T + R||^2 = <D G, D> + 2 <D, R W> + ||R||^2, cheaper when in < out
             resid = xs @ w_hat.T - ts
             proj = resid @ w_hat

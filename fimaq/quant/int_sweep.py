@@ -1,0 +1,130 @@
+"""Exact integer products for ranking the candidates of one operand of a quantized product.
+
+With both operands quantized, ``X_hat @ Y_hat = s_x s_y (L_x - z_x) @ (L_y - z_y)``: the product of
+two small integer matrices, computed exactly by an int8 matrix multiply (int32 accumulation), several
+times faster on CPU than the float32 product of the dequantized operands. Codes ``L - z`` lie in
+``[-127, 127]`` below 8 bits; at 8 bits the codes are stored as ``L - 128`` and the offsets
+``128 - z`` enter as row and column sums:
+
+    (X + a)(Y + b) = X Y + b rowsum(X) 1^T + a 1 colsum(Y)^T + a b k
+
+Every integer stays below 2^24, so the float32 sums are exact as well. The squared error against the
+float target is then accumulated in float64: the ranking of the candidates is that of the exact
+errors (up to float32 rounding of the final scaling); the searches re-score near-ties the reference's
+way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_INT_MM_OK: dict[str, bool] = {}
+
+
+def int_matmul_available(device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` runs on ``device`` (CPU builds since torch 2.2)."""
+    key = str(device)
+    if key not in _INT_MM_OK:
+        try:
+            a = torch.ones(32, 32, dtype=torch.int8, device=device)
+            _INT_MM_OK[key] = bool((torch._int_mm(a, a) == 32).all())
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT_MM_OK[key] = False
+    return _INT_MM_OK[key] and torch.device(device).type == "cpu"
+
+
+_STEP_ELEMENTS = 2**25  # product elements per step (bounds memory: int32 and float32 copies)
+
+
+def _int8_codes(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Codes minus zero point, ``clamp(round(x / s), -z, 2^b - 1 - z)``, as int8; at 8 bits the codes
+    minus 128 instead (``z - 128`` added), which fit int8 whatever the zero point.
+
+    ``buffers``: preallocated (float32, int8) tensors of the broadcast shape, reused across calls
+    (fresh large allocations cost page faults on every step).
+    """
+    if buffers is None:
+        shape = torch.Size(max(u, v) for u, v in zip(x.shape, scale.shape, strict=True))
+        buffers = (torch.empty(shape, device=x.device), torch.empty(shape, dtype=torch.int8, device=x.device))
+    t, codes = buffers
+    torch.div(x, scale, out=t).round_()
+    torch.maximum(t, -zero_point, out=t)
+    torch.minimum(t, 2**bits - 1 - zero_point, out=t)
+    if bits == 8:
+        t.add_(zero_point - 128)
+    return codes.copy_(t)
+
+
+def product_sse(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor,
+    y_qparams: tuple[torch.Tensor, torch.Tensor, int],
+    scales: torch.Tensor,
+    zps: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """Squared error ``||out - X_hat_c @ Y_hat||^2`` per (candidate, image, group), (P, n, G) float64.
+
+    Args:
+        x: the swept operand (n, G, r, k), float.
+        y: the other operand (n, G, k, c) or one for all images (1, G, k, c), float; quantized with
+            ``y_qparams`` = (scale, zero point, bits), scale and zero point per group (G,) or per
+            group and column (G, c).
+        out: the target (n, G, r, c).
+        scales: candidate scales of ``x``, (P, G); ``zps`` their zero points.
+        bits: bit-width of ``x`` (2..8).
+    """
+    n, g, r, k = x.shape
+    c = y.shape[-1]
+    num = scales.shape[0]
+    y_scale, y_zp, y_bits = y_qparams
+    y_scale, y_zp = y_scale.view(1, g, 1, -1), y_zp.view(1, g, 1, -1)
+    y8 = _int8_codes(y, y_scale, y_zp, y_bits)
+    shared = y8.shape[0] == 1
+    y_colsum = y8.sum(dim=2, dtype=torch.int32).unsqueeze(2).unsqueeze(2)  # (n, G, 1, 1, c)
+    y_off = None
+    if y_bits == 8:  # a column of ones: the product's last column is then the row sums of X
+        y_off = (128 - y_zp).to(torch.int32).view(g, 1, 1, -1)
+        y8 = torch.cat([y8, torch.ones_like(y8[..., :1])], dim=-1)
+    cols = y8.shape[-1]
+    errors = torch.empty(num, n, g, dtype=torch.float64, device=x.device)
+    step = max(1, min(num, _STEP_ELEMENTS // (g * r * c)))
+    dev = x.device
+    bufs = tuple(torch.empty(1, g, step, r, k, dtype=t, device=dev) for t in (torch.float32, torch.int8))
+    prod_buf = torch.empty(g, step * r, cols, dtype=torch.int32, device=dev)
+    val_buf = torch.empty(g * step * r * c, device=dev)
+    for s0 in range(0, num, step):
+        e0 = min(num, s0 + step)
+        p = e0 - s0
+        sc = scales[s0:e0].T.reshape(1, g, p, 1, 1)
+        zp = zps[s0:e0].T.reshape(1, g, p, 1, 1)
+        sigma = sc * y_scale.unsqueeze(2)
+        x_off = (128 - zps[s0:e0]).T.to(torch.int32).reshape(g, p, 1, 1)
+        buffers = tuple(b[:, :, :p] for b in bufs) if p < step else bufs
+        prod = prod_buf[:, : p * r]
+        val = val_buf[: g * p * r * c].view(1, g, p, r, c)
+        for i in range(n):
+            x8 = _int8_codes(x[i : i + 1].unsqueeze(2), sc, zp, bits, buffers)  # (1, G, p, r, k)
+            flat = x8.view(g, p * r, k)
+            for h in range(g):
+                torch._int_mm(flat[h], y8[0 if shared else i, h], out=prod[h])
+            exact = prod.view(g, p, r, cols)[..., :c]  # the integer product; offsets added in int32
+            if bits == 8:
+                exact.add_(x_off * y_colsum[0 if shared else i])
+            if y_bits == 8:
+                rows = prod.view(g, p, r, cols)[..., c:]
+                if bits == 8:
+                    rows = rows + x_off * k
+                exact.add_(rows * y_off)
+            val.copy_(exact.unsqueeze(0)).mul_(sigma)
+            val.sub_(out[i : i + 1].unsqueeze(2))
+            norms = torch.linalg.vector_norm(val.view(g, p, r * c), dim=-1)
+            errors[s0:e0, i] = norms.double().pow_(2).T
+    return errors
