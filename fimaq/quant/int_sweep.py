@@ -88,11 +88,15 @@ def product_sse(
     y_scale, y_zp = y_scale.view(1, g, 1, -1), y_zp.view(1, g, 1, -1)
     y8 = _int8_codes(y, y_scale, y_zp, y_bits)
     shared = y8.shape[0] == 1
-    y_colsum = y8.sum(dim=2, dtype=torch.int32).unsqueeze(2).unsqueeze(2)  # (n, G, 1, 1, c)
     y_off = None
     if y_bits == 8:  # a column of ones: the product's last column is then the row sums of X
         y_off = (128 - y_zp).to(torch.int32).view(g, 1, 1, -1)
+        y_off = torch.cat([y_off.expand(g, 1, 1, c), torch.zeros_like(y_off[..., :1])], dim=-1)
         y8 = torch.cat([y8, torch.ones_like(y8[..., :1])], dim=-1)
+    # column sums padded like the product (the ones column gets no offset), (n, G, 1, 1, cols)
+    y_colsum = y8[..., :c].sum(dim=2, dtype=torch.int32).unsqueeze(2).unsqueeze(2)
+    if y_bits == 8:
+        y_colsum = torch.cat([y_colsum, torch.zeros_like(y_colsum[..., :1])], dim=-1)
     cols = y8.shape[-1]
     errors = torch.empty(num, n, g, dtype=torch.float64, device=x.device)
     step = max(1, min(num, _STEP_ELEMENTS // (g * r * c)))
@@ -115,14 +119,13 @@ def product_sse(
             flat = x8.view(g, p * r, k)
             for h in range(g):
                 torch._int_mm(flat[h], y8[0 if shared else i, h], out=prod[h])
-            exact = prod.view(g, p, r, cols)[..., :c]  # the integer product; offsets added in int32
+            full = prod.view(g, p, r, cols)  # the integer product; offsets added in int32 (contiguous)
             if bits == 8:
-                exact.add_(x_off * y_colsum[0 if shared else i])
+                full.add_(x_off * y_colsum[0 if shared else i])
             if y_bits == 8:
-                rows = prod.view(g, p, r, cols)[..., c:]
-                if bits == 8:
-                    rows = rows + x_off * k
-                exact.add_(rows * y_off)
+                rows = full[..., c:]  # row sums of X (unchanged by the add above)
+                full.add_((rows + x_off * k if bits == 8 else rows) * y_off)
+            exact = full[..., :c]
             val.copy_(exact.unsqueeze(0)).mul_(sigma)
             val.sub_(out[i : i + 1].unsqueeze(2))
             norms = torch.linalg.vector_norm(val.view(g, p, r * c), dim=-1)
