@@ -11,7 +11,6 @@ from fimaq.config import CalibConfig
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
 from fimaq.quant import grids, search
 from fimaq.quant.fake_quant import fake_quant
-from fimaq.quant.int_sweep import int_matmul_available, product_sse
 
 
 def _pick(grid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -187,12 +186,6 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
     layer.w_quantizer.set_qparams(scale, zp)
 
 
-def _int_sweep(bits: int, other_bits: int | None, device: torch.device) -> bool:
-    """Whether a matmul sweep ranks its candidates by exact int8 products: both operands quantized
-    below 8 bits, on CPU (at 8 bits the offset corrections cost what the int8 product saves)."""
-    return other_bits is not None and max(bits, other_bits) < 8 and int_matmul_available(device)
-
-
 def calibrate_matmul(
     layer: QuantMatMul, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: CalibConfig
 ) -> None:
@@ -253,26 +246,12 @@ def calibrate_matmul(
             other_b = quantized("B", b)[:, todo] if op == "A" else b[:, todo]
             sub_out = out[:, todo]
 
-            if _int_sweep(bits[op], bits[other], a.device):
-                os_, oz = qparams(other)
-                ops = (a[:, todo], b[:, todo], sub_out)
-                if op == "B":  # (A B)^T = B^T A^T: sweep the left operand of the transposed product
-                    ops = tuple(v.transpose(-1, -2).contiguous() for v in (ops[1], ops[0], ops[2]))
-                totals = product_sse(*ops, (os_[todo], oz[todo], bits[other]), s, z, bits[op]).sum(dim=1)
+            # one float32 pass serves the exact ranking and the reference order of near-ties
+            errors = search.matmul_image_errors(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
+            totals = errors.sum(dim=1, dtype=torch.float64)
 
-                def reference(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-                    # per-image float32 errors do not depend on which candidates are stacked with them
-                    sub = (other_a[:, g], other_b[:, g], sub_out[:, g], s[c][:, g], z[c][:, g])
-                    errs = search.matmul_image_errors(*sub, bits[op], op, chunk, ipc)
-                    everyone = (torch.arange(c.numel()), torch.arange(g.numel()))
-                    return ref.matmul_error_from_images(errs, *everyone, cfg.batch_size)
-
-            else:  # one float32 pass serves the ranking and the reference order of near-ties
-                errors = search.matmul_image_errors(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
-                totals = errors.sum(dim=1, dtype=torch.float64)
-
-                def reference(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-                    return ref.matmul_error_from_images(errors, c, g, cfg.batch_size)
+            def reference(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+                return ref.matmul_error_from_images(errors, c, g, cfg.batch_size)
 
             idx = search.resolve_near_ties(totals, reference, search.tie_rtol(bits[op]))
             for j, h in enumerate(todo.tolist()):

@@ -68,16 +68,28 @@ def pruned_totals(
 
 
 def fake_quant_nograd(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fake_quant`` without autograd, in place: ``s * (clamp(round(x / s) + zp, 0, qmax) - zp)``.
 
     Bit-identical to ``fake_quant`` (the rounded values and zero points are small integers, so adding
     and removing the zero point is exact); clamping to scalar bounds is much faster than to per-group
-    tensors. The result is contiguous in the broadcast shape.
+    tensors. The result is contiguous in the broadcast shape, written to ``out`` when given (a reused
+    buffer spares the page faults of a fresh large allocation).
     """
-    shape = torch.broadcast_shapes(x.shape, scale.shape, zero_point.shape)
-    t = torch.div(x, scale, out=torch.empty(shape, dtype=x.dtype, device=x.device))
+    if out is None:
+        if x.ndim == scale.ndim == zero_point.ndim:
+            shape = torch.Size(
+                max(u, v, w) for u, v, w in zip(x.shape, scale.shape, zero_point.shape, strict=True)
+            )
+        else:
+            shape = torch.broadcast_shapes(x.shape, scale.shape, zero_point.shape)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    t = torch.div(x, scale, out=out)
     t.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point)
     return t.mul_(scale)
 
@@ -267,6 +279,11 @@ def matmul_image_errors(
     n, heads, rows, inner = a.shape
     cols = b.shape[-1]
     errors = torch.empty(scales.shape[0], n, heads, dtype=torch.float32, device=a.device)
+    ipc, step = min(n, images_per_chunk), min(chunk, scales.shape[0])
+    op_shape = (ipc, heads, step, rows, inner) if operand == "A" else (ipc, heads, inner, step, cols)
+    op_buf = torch.empty(op_shape, dtype=a.dtype, device=a.device).view(-1)
+    prod_buf = torch.empty(ipc * heads * step * rows * cols, dtype=a.dtype, device=a.device)
+    err_buf = torch.empty_like(prod_buf)
     for s, e in _candidate_chunks(scales.shape[0], chunk):
         p = e - s
         if operand == "A":
@@ -277,14 +294,19 @@ def matmul_image_errors(
             sl = slice(i0, i0 + images_per_chunk)
             ak, bk, ok = a[sl], b[sl], out[sl]
             n_k = ak.shape[0]
+            size = n_k * heads * p * rows * cols
+            err = err_buf[:size].view(n_k, heads, p, rows, cols)
             if operand == "A":
-                a_hat = fake_quant_nograd(ak.unsqueeze(2), sc, zp, bits).view(n_k, heads, p * rows, inner)
-                err = torch.matmul(a_hat, bk).view(n_k, heads, p, rows, cols)
-                torch.sub(ok.unsqueeze(2), err, out=err)
+                a_hat = op_buf[: n_k * heads * p * rows * inner].view(n_k, heads, p, rows, inner)
+                a_hat = fake_quant_nograd(ak.unsqueeze(2), sc, zp, bits, out=a_hat)
+                prod = prod_buf[:size].view(n_k, heads, p * rows, cols)
+                torch.matmul(a_hat.view(n_k, heads, p * rows, inner), bk, out=prod)
+                torch.sub(ok.unsqueeze(2), prod.view(n_k, heads, p, rows, cols), out=err)
             else:
-                b_hat = fake_quant_nograd(bk.unsqueeze(3), sc, zp, bits).view(n_k, heads, inner, p * cols)
-                prod = torch.matmul(ak, b_hat).view(n_k, heads, rows, p, cols)
-                err = torch.empty(n_k, heads, p, rows, cols, dtype=prod.dtype, device=prod.device)
-                torch.sub(ok.unsqueeze(2), prod.transpose(2, 3), out=err)
+                b_hat = op_buf[: n_k * heads * inner * p * cols].view(n_k, heads, inner, p, cols)
+                b_hat = fake_quant_nograd(bk.unsqueeze(3), sc, zp, bits, out=b_hat)
+                prod = prod_buf[:size].view(n_k, heads, rows, p * cols)
+                torch.matmul(ak, b_hat.view(n_k, heads, inner, p * cols), out=prod)
+                torch.sub(ok.unsqueeze(2), prod.view(n_k, heads, rows, p, cols).transpose(2, 3), out=err)
             errors[s:e, sl] = err.pow_(2).mean(dim=(3, 4)).permute(2, 0, 1)
     return errors
