@@ -113,12 +113,18 @@ def test_weight_output_search_equals_brute_force():
     w, b = torch.randn(6, 12), torch.randn(6)
     x, y = torch.randn(50, 12), torch.randn(50, 6)
     scales, zps = grids.weight_grid(w, 3, 32)
-    got = search.weight_output_sse(w, b, x, y, scales, zps, 3, chunk=5).argmin(0)
+    vals = search.weight_output_sse(w, b, x, y, scales, zps, 3, chunk=5)
     brute = []
     for c in range(scales.shape[0]):
         w_hat = fake_quant(w, scales[c], zps[c], 3)
         brute.append(((x.double() @ w_hat.double().T + b.double() - y.double()) ** 2).sum(0))
-    assert torch.equal(got, torch.stack(brute).argmin(0))
+    brute = torch.stack(brute)
+    assert torch.equal(vals.argmin(0), brute.argmin(0))
+    kept = torch.isfinite(vals)  # scored exactly; the others are clearly worse than their row's best
+    torch.testing.assert_close(vals[kept], brute[kept], rtol=1e-7, atol=1e-9)
+    best = brute.min(0).values.expand_as(brute)
+    assert (brute[~kept] > best[~kept] * (1 + search.PREFILTER_RTOL / 2)).all()
+    assert (brute <= best * (1 + search.PREFILTER_RTOL / 2))[~kept].sum() == 0
 
 
 def test_act_output_search_equals_brute_force():
@@ -198,7 +204,9 @@ def test_reference_order_errors_equal_exact_errors():
     ws, wz = grids.weight_grid(w, 3, 32)
     rows, cands = torch.tensor([1, 4]), torch.tensor([0, 5, 30])
     got = ref.linear_weight_error(w, b, x, y, ws, wz, 3, cands, rows, batch_size=4)
-    exact = search.weight_output_sse(w, b, x.view(-1, d_in), y.view(-1, d_out), ws, wz, 3, 8)[cands][:, rows]
+    exact = torch.stack(
+        [((x @ fake_quant(w, ws[c], wz[c], 3).T + b - y).double() ** 2).sum((0, 1))[rows] for c in cands]
+    )
     torch.testing.assert_close(got.double() * tokens, exact, rtol=1e-4, atol=1e-6)
     a_s, a_z = grids.activation_grid(x, 3, 32)
     got_a = ref.linear_act_error(x, w, b, y, a_s, a_z, 3, cands, batch_size=4)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import torch
 
-from fimaq.quant.fake_quant import fake_quant
 from fimaq.quant.int_sweep import int_matmul_available, product_sse
 from fimaq.quant.sorted_sse import SortedValues, sort_rows
 
@@ -125,6 +124,9 @@ def weight_self_sse(w: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor, bi
     return _self_sse(w, scales[..., 0].T, zps[..., 0].T, bits)
 
 
+PREFILTER_RTOL = 2e-3  # float32 Gram products are within ~5e-5 of the exact errors; 40x margin
+
+
 def weight_output_sse(
     w: torch.Tensor,
     bias: torch.Tensor,
@@ -135,22 +137,35 @@ def weight_output_sse(
     bits: int,
     chunk: int,
 ) -> torch.Tensor:
-    """Layer-output squared error ``||x W_hat^T + b - y||^2`` of every candidate per row, (P, rows).
+    """Layer-output squared error ``||x W_hat^T + b - y||^2`` of every candidate per row, (P, rows);
+    ``inf`` for candidates more than ``PREFILTER_RTOL`` worse than a row's best.
 
     Each output row depends only on its weight row, so with ``d = w_hat - w`` and ``r = x w + b - y``
     the error is ``d^T (x^T x) d + 2 d^T x^T r + ||r||^2``: one Gram matrix instead of one matmul per
-    candidate. ``x`` (M, in) is the (already quantized) input, ``y`` (M, out) the FP output.
+    candidate. ``x`` (M, in) is the (already quantized) input, ``y`` (M, out) the FP output. Every
+    candidate is first scored with float32 Gram products; those within ``PREFILTER_RTOL`` of their
+    row's best (all near-ties among them) are then scored in float64.
     """
     xd = x.double()
     gram = xd.T @ xd
     resid = xd @ w.double().T + bias.double() - y.double()
     cross = (xd.T @ resid).T  # (out, in)
     const = resid.pow(2).sum(0)
-    vals = []
+    gram32, cross32 = gram.float(), cross.float()
+    approx = []
     for s, e in _candidate_chunks(scales.shape[0], chunk):
-        d = (fake_quant(w.unsqueeze(0), scales[s:e], zps[s:e], bits) - w.unsqueeze(0)).double()
-        vals.append(((d @ gram) * d).sum(-1) + 2 * (d * cross.unsqueeze(0)).sum(-1) + const)
-    return torch.cat(vals, 0)
+        d = fake_quant_nograd(w.unsqueeze(0), scales[s:e], zps[s:e], bits).sub_(w)
+        quad = (d @ gram32).mul_(d).sum(-1, dtype=torch.float64)
+        approx.append(quad + 2 * (d * cross32).sum(-1, dtype=torch.float64) + const)
+    approx = torch.cat(approx, 0)
+    best = approx.min(dim=0).values
+    cand, row = (approx <= best + PREFILTER_RTOL * best.abs()).nonzero(as_tuple=True)
+    vals = torch.full_like(approx, torch.inf)
+    for s, e in _candidate_chunks(cand.numel(), chunk * 64):
+        c, r = cand[s:e], row[s:e]
+        d = (fake_quant_nograd(w[r], scales[c, r], zps[c, r], bits) - w[r]).double()
+        vals[c, r] = ((d @ gram) * d).sum(-1) + 2 * (d * cross[r]).sum(-1) + const[r]
+    return vals
 
 
 def resolve_near_ties(
