@@ -245,15 +245,12 @@ def calibrate_matmul(
             other_a = a[:, todo] if op == "A" else quantized("A", a)[:, todo]
             other_b = quantized("B", b)[:, todo] if op == "A" else b[:, todo]
             sub_out = out[:, todo]
-
-            # one float32 pass serves the exact ranking and the reference order of near-ties
             errors = search.matmul_image_errors(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
-            totals = errors.sum(dim=1, dtype=torch.float64)
-
-            def reference(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-                return ref.matmul_error_from_images(errors, c, g, cfg.batch_size)
-
-            idx = search.resolve_near_ties(totals, reference, search.tie_rtol(bits[op]))
+            idx = search.resolve_near_ties(
+                errors.sum(dim=1, dtype=torch.float64),
+                lambda c, g: ref.matmul_error_from_images(errors, c, g, cfg.batch_size),
+                search.tie_rtol(bits[op]),
+            )
             for j, h in enumerate(todo.tolist()):
                 memo[keys[h]] = int(idx[j])
         idx = torch.tensor([memo[k] for k in keys], dtype=torch.long)
