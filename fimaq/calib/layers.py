@@ -245,11 +245,14 @@ def calibrate_matmul(
             other_a = a[:, todo] if op == "A" else quantized("A", a)[:, todo]
             other_b = quantized("B", b)[:, todo] if op == "A" else b[:, todo]
             sub_out = out[:, todo]
-            errors = search.matmul_image_errors(other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc)
+            rtol = search.tie_rtol(bits[op])
+            totals, errors = search.matmul_sweep(
+                other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc, keep_rtol=rtol
+            )
             idx = search.resolve_near_ties(
-                errors.sum(dim=1, dtype=torch.float64),
+                totals,
                 lambda c, g: ref.matmul_error_from_images(errors, c, g, cfg.batch_size),
-                search.tie_rtol(bits[op]),
+                rtol,
             )
             for j, h in enumerate(todo.tolist()):
                 memo[keys[h]] = int(idx[j])

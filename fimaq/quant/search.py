@@ -281,6 +281,7 @@ def matmul_image_errors(
     operand: str,
     chunk: int,
     images_per_chunk: int,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Mean squared error of the product against the FP ``out``, per (candidate, image, head), for each
     candidate of one operand of ``a @ b`` (the other already quantized as given): (P, n, H) float32.
@@ -290,15 +291,17 @@ def matmul_image_errors(
     (summed in float64) and the reference's float32 order on near-ties
     (:func:`fimaq.calib.reference_order.matmul_error_from_images`). Candidates are stacked along the
     rows (A) or columns (B) of one larger product per head: the product's values do not depend on it.
+    ``workspace``: a dict whose buffers are reused across calls.
     """
     n, heads, rows, inner = a.shape
     cols = b.shape[-1]
     errors = torch.empty(scales.shape[0], n, heads, dtype=torch.float32, device=a.device)
     ipc, step = min(n, images_per_chunk), min(chunk, scales.shape[0])
     op_shape = (ipc, heads, step, rows, inner) if operand == "A" else (ipc, heads, inner, step, cols)
-    op_buf = torch.empty(op_shape, dtype=a.dtype, device=a.device).view(-1)
-    prod_buf = torch.empty(ipc * heads * step * rows * cols, dtype=a.dtype, device=a.device)
-    err_buf = torch.empty_like(prod_buf)
+    work = {} if workspace is None else workspace
+    op_buf = _buffer(work, "op", torch.Size(op_shape).numel(), a)
+    prod_buf = _buffer(work, "prod", ipc * heads * step * rows * cols, a)
+    err_buf = _buffer(work, "err", ipc * heads * step * rows * cols, a)
     for s, e in _candidate_chunks(scales.shape[0], chunk):
         p = e - s
         if operand == "A":
@@ -325,3 +328,73 @@ def matmul_image_errors(
                 torch.sub(ok.unsqueeze(2), prod.view(n_k, heads, rows, p, cols).transpose(2, 3), out=err)
             errors[s:e, sl] = err.pow_(2).mean(dim=(3, 4)).permute(2, 0, 1)
     return errors
+
+
+def _buffer(workspace: dict, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements from ``workspace``, grown when too small."""
+    buf = workspace.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def matmul_sweep(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    scales: torch.Tensor,
+    zps: torch.Tensor,
+    bits: int,
+    operand: str,
+    chunk: int,
+    images_per_chunk: int,
+    keep_rtol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`matmul_image_errors` of every candidate of one operand, with exact per-head pruning.
+
+    Returns the total error per (candidate, head), (P, H) float64, ``inf`` for candidates pruned as
+    more than ``keep_rtol`` worse than a head's best, and the per-image errors (P, n, H) float32,
+    complete for every candidate that was not pruned (the rest are NaN).
+
+    All candidates are scored on the first slice of images; each head's best there is scored on every
+    image, and its total bounds that head. A candidate is dropped once its partial sum exceeds the
+    bound (plus ``keep_rtol``): the errors are non-negative, so it can neither win nor tie.
+    """
+    num, heads = scales.shape
+    n = a.shape[0]
+    ipc = max(1, min(n, images_per_chunk))
+    errors = torch.full((num, n, heads), torch.nan, dtype=torch.float32, device=a.device)
+    work: dict = {}
+    everyone = torch.arange(num, device=a.device)
+
+    def run(cands: torch.Tensor, h: int | None, i0: int, i1: int, per_call: int) -> torch.Tensor:
+        hs = slice(None) if h is None else slice(h, h + 1)
+        e = matmul_image_errors(
+            a[i0:i1, hs], b[i0:i1, hs], out[i0:i1, hs], scales[cands][:, hs], zps[cands][:, hs],
+            bits, operand, chunk, per_call, work,
+        )  # fmt: skip
+        errors[cands, i0:i1, hs] = e
+        return e.sum(dim=1, dtype=torch.float64)  # (p, heads in hs)
+
+    partial = run(everyone, None, 0, ipc, ipc)
+    head_idx = torch.arange(heads, device=a.device)
+    seeds = partial.argmin(dim=0)
+    seed_total = partial[seeds, head_idx].clone()
+    if ipc < n:
+        for h in range(heads):  # one candidate: as many images per call as candidates x images before
+            seed_total[h] += run(seeds[h : h + 1], h, ipc, n, ipc * min(chunk, num))[0, 0]
+    bound = seed_total * (1 + keep_rtol)
+    alive = partial <= bound
+    alive[seeds, head_idx] = False
+    for i0 in range(ipc, n, ipc):
+        i1 = min(n, i0 + ipc)
+        for h in range(heads):
+            cands = alive[:, h].nonzero().flatten()
+            if cands.numel() == 0:
+                continue
+            partial[cands, h] += run(cands, h, i0, i1, ipc)[:, 0]
+            alive[cands, h] &= partial[cands, h] <= bound[h]
+    totals = torch.full_like(partial, torch.inf)
+    totals[alive] = partial[alive]
+    totals[seeds, head_idx] = seed_total
+    return totals, errors
