@@ -214,3 +214,19 @@ def test_reference_order_errors_equal_exact_errors():
         [((fake_quant(x, a_s[c], a_z[c], 3) @ w.T + b - y).double() ** 2).sum() for c in cands]
     )
     torch.testing.assert_close(got_a[:, 0].double() * tokens * d_out, exact_a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_sorted_sse_equals_direct_error(bits):
+    from fimaq.quant.sorted_sse import SortedValues
+
+    torch.manual_seed(7)
+    x = torch.randn(20, 500) * torch.linspace(0.1, 5, 20).view(-1, 1) + torch.linspace(-1, 1, 20).view(-1, 1)
+    amax = x.abs().amax(1, keepdim=True)
+    scales = 2 * amax * torch.linspace(0.2, 1.2, 129).view(1, -1) / (2**bits - 1)  # (20, 129): several steps
+    zps = torch.randint(0, 2**bits, (20, 129)).float()
+    got = SortedValues(x).sse(scales, zps, bits)
+    s, z = scales.unsqueeze(-1), zps.unsqueeze(-1)
+    codes = (torch.round(x.unsqueeze(1) / s) + z).clamp(0, 2**bits - 1)  # the float32 level assignment
+    direct = x.unsqueeze(1).double() - (codes.double() - z.double()) * s.double()  # exact in float64
+    torch.testing.assert_close(got, direct.pow(2).sum(-1), rtol=1e-9, atol=1e-12)

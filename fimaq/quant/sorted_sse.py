@@ -38,20 +38,33 @@ class SortedValues:
         self.n = vals.shape[-1]
 
     def sse(self, scales: torch.Tensor, zps: torch.Tensor, bits: int) -> torch.Tensor:
-        """Squared error per (group, candidate) for grids of shape ``(groups, P)``."""
+        """Squared error per (group, candidate) for grids of shape ``(groups, P)``.
+
+        With level values ``v_k = (k - z) s`` and ``pos_i`` the number of values below threshold
+        ``t_i`` (i < 2^b - 1), summing by parts over the segments gives
+        ``sum (x - v_max)^2 + 2 s sum_i S1[pos_i] - s^2 sum_i pos_i (2 i + 1 - 2 z)``: one prefix-sum
+        lookup per threshold. Groups are taken a few at a time so the temporaries stay in cache.
+        """
         qmax = 2**bits - 1
-        s = scales.double().unsqueeze(-1)  # (G, P, 1)
-        z = zps.double().unsqueeze(-1)
-        j = torch.arange(qmax, dtype=torch.float64, device=s.device)
-        thresholds = (j - z + 0.5) * s  # (G, P, qmax)
         g, p = scales.shape
-        pos = torch.searchsorted(self.sorted, thresholds.reshape(g, -1), side="left").view(g, p, qmax)
-        first = torch.zeros(g, p, 1, dtype=pos.dtype, device=pos.device)
-        last = torch.full((g, p, 1), self.n, dtype=pos.dtype, device=pos.device)
-        bounds = torch.cat([first, pos, last], dim=-1)  # (G, P, qmax + 2) segment edges
-        flat = bounds.view(g, -1)  # prefix sums at every edge, once; segments are their differences
-        seg1 = self.s1.gather(-1, flat).view(g, p, qmax + 2).diff(dim=-1)
-        seg2 = self.s2.gather(-1, flat).view(g, p, qmax + 2).diff(dim=-1)
-        count = bounds.diff(dim=-1).double()
-        levels = (torch.arange(qmax + 1, dtype=torch.float64, device=s.device) - z) * s  # (G, P, qmax+1)
-        return (seg2 - 2 * levels * seg1 + count * levels * levels).sum(-1)
+        out = torch.empty(g, p, dtype=torch.float64, device=scales.device)
+        i = torch.arange(qmax, dtype=torch.float64, device=scales.device)
+        step = max(1, _LOOKUPS_PER_STEP // (p * qmax))
+        for g0 in range(0, g, step):
+            rows = slice(g0, min(g, g0 + step))
+            s = scales[rows].double().unsqueeze(-1)  # (g, P, 1)
+            z = zps[rows].double().unsqueeze(-1)
+            m = s.shape[0]
+            pos = torch.searchsorted(self.sorted[rows], ((i - z + 0.5) * s).reshape(m, -1), side="left")
+            lookup = self.s1[rows].gather(-1, pos).view(m, p, qmax).sum(-1)
+            pos = pos.view(m, p, qmax).double()
+            weighted = (pos * i).sum(-1)
+            count = pos.sum(-1)
+            s, z = s[..., 0], z[..., 0]
+            v_max = (qmax - z) * s
+            top = self.s2[rows, -1:] - 2 * v_max * self.s1[rows, -1:] + self.n * v_max * v_max
+            out[rows] = top + 2 * s * lookup - s * s * (2 * weighted + (1 - 2 * z) * count)
+        return out
+
+
+_LOOKUPS_PER_STEP = 2**18
