@@ -230,3 +230,48 @@ def test_sorted_sse_equals_direct_error(bits):
     codes = (torch.round(x.unsqueeze(1) / s) + z).clamp(0, 2**bits - 1)  # the float32 level assignment
     direct = x.unsqueeze(1).double() - (codes.double() - z.double()) * s.double()  # exact in float64
     torch.testing.assert_close(got, direct.pow(2).sum(-1), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+@pytest.mark.parametrize("operand", ["A", "B"])
+def test_matmul_sweep_prunes_exactly(bits, operand):
+    torch.manual_seed(8)
+    a, bm = torch.randn(10, 2, 5, 4), torch.randn(10, 2, 4, 6)
+    a[3:] *= 0.3  # most of the error in the first images, so that pruning engages late
+    out = a @ bm
+    x, other = (a, bm) if operand == "A" else (bm, a)
+    up, lo = grids.matmul_operand_bounds(x, 32)
+    s, z = grids.bounds_to_qparams(up, lo, bits)
+    o_up, o_lo = grids.matmul_operand_bounds(other, 32)
+    o_s, o_z = grids.bounds_to_qparams(o_up[20], o_lo[20], 4)
+    other_hat = fake_quant(other, o_s.view(1, -1, 1, 1), o_z.view(1, -1, 1, 1), 4)
+    brute = []
+    for c in range(s.shape[0]):
+        xq = fake_quant(x, s[c].view(1, -1, 1, 1), z[c].view(1, -1, 1, 1), bits)
+        prod = xq @ other_hat if operand == "A" else other_hat @ xq
+        brute.append(((prod.double() - out.double()) ** 2).mean((2, 3)).sum(0))
+    brute = torch.stack(brute)
+    rtol = search.tie_rtol(bits)
+    totals, image_errors = search.matmul_sweep(
+        a,
+        bm,
+        out,
+        s,
+        z,
+        bits,
+        operand,
+        chunk=5,
+        images_per_chunk=2,
+        keep_rtol=rtol,
+        other_qparams=(o_s, o_z, 4),
+    )
+    assert torch.equal(totals.argmin(0), brute.argmin(0))
+    kept = torch.isfinite(totals)
+    assert 0 < (~kept).sum() < kept.numel()  # some pruned, some kept
+    torch.testing.assert_close(totals[kept], brute[kept], rtol=1e-5, atol=1e-9)
+    assert (brute[~kept] > brute.min(0).values.expand_as(brute)[~kept] * (1 + rtol)).all()
+    heads = torch.tensor([1])
+    cands = kept[:, 1].nonzero().flatten()  # per-image errors are complete for every kept candidate
+    a_used, b_used = (a, other_hat) if operand == "A" else (other_hat, bm)
+    full = search.matmul_image_errors(a_used, b_used, out, s, z, bits, operand, chunk=4, images_per_chunk=3)
+    torch.testing.assert_close(image_errors(cands, heads), full[cands][:, :, heads], rtol=1e-6, atol=0)

@@ -210,12 +210,6 @@ def calibrate_matmul(
         lw = lo.gather(0, il.view(1, -1))[0]
         return grids.bounds_to_qparams(u, lw, bits[op])
 
-    def quantized(op: str, t: torch.Tensor) -> torch.Tensor:
-        if bits[op] is None:
-            return t
-        s, z = qparams(op)
-        return fake_quant(t, s.view(1, -1, 1, 1), z.view(1, -1, 1, 1), bits[op])
-
     memo: dict[tuple, int] = {}  # per-head sweep results: a sweep's outcome for a head depends only on
     # that head's fixed bound and the other operand's bounds, so repeated coordinate-descent steps are reused
 
@@ -242,18 +236,21 @@ def calibrate_matmul(
             elif mode == "lower":
                 up = up.gather(0, sel[op][0][todo].view(1, -1)).expand_as(lo)
             s, z = grids.bounds_to_qparams(up, lo, bits[op])
-            other_a = a[:, todo] if op == "A" else quantized("A", a)[:, todo]
-            other_b = quantized("B", b)[:, todo] if op == "A" else b[:, todo]
-            sub_out = out[:, todo]
+            other_q = None
+            if bits[other] is not None:
+                o_s, o_z = qparams(other)
+                other_q = (o_s[todo], o_z[todo], bits[other])
             rtol = search.tie_rtol(bits[op])
-            totals, errors = search.matmul_sweep(
-                other_a, other_b, sub_out, s, z, bits[op], op, chunk, ipc, keep_rtol=rtol
+            totals, image_errors = search.matmul_sweep(
+                a[:, todo], b[:, todo], out[:, todo], s, z, bits[op], op, chunk, ipc, rtol, other_q
             )
-            idx = search.resolve_near_ties(
-                totals,
-                lambda c, g: ref.matmul_error_from_images(errors, c, g, cfg.batch_size),
-                rtol,
-            )
+
+            def reference(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+                errors = image_errors(c, g)
+                every_c, every_g = torch.arange(errors.shape[0]), torch.arange(errors.shape[2])
+                return ref.matmul_error_from_images(errors, every_c, every_g, cfg.batch_size)
+
+            idx = search.resolve_near_ties(totals, reference, rtol)
             for j, h in enumerate(todo.tolist()):
                 memo[keys[h]] = int(idx[j])
         idx = torch.tensor([memo[k] for k in keys], dtype=torch.long)

@@ -349,34 +349,62 @@ def matmul_sweep(
     chunk: int,
     images_per_chunk: int,
     keep_rtol: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`matmul_image_errors` of every candidate of one operand, with exact per-head pruning.
+    other_qparams: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Total error per (candidate, head) of every candidate of one operand of ``a @ b``, with exact
+    per-head pruning.
 
-    Returns the total error per (candidate, head), (P, H) float64, ``inf`` for candidates pruned as
-    more than ``keep_rtol`` worse than a head's best, and the per-image errors (P, n, H) float32,
-    complete for every candidate that was not pruned (the rest are NaN).
+    The other operand is given unquantized, with ``other_qparams`` = (scale (H,), zero point (H,),
+    bits), or None where it stays FP. Returns the totals (P, H) float64, ``inf`` for candidates
+    pruned as more than ``keep_rtol`` worse than a head's best, and a function giving the per-image
+    errors of :func:`matmul_image_errors` (float32, the reference's values) for chosen
+    (candidates, heads), (c, n, h), for settling near-ties.
 
     All candidates are scored on the first slice of images; each head's best there is scored on every
     image, and its total bounds that head. A candidate is dropped once its partial sum exceeds the
-    bound (plus ``keep_rtol``): the errors are non-negative, so it can neither win nor tie.
+    bound (plus ``keep_rtol``): the errors are non-negative, so it can neither win nor tie. Below 8
+    bits on CPU, with both operands quantized, the candidates are scored by exact int8 products
+    (:func:`fimaq.quant.int_sweep.product_sse`), and the float32 per-image errors are computed for the
+    near-ties only.
     """
     num, heads = scales.shape
     n = a.shape[0]
     ipc = max(1, min(n, images_per_chunk))
-    errors = torch.full((num, n, heads), torch.nan, dtype=torch.float32, device=a.device)
+    a_used, b_used = a, b
+    if other_qparams is not None:
+        o_s, o_z, o_bits = other_qparams
+        if operand == "A":
+            b_used = fake_quant_nograd(b, o_s.view(1, -1, 1, 1), o_z.view(1, -1, 1, 1), o_bits)
+        else:
+            a_used = fake_quant_nograd(a, o_s.view(1, -1, 1, 1), o_z.view(1, -1, 1, 1), o_bits)
     work: dict = {}
-    everyone = torch.arange(num, device=a.device)
+    use_int = other_qparams is not None and bits < 8 and int_matmul_available(a.device)
+    errors = None
+    if use_int:
+        if operand == "A":
+            x, y, target = a, b, out
+        else:  # (A B_hat)^T = B_hat^T A^T: B's candidates become the rows
+            x, y, target = (t.transpose(-1, -2).contiguous() for t in (b, a, out))
+        per_image = out.shape[-2] * out.shape[-1]
+    else:
+        errors = torch.full((num, n, heads), torch.nan, dtype=torch.float32, device=a.device)
 
     def run(cands: torch.Tensor, h: int | None, i0: int, i1: int, per_call: int) -> torch.Tensor:
         hs = slice(None) if h is None else slice(h, h + 1)
+        if use_int:
+            sse = product_sse(
+                x[i0:i1, hs], y[i0:i1, hs], target[i0:i1, hs], (o_s[hs], o_z[hs], o_bits),
+                scales[cands][:, hs], zps[cands][:, hs], bits,
+            )  # fmt: skip
+            return sse.sum(dim=1) / per_image
         e = matmul_image_errors(
-            a[i0:i1, hs], b[i0:i1, hs], out[i0:i1, hs], scales[cands][:, hs], zps[cands][:, hs],
+            a_used[i0:i1, hs], b_used[i0:i1, hs], out[i0:i1, hs], scales[cands][:, hs], zps[cands][:, hs],
             bits, operand, chunk, per_call, work,
         )  # fmt: skip
         errors[cands, i0:i1, hs] = e
         return e.sum(dim=1, dtype=torch.float64)  # (p, heads in hs)
 
-    partial = run(everyone, None, 0, ipc, ipc)
+    partial = run(torch.arange(num, device=a.device), None, 0, ipc, ipc)
     head_idx = torch.arange(heads, device=a.device)
     seeds = partial.argmin(dim=0)
     seed_total = partial[seeds, head_idx].clone()
@@ -397,4 +425,13 @@ def matmul_sweep(
     totals = torch.full_like(partial, torch.inf)
     totals[alive] = partial[alive]
     totals[seeds, head_idx] = seed_total
-    return totals, errors
+
+    def image_errors(cands: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
+        if errors is not None:
+            return errors[cands][:, :, hs]
+        return matmul_image_errors(
+            a_used[:, hs], b_used[:, hs], out[:, hs], scales[cands][:, hs], zps[cands][:, hs],
+            bits, operand, chunk, ipc, work,
+        )  # fmt: skip
+
+    return totals, image_errors
