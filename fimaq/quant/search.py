@@ -389,38 +389,52 @@ def matmul_sweep(
     else:
         errors = torch.full((num, n, heads), torch.nan, dtype=torch.float32, device=a.device)
 
-    def run(cands: torch.Tensor, h: int | None, i0: int, i1: int, per_call: int) -> torch.Tensor:
+    def run(cands: torch.Tensor, h: int | None, images: slice | torch.Tensor, per_call: int) -> torch.Tensor:
+        """Errors of ``cands`` on ``images`` for head ``h`` (None: all heads), (p, images, heads)."""
         hs = slice(None) if h is None else slice(h, h + 1)
         if use_int:
             sse = product_sse(
-                x[i0:i1, hs], y[i0:i1, hs], target[i0:i1, hs], (o_s[hs], o_z[hs], o_bits),
+                x[images, hs], y[images, hs], target[images, hs], (o_s[hs], o_z[hs], o_bits),
                 scales[cands][:, hs], zps[cands][:, hs], bits,
             )  # fmt: skip
-            return sse.sum(dim=1) / per_image
+            return sse / per_image
         e = matmul_image_errors(
-            a_used[i0:i1, hs], b_used[i0:i1, hs], out[i0:i1, hs], scales[cands][:, hs], zps[cands][:, hs],
+            a_used[images, hs], b_used[images, hs], out[images, hs], scales[cands][:, hs], zps[cands][:, hs],
             bits, operand, chunk, per_call, work,
         )  # fmt: skip
-        errors[cands, i0:i1, hs] = e
-        return e.sum(dim=1, dtype=torch.float64)  # (p, heads in hs)
+        if h is None:
+            errors[cands, images] = e
+        else:
+            img = images if isinstance(images, torch.Tensor) else torch.arange(n, device=a.device)[images]
+            head_errors = errors[:, :, h]  # a view: written through
+            head_errors[cands.view(-1, 1), img] = e[..., 0]
+        return e
 
-    partial = run(torch.arange(num, device=a.device), None, 0, ipc, ipc)
+    partial = run(torch.arange(num, device=a.device), None, slice(0, ipc), ipc).sum(
+        dim=1, dtype=torch.float64
+    )
     head_idx = torch.arange(heads, device=a.device)
     seeds = partial.argmin(dim=0)
     seed_total = partial[seeds, head_idx].clone()
-    if ipc < n:
-        for h in range(heads):  # one candidate: as many images per call as candidates x images before
-            seed_total[h] += run(seeds[h : h + 1], h, ipc, n, ipc * min(chunk, num))[0, 0]
+    alive = torch.zeros_like(partial, dtype=torch.bool)
     bound = seed_total * (1 + keep_rtol)
-    alive = partial <= bound
-    alive[seeds, head_idx] = False
-    for i0 in range(ipc, n, ipc):
-        i1 = min(n, i0 + ipc)
-        for h in range(heads):
+    for h in range(heads):
+        if ipc == n:
+            break
+        # the head's best so far on every other image (one candidate: more images per call); the others
+        # then take the images in decreasing order of its errors, which passes the bound soonest
+        seed_errors = run(seeds[h : h + 1], h, slice(ipc, n), ipc * min(chunk, num))[0, :, 0]
+        seed_total[h] += seed_errors.sum(dtype=torch.float64)
+        bound[h] = seed_total[h] * (1 + keep_rtol)
+        alive[:, h] = partial[:, h] <= bound[h]
+        alive[seeds[h], h] = False
+        order = ipc + seed_errors.argsort(descending=True, stable=True)
+        for i0 in range(0, n - ipc, ipc):
             cands = alive[:, h].nonzero().flatten()
             if cands.numel() == 0:
-                continue
-            partial[cands, h] += run(cands, h, i0, i1, ipc)[:, 0]
+                break
+            images = order[i0 : i0 + ipc].sort().values
+            partial[cands, h] += run(cands, h, images, ipc)[:, :, 0].sum(dim=1, dtype=torch.float64)
             alive[cands, h] &= partial[cands, h] <= bound[h]
     totals = torch.full_like(partial, torch.inf)
     totals[alive] = partial[alive]
