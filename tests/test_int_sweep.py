@@ -95,3 +95,41 @@ def test_act_output_search_int_path_equals_float_path():
     assert int(got.argmin()) == int(brute.argmin())
     kept = torch.isfinite(got)
     torch.testing.assert_close(got[kept], brute[kept], rtol=2e-6, atol=1e-9)
+
+
+@needs_int_mm
+@pytest.mark.parametrize(("bits", "zp"), [(3, 2.0), (8, 0.0), (8, 131.0)])
+def test_code_gram_equals_float64_gram(bits, zp, monkeypatch):
+    from fimaq.quant import int_sweep
+
+    monkeypatch.setattr(int_sweep, "_GRAM_ROWS", 64)  # several int32 slices
+    torch.manual_seed(11)
+    x = torch.randn(300, 7) * 3
+    s, z = torch.tensor(0.37 if bits == 3 else 0.031), torch.tensor(zp)
+    codes = torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1).double() - zp
+    expect = (codes.T @ codes) * s.double() ** 2  # exact: the codes are small integers
+    torch.testing.assert_close(int_sweep.code_gram(x, s, z, bits), expect, rtol=1e-12, atol=0)
+
+
+def test_weight_output_search_from_codes_equals_brute_force():
+    torch.manual_seed(12)
+    w, b = torch.randn(6, 12), torch.randn(6)
+    x = torch.randn(80, 12)
+    y = x @ w.T + b + 0.05 * torch.randn(80, 6)
+    s, z = torch.tensor(0.4), torch.tensor(3.0)
+    x_hat = fake_quant(x, s, z, 3)
+    scales, zps = grids.weight_grid(w, 3, 32)
+    vals = search.weight_output_sse(w, b, x_hat, y, scales, zps, 3, chunk=5, x_qparams=(s, z, 3))
+    brute = torch.stack(
+        [
+            (
+                (x_hat.double() @ fake_quant(w, scales[c], zps[c], 3).double().T + b.double() - y.double())
+                ** 2
+            ).sum(0)
+            for c in range(scales.shape[0])
+        ]
+    )
+    assert torch.equal(vals.argmin(0), brute.argmin(0))
+    kept = torch.isfinite(vals)
+    # the codes' Gram is s^2 C^T C; float32 x_hat holds fl(s * C), 6e-8 relative off per element
+    torch.testing.assert_close(vals[kept], brute[kept], rtol=1e-6, atol=1e-9)

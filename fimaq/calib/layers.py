@@ -69,7 +69,8 @@ def search_linear(
         if w_bits is not None and not _same(aq, w_used_for):
             w_used_for = aq
             x_hat = fake_quant(x, aq[0], aq[1], a_bits) if aq is not None else x
-            sse = search.weight_output_sse(w, bias, x_hat, y, ws, wz, w_bits, chunk)
+            x_q = None if aq is None else (aq[0], aq[1], a_bits)
+            sse = search.weight_output_sse(w, bias, x_hat, y, ws, wz, w_bits, chunk, x_q)
             x_hat3 = x_hat.view_as(x3)
             wi = search.resolve_near_ties(
                 sse,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from fimaq.quant.int_sweep import int_matmul_available, product_sse
+from fimaq.quant.int_sweep import code_gram, int_matmul_available, product_sse
 from fimaq.quant.sorted_sse import SortedValues, sort_rows
 
 ChunkEval = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate indices, chunk) -> (n, groups) SSE
@@ -136,21 +136,38 @@ def weight_output_sse(
     zps: torch.Tensor,
     bits: int,
     chunk: int,
+    x_qparams: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Layer-output squared error ``||x W_hat^T + b - y||^2`` of every candidate per row, (P, rows);
     ``inf`` for candidates more than ``PREFILTER_RTOL`` worse than a row's best.
 
     Each output row depends only on its weight row, so with ``d = w_hat - w`` and ``r = x w + b - y``
-    the error is ``d^T (x^T x) d + 2 d^T x^T r + ||r||^2``: one Gram matrix instead of one matmul per
-    candidate. ``x`` (M, in) is the (already quantized) input, ``y`` (M, out) the FP output. Every
-    candidate is first scored with float32 Gram products; those within ``PREFILTER_RTOL`` of their
-    row's best (all near-ties among them) are then scored in float64.
+    the error is ``d^T G d + 2 d^T x^T r + ||r||^2`` with ``G = x^T x``: one Gram matrix instead of
+    one matmul per candidate. ``x`` (M, in) is the (already quantized) input, ``y`` (M, out) the FP
+    output. ``x^T r = G w^T + x^T 1 b^T - x^T y`` and ``||r||^2`` follow from ``G`` and ``x^T y``
+    (float64). Where ``x_qparams`` (per-tensor scale, zero point, bits) says how ``x`` was quantized,
+    ``G`` comes from its integer codes (:func:`fimaq.quant.int_sweep.code_gram`) on CPU.
+
+    Every candidate is first scored with float32 Gram products; those within ``PREFILTER_RTOL`` of
+    their row's best (all near-ties among them) are then scored in float64.
     """
-    xd = x.double()
-    gram = xd.T @ xd
-    resid = xd @ w.double().T + bias.double() - y.double()
-    cross = (xd.T @ resid).T  # (out, in)
-    const = resid.pow(2).sum(0)
+    xd, wd, bd, yd = x.double(), w.double(), bias.double(), y.double()
+    if x_qparams is not None and int_matmul_available(x.device):
+        gram = code_gram(x, *x_qparams)
+    else:
+        gram = xd.T @ xd
+    xty = xd.T @ yd  # (in, out)
+    colsum = xd.sum(dim=0)
+    gw = gram @ wd.T  # (in, out)
+    cross = (gw + colsum.view(-1, 1) * bd.view(1, -1) - xty).T  # x^T r, (out, in)
+    const = (  # ||r||^2 per output
+        (wd.T * gw).sum(0)
+        + 2 * bd * (wd @ colsum)
+        - 2 * (wd.T * xty).sum(0)
+        + x.shape[0] * bd * bd
+        - 2 * bd * yd.sum(0)
+        + yd.pow(2).sum(0)
+    )
     gram32, cross32 = gram.float(), cross.float()
     approx = []
     for s, e in _candidate_chunks(scales.shape[0], chunk):
