@@ -234,7 +234,8 @@ def test_sorted_sse_equals_direct_error(bits):
 
 @pytest.mark.parametrize("bits", [3, 8])
 @pytest.mark.parametrize("operand", ["A", "B"])
-def test_matmul_sweep_prunes_exactly(bits, operand):
+@pytest.mark.parametrize("images_per_chunk", [2, 16])
+def test_matmul_sweep_prunes_exactly(bits, operand, images_per_chunk):
     torch.manual_seed(8)
     a, bm = torch.randn(10, 2, 5, 4), torch.randn(10, 2, 4, 6)
     a[3:] *= 0.3  # most of the error in the first images, so that pruning engages late
@@ -242,6 +243,7 @@ def test_matmul_sweep_prunes_exactly(bits, operand):
     x, other = (a, bm) if operand == "A" else (bm, a)
     up, lo = grids.matmul_operand_bounds(x, 32)
     s, z = grids.bounds_to_qparams(up, lo, bits)
+    s[9], z[9] = s[4], z[4]  # a repeated candidate: scored once, as the first
     o_up, o_lo = grids.matmul_operand_bounds(other, 32)
     o_s, o_z = grids.bounds_to_qparams(o_up[20], o_lo[20], 4)
     other_hat = fake_quant(other, o_s.view(1, -1, 1, 1), o_z.view(1, -1, 1, 1), 4)
@@ -261,15 +263,18 @@ def test_matmul_sweep_prunes_exactly(bits, operand):
         bits,
         operand,
         chunk=5,
-        images_per_chunk=2,
+        images_per_chunk=images_per_chunk,
         keep_rtol=rtol,
         other_qparams=(o_s, o_z, 4),
     )
     assert torch.equal(totals.argmin(0), brute.argmin(0))
     kept = torch.isfinite(totals)
-    assert 0 < (~kept).sum() < kept.numel()  # some pruned, some kept
+    assert not kept[9].any()
     torch.testing.assert_close(totals[kept], brute[kept], rtol=1e-5, atol=1e-9)
-    assert (brute[~kept] > brute.min(0).values.expand_as(brute)[~kept] * (1 + rtol)).all()
+    dropped = ~kept
+    dropped[9] = False
+    assert dropped.any()  # pruned (or, with one slice of images, known to be worse)
+    assert (brute[dropped] > brute.min(0).values.expand_as(brute)[dropped] * (1 + rtol)).all()
     heads = torch.tensor([1])
     cands = kept[:, 1].nonzero().flatten()  # per-image errors are complete for every kept candidate
     a_used, b_used = (a, other_hat) if operand == "A" else (other_hat, bm)

@@ -355,6 +355,19 @@ def _buffer(workspace: dict, name: str, numel: int, like: torch.Tensor) -> torch
     return buf
 
 
+def _first_occurrences(scales: torch.Tensor, zps: torch.Tensor) -> torch.Tensor:
+    """(P, G) bool: whether candidate p's (scale, zero point) in group g differs from every earlier one's."""
+    num = scales.shape[0]
+    first = torch.zeros(scales.shape, dtype=torch.bool, device=scales.device)
+    for g in range(scales.shape[1]):
+        pairs = torch.stack([scales[:, g], zps[:, g]], dim=1)
+        _, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        lowest = torch.full((int(inverse.max()) + 1,), num, device=scales.device)
+        lowest = lowest.scatter_reduce(0, inverse, torch.arange(num, device=scales.device), "amin")
+        first[lowest, g] = True
+    return first
+
+
 def matmul_sweep(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -379,7 +392,9 @@ def matmul_sweep(
 
     All candidates are scored on the first slice of images; each head's best there is scored on every
     image, and its total bounds that head. A candidate is dropped once its partial sum exceeds the
-    bound (plus ``keep_rtol``): the errors are non-negative, so it can neither win nor tie. Below 8
+    bound (plus ``keep_rtol``): the errors are non-negative, so it can neither win nor tie. A candidate
+    repeating an earlier one's (scale, zero point) in a head is not scored there (``inf``): its errors
+    are the same, and ties go to the lower index. Below 8
     bits on CPU, with both operands quantized, the candidates are scored by exact int8 products
     (:func:`fimaq.quant.int_sweep.product_sse`), and the float32 per-image errors are computed for the
     near-ties only.
@@ -430,21 +445,23 @@ def matmul_sweep(
     partial = run(torch.arange(num, device=a.device), None, slice(0, ipc), ipc).sum(
         dim=1, dtype=torch.float64
     )
+    first = _first_occurrences(scales, zps)  # a repeated (scale, zero point) can only tie its first
     head_idx = torch.arange(heads, device=a.device)
-    seeds = partial.argmin(dim=0)
+    seeds = partial.masked_fill(~first, torch.inf).argmin(dim=0)
     seed_total = partial[seeds, head_idx].clone()
-    alive = torch.zeros_like(partial, dtype=torch.bool)
+    alive = first.clone()
+    alive[seeds, head_idx] = False
     bound = seed_total * (1 + keep_rtol)
     for h in range(heads):
         if ipc == n:
-            break
+            alive[:, h] &= partial[:, h] <= bound[h]
+            continue
         # the head's best so far on every other image (one candidate: more images per call); the others
         # then take the images in decreasing order of its errors, which passes the bound soonest
         seed_errors = run(seeds[h : h + 1], h, slice(ipc, n), ipc * min(chunk, num))[0, :, 0]
         seed_total[h] += seed_errors.sum(dtype=torch.float64)
         bound[h] = seed_total[h] * (1 + keep_rtol)
-        alive[:, h] = partial[:, h] <= bound[h]
-        alive[seeds[h], h] = False
+        alive[:, h] &= partial[:, h] <= bound[h]
         order = ipc + seed_errors.argsort(descending=True, stable=True)
         for i0 in range(0, n - ipc, ipc):
             cands = alive[:, h].nonzero().flatten()
