@@ -37,7 +37,8 @@ def pruned_totals(
 
     Candidates whose partial sum exceeds ``(1 + keep_rtol)`` times a complete candidate's total can
     neither win nor tie within ``keep_rtol``; they are dropped and reported as ``inf``. Every other
-    candidate is summed over all chunks.
+    candidate is summed over all chunks. The seeds (each group's best on chunk 0) are summed first;
+    the others then take the chunks in decreasing order of the seeds' errors.
 
     Args:
         evaluate: returns the (non-negative) error of the given candidates on chunk k, shape (n, groups).
@@ -49,12 +50,16 @@ def pruned_totals(
     partial = evaluate(everyone, 0)
     seeds = torch.unique(partial.argmin(dim=0))
     seed_total = partial[seeds].clone()
+    seed_chunk = torch.zeros(num_chunks, dtype=torch.float64)
     for k in range(1, num_chunks):
-        seed_total += evaluate(seeds, k)
+        part = evaluate(seeds, k)
+        seed_total += part
+        seed_chunk[k] = part.sum()
     bound = seed_total.min(dim=0).values * (1 + keep_rtol)
     alive = partial <= bound
     alive[seeds] = False
-    for k in range(1, num_chunks):
+    # the remaining chunks in decreasing order of the seeds' errors: partial sums pass the bound soonest
+    for k in (1 + seed_chunk[1:].argsort(descending=True, stable=True)).tolist():
         idx = alive.any(dim=1).nonzero().flatten()
         if idx.numel() == 0:
             break
@@ -249,6 +254,8 @@ def act_output_sse(
     gram = (w_hat.T @ w_hat) if w_hat.shape[1] < w_hat.shape[0] else None
     use_int = gram is None and w_qparams is not None and int_matmul_available(x.device)
 
+    residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per chunk: (R W, ||R||^2)
+
     def evaluate(cands: torch.Tensor, k: int) -> torch.Tensor:
         rows = slice(k * rows_per_chunk, (k + 1) * rows_per_chunk)
         xs, ts = x[rows], target[rows]
@@ -266,20 +273,18 @@ def act_output_sse(
             )
             return sse.view(-1, 1)
         if gram is not None:  # ||D W^T + R||^2 = <D G, D> + 2 <D, R W> + ||R||^2, cheaper when in < out
-            resid = xs @ w_hat.T - ts
-            proj = resid @ w_hat
-            const = resid.pow(2).sum(dtype=torch.float64)
+            if k not in residuals:
+                resid = xs @ w_hat.T - ts
+                residuals[k] = (resid @ w_hat, resid.pow(2).sum(dtype=torch.float64))
+            proj, const = residuals[k]
         out = []
         for s, e in _candidate_chunks(cands.numel(), chunk):
             c = cands[s:e]
             x_hat = fake_quant_nograd(xs.unsqueeze(0), scales[c].view(-1, 1, 1), zps[c].view(-1, 1, 1), bits)
-            if gram is not None:
+            if gram is not None:  # <D, D G + 2 R W>: float32 per token, float64 over tokens
                 d = x_hat.sub_(xs)
-                quad = (
-                    (d.view(-1, d.shape[-1]) @ gram).view_as(d).mul_(d).sum(dim=(1, 2), dtype=torch.float64)
-                )
-                lin = d.mul_(proj).sum(dim=(1, 2), dtype=torch.float64)
-                out.append((quad + 2 * lin + const).unsqueeze(-1))
+                terms = (d.view(-1, d.shape[-1]) @ gram).view_as(d).add_(proj, alpha=2).mul_(d)
+                out.append((terms.sum(dim=-1).sum(dim=-1, dtype=torch.float64) + const).unsqueeze(-1))
             else:
                 err = (x_hat.view(-1, x_hat.shape[-1]) @ w_hat.T).view(e - s, -1, w_hat.shape[0]).sub_(ts)
                 out.append(err.pow_(2).sum(dim=(1, 2), dtype=torch.float64).unsqueeze(-1))
