@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fimaq.errors import FimaqError
-from fimaq.quant import UniformQuantizer, check_bits, fake_quant, grids, search
+from fimaq.quant import UniformQuantizer, check_bits, fake_quant, grids, matmul_sweep, search
 
 
 def test_fake_quant_hand_computed_grid():
@@ -163,7 +163,7 @@ def test_matmul_operand_search_equals_brute_force():
     for operand, x in (("A", a), ("B", bm)):
         up, lo = grids.matmul_operand_bounds(x, 16)
         s, z = grids.bounds_to_qparams(up, lo, 3)
-        errors = search.matmul_image_errors(a, bm, out, s, z, 3, operand, chunk=4, images_per_chunk=4)
+        errors = matmul_sweep.matmul_image_errors(a, bm, out, s, z, 3, operand, chunk=4, images_per_chunk=4)
         brute = []
         for c in range(s.shape[0]):
             xq = fake_quant(x, s[c].view(1, -1, 1, 1), z[c].view(1, -1, 1, 1), 3)
@@ -254,7 +254,7 @@ def test_matmul_sweep_prunes_exactly(bits, operand, images_per_chunk):
         brute.append(((prod.double() - out.double()) ** 2).mean((2, 3)).sum(0))
     brute = torch.stack(brute)
     rtol = search.tie_rtol(bits)
-    totals, image_errors = search.matmul_sweep(
+    totals, image_errors = matmul_sweep.matmul_sweep(
         a,
         bm,
         out,
@@ -278,5 +278,7 @@ def test_matmul_sweep_prunes_exactly(bits, operand, images_per_chunk):
     heads = torch.tensor([1])
     cands = kept[:, 1].nonzero().flatten()  # per-image errors are complete for every kept candidate
     a_used, b_used = (a, other_hat) if operand == "A" else (other_hat, bm)
-    full = search.matmul_image_errors(a_used, b_used, out, s, z, bits, operand, chunk=4, images_per_chunk=3)
+    full = matmul_sweep.matmul_image_errors(
+        a_used, b_used, out, s, z, bits, operand, chunk=4, images_per_chunk=3
+    )
     torch.testing.assert_close(image_errors(cands, heads), full[cands][:, :, heads], rtol=1e-6, atol=0)

@@ -9,7 +9,7 @@ from torch import nn
 from fimaq.calib import reference_order as ref
 from fimaq.config import CalibConfig
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
-from fimaq.quant import grids, search
+from fimaq.quant import grids, matmul_sweep, search
 from fimaq.quant.fake_quant import fake_quant
 
 
@@ -242,7 +242,7 @@ def calibrate_matmul(
                 o_s, o_z = qparams(other)
                 other_q = (o_s[todo], o_z[todo], bits[other])
             rtol = search.tie_rtol(bits[op])
-            totals, image_errors = search.matmul_sweep(
+            totals, image_errors = matmul_sweep.matmul_sweep(
                 a[:, todo], b[:, todo], out[:, todo], s, z, bits[op], op, chunk, ipc, rtol, other_q
             )
 

@@ -74,7 +74,7 @@ def matmul_error_from_images(
     cand_chunk: int = 16,
 ) -> torch.Tensor:
     """Per-head candidates of one matmul operand, from the reference's own per-image mean errors
-    (:func:`fimaq.quant.search.matmul_image_errors`, (P, n, H)): summed per batch of images, then over
+    (:func:`fimaq.quant.matmul_sweep.matmul_image_errors`, (P, n, H)): summed per batch of images, then over
     batches, in float32, as the reference does. Returns (len(cands), len(heads))."""
     per_head = image_errors[:, :, heads]
     results = []
