@@ -34,7 +34,7 @@ from fimaq.artifacts import atomic_write_bytes
 from fimaq.errors import FimaqError
 from fimaq.layers import QuantConv2d, QuantLinear
 from fimaq.quant.adaround import AdaRoundQuantizer
-from fimaq.quant.fake_quant import quantize_codes
+from fimaq.quant.fake_quant import dequantize, quantize
 from fimaq.quant.quantizer import UniformQuantizer
 
 EXPORT_FORMAT = "fimaq-export"
@@ -98,9 +98,9 @@ def weight_codes(layer: QuantLinear | QuantConv2d, name: str = "layer") -> torch
     q = layer.w_quantizer
     _check_qparams(f"{name}.w_quantizer", q.scale, q.zero_point, "export")
     flat = layer.weight.detach().reshape(q.scale.shape[0], -1)
-    codes = quantize_codes(flat, q.scale, q.zero_point, q.bits)
+    codes = quantize(flat, q.scale, q.zero_point, q.bits)
     used = layer.quantized_weight().detach().reshape_as(flat)
-    if not torch.equal((codes - q.zero_point) * q.scale, used):
+    if not torch.equal(dequantize(codes, q.scale, q.zero_point), used):
         raise FimaqError(f"export: the integer codes of {name} do not reproduce its quantized weight")
     return codes.to(CODES_DTYPE)
 
@@ -335,8 +335,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     for name, layer in weight_layers(net).items():
         scale = state[f"{name}.w_quantizer.scale"]
         zp = state[f"{name}.w_quantizer.zero_point"]
-        codes = tensors[name + CODES_SUFFIX].reshape(scale.shape[0], -1).to(scale.dtype)
-        state[f"{name}.weight"] = ((codes - zp) * scale).reshape(layer.weight.shape).to(layer.weight.dtype)
+        codes = tensors[name + CODES_SUFFIX].reshape(scale.shape[0], -1)
+        state[f"{name}.weight"] = dequantize(codes, scale, zp).reshape(layer.weight.shape).to(layer.weight.dtype)
     _, omitted = layout(net)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if set(missing) - omitted or unexpected:

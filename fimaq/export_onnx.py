@@ -58,6 +58,7 @@ from fimaq.artifacts import atomic_write_bytes
 from fimaq.errors import FimaqError
 from fimaq.export import export_copy, export_quantized, quiet_loggers, require_quantized, weight_codes
 from fimaq.layers import QuantConv2d, QuantLinear
+from fimaq.quant.fake_quant import dequantize, fake_quant
 from fimaq.quant.quantizer import UniformQuantizer
 
 if TYPE_CHECKING:
@@ -71,9 +72,7 @@ NOISE_EPS = 1e-6
 
 @torch.library.custom_op("fimaq::quant_dequant", mutates_args=())
 def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
-    z = zero_point.to(x.dtype)
-    q = torch.clamp(torch.round(x / scale) + z, 0, qmax)
-    return (q - z) * scale
+    return fake_quant(x, scale, zero_point.to(x.dtype), (qmax + 1).bit_length() - 1)
 
 
 @_quant_dequant.register_fake
@@ -83,7 +82,7 @@ def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int)
 
 @torch.library.custom_op("fimaq::dequantize_rows", mutates_args=())
 def _dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    return (codes.to(scale.dtype) - zero_point.to(scale.dtype)[:, None]) * scale[:, None]
+    return dequantize(codes, scale[:, None], zero_point[:, None])
 
 
 @_dequantize_rows.register_fake
@@ -138,6 +137,7 @@ class ExportQuantizer(nn.Module):
 
     def __init__(self, q: UniformQuantizer) -> None:
         super().__init__()
+        self.bits = q.bits
         self.qmax = 2**q.bits - 1
         scale, zp = q.scale.detach().float(), q.zero_point.detach().float()
         form = qdq_form(scale, zp)
@@ -151,8 +151,7 @@ class ExportQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qdq:
             return torch.ops.fimaq.quant_dequant(x, self.scale, self.zero_point, self.qmax)
-        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.qmax)
-        return (q - self.zero_point) * self.scale
+        return fake_quant(x, self.scale, self.zero_point, self.bits)
 
 
 class ExportLayer(nn.Module):
@@ -190,7 +189,7 @@ class ExportLayer(nn.Module):
         if self.kind == "qdq":
             w = torch.ops.fimaq.dequantize_rows(self.codes, self.scale, self.zero_point)
         else:
-            w = (self.codes.to(self.scale.dtype) - self.zero_point[:, None]) * self.scale[:, None]
+            w = dequantize(self.codes, self.scale[:, None], self.zero_point[:, None])
         return w.reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fimaq.errors import FimaqError
+from fimaq.quant.fake_quant import dequantize
 from fimaq.quant.quantizer import UniformQuantizer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -85,14 +86,14 @@ class AdaRoundQuantizer(nn.Module):
         zp = self.base.zero_point
         scale = self.base.scale.detach()
         q = torch.clamp(self.floor + self.rounding() + zp, 0, 2**self.bits - 1)
-        return ((q - zp) * scale).to(weight.dtype)
+        return dequantize(q, scale, zp).to(weight.dtype)
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
         """The weight with hard rounding ``floor(W/s) + [alpha >= 0]``, dequantized."""
         zp = self.base.zero_point
         q = torch.clamp(self.floor + (self.alpha >= 0).to(self.floor.dtype) + zp, 0, 2**self.bits - 1)
-        return (q - zp) * self.base.scale.detach()
+        return dequantize(q, self.base.scale.detach(), zp)
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1."""

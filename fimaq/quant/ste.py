@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from fimaq.quant.fake_quant import clamp_centered
+
 
 class FakeQuantSTE(torch.autograd.Function):
     """``fake_quant_ste(x, scale, zero_point, bits, keep)``; ``keep`` = float 0/1 QDrop mask or None.
@@ -23,11 +25,11 @@ class FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmax: int, keep):
+    def forward(ctx, x, scale, zero_point, bits: int, keep):
         zp = zero_point.detach()
         v = x / scale
         r = torch.round(v)
-        rc = torch.clamp(r, -zp, qmax - zp)
+        rc = clamp_centered(r, zp, bits)
         out = rc * scale
         inside = torch.sub(r, rc).abs_().sign_().neg_().add_(1)  # 1 where the code is not clamped
         ds = torch.addcmul(rc, v, inside, value=-1)  # r - v inside, the clamp bound (minus zp) outside
@@ -58,7 +60,7 @@ def fake_quant_ste(
 ) -> torch.Tensor:
     """Quantize-dequantize with straight-through gradients to ``x`` and ``scale``; ``keep`` is a float
     0/1 mask (1 = quantized value, 0 = float value, QDrop) or None."""
-    return FakeQuantSTE.apply(x, scale, zero_point, 2**bits - 1, keep)
+    return FakeQuantSTE.apply(x, scale, zero_point, bits, keep)
 
 
 def bernoulli_mask(
