@@ -75,7 +75,7 @@ class CalibConfig:
     search_rounds: int = 3
     batch_size: int = 32
     candidate_chunk: int = 16
-    images_per_chunk: int = 4
+    images_per_chunk: int = 8
     fold_layernorm: bool = True
     recapture_after_fold: bool = True
 

@@ -336,7 +336,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
         scale = state[f"{name}.w_quantizer.scale"]
         zp = state[f"{name}.w_quantizer.zero_point"]
         codes = tensors[name + CODES_SUFFIX].reshape(scale.shape[0], -1)
-        state[f"{name}.weight"] = dequantize(codes, scale, zp).reshape(layer.weight.shape).to(layer.weight.dtype)
+        state[f"{name}.weight"] = (
+            dequantize(codes, scale, zp).reshape(layer.weight.shape).to(layer.weight.dtype)
+        )
     _, omitted = layout(net)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if set(missing) - omitted or unexpected:

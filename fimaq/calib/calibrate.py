@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from fimaq.config import CalibConfig
 from fimaq.errors import FimaqError
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
 from fimaq.models.swap import iter_qlayers, set_quant_enabled
+from fimaq.quant import search
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,18 @@ class CalibReport:
     @property
     def seconds_per_layer(self) -> float:
         return self.total_seconds / max(1, len(self.layer_seconds))
+
+
+@contextmanager
+def float32_products() -> Iterator[None]:
+    """Full float32 matrix products (no TF32 on GPUs) for the searches' fast passes, whose stated
+    tolerance assumes float32 rounding; the previous setting is restored on exit."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -65,6 +79,7 @@ def calibrate_model(
     progress: bool = True,
     units: Sequence[str] | None = None,
     precision: str = "32-true",
+    tie_log: list | None = None,
 ) -> CalibReport:
     """Search the qparams of every quantized layer of ``model`` (built by ``quantize_model``).
 
@@ -86,6 +101,8 @@ def calibrate_model(
         units: calibrate only these units (names as in ``QLayer.unit``); all by default.
         precision: Lightning precision of the capture passes (``bf16-mixed``: autocast; the captured
             tensors and the searches stay float32).
+        tie_log: a list that receives every group settled by the tie rule, labelled with the layer
+            and quantizer (:func:`fimaq.quant.search.tie_log`).
     """
     cfg = (cfg or CalibConfig()).validate()
     check_precision(precision)
@@ -128,7 +145,8 @@ def calibrate_model(
                     layer = pending.pop(0)
                     bar.set_postfix_str(layer.name)
                     t1 = time.perf_counter()
-                    calibrate_layer(layer, store[layer.name], cfg, num_images)
+                    with search.tie_log([] if tie_log is None else tie_log, layer.name), float32_products():
+                        calibrate_layer(layer, store[layer.name], cfg, num_images)
                     report.layer_seconds[layer.name] = time.perf_counter() - t1
                     bar.update()
                     if _folds(layer, cfg) and cfg.recapture_after_fold:

@@ -1,4 +1,6 @@
-"""Per-layer calibration searches (ALGORITHM sections 2.1-2.4), on captured FP tensors."""
+"""Per-layer calibration searches (sections 2.1-2.4 of the algorithm: grids of 128 candidates, MSE
+criteria, alternating rounds), on captured FP tensors. Each search picks its candidates through the
+evaluators and the tie rule of :mod:`fimaq.quant.search`."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fimaq.calib import reference_order as ref
 from fimaq.config import CalibConfig
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
 from fimaq.quant import grids, matmul_sweep, search
@@ -40,55 +41,35 @@ def search_linear(
     ``x`` (M, in) and ``y`` (M, out) hold ``num_images`` images' tokens. Returns
     ((w_scale (rows, 1), w_zp), (a_scale (), a_zp ())), None where that side stays FP.
     """
-    chunk, batch = cfg.candidate_chunk, cfg.batch_size
+    chunk = cfg.candidate_chunk
     rows_per_chunk = max(1, cfg.images_per_chunk) * max(1, x.shape[0] // num_images)
-    x3, y3 = x.view(num_images, -1, x.shape[-1]), y.view(num_images, -1, y.shape[-1])
     wq = aq = None
     if w_bits is not None:
         ws, wz = grids.weight_grid(w, w_bits, cfg.eq_n)
-        sse = search.weight_self_sse(w, ws, wz, w_bits)
-        wi = search.resolve_near_ties(
-            sse, lambda c, g: ref.weight_self_error(w, ws, wz, w_bits, c, g), search.tie_rtol(w_bits)
-        )
+        wi = search.self_sse(w, ws[..., 0].T, wz[..., 0].T, w_bits, "w_quantizer")
         wq = (_pick(ws, wi), _pick(wz, wi))
     if a_bits is not None:
         x_sorted = search.sorted_input(x)
         a_s, a_z = grids.activation_grid(x, a_bits, cfg.eq_n, sorted_values=x_sorted)
-        sse = search.act_self_sse(x, a_s, a_z, a_bits, sorted_x=x_sorted)
-        del x_sorted
         ai = int(
-            search.resolve_near_ties(
-                sse,
-                lambda c, g: ref.act_self_error(x3, a_s, a_z, a_bits, c, None, batch),
-                search.tie_rtol(a_bits),
+            search.self_sse(
+                x.reshape(1, -1), a_s.view(1, -1), a_z.view(1, -1), a_bits, "a_quantizer", x_sorted
             )[0]
         )
+        del x_sorted
         aq = (a_s[ai], a_z[ai])
     w_used_for = a_used_for = object()  # the other side's qparams each search last ran with
     for _ in range(cfg.search_rounds):
         if w_bits is not None and not _same(aq, w_used_for):
             w_used_for = aq
             x_hat = fake_quant(x, aq[0], aq[1], a_bits) if aq is not None else x
-            x_q = None if aq is None else (aq[0], aq[1], a_bits)
-            sse = search.weight_output_sse(w, bias, x_hat, y, ws, wz, w_bits, chunk, x_q)
-            x_hat3 = x_hat.view_as(x3)
-            wi = search.resolve_near_ties(
-                sse,
-                lambda c, g, xh=x_hat3: ref.linear_weight_error(w, bias, xh, y3, ws, wz, w_bits, c, g, batch),
-                search.tie_rtol(w_bits),
-            )
+            wi = search.WeightOutputError(w, bias, x_hat, y).best(ws, wz, w_bits, chunk, "w_quantizer")
             wq = (_pick(ws, wi), _pick(wz, wi))
         if a_bits is not None and not _same(wq, a_used_for):
             a_used_for = wq
             w_hat = fake_quant(w, wq[0], wq[1], w_bits) if wq is not None else w
-            w_q = None if wq is None else (w, wq[0], wq[1], w_bits)
-            sse = search.act_output_sse(x, w_hat, bias, y, a_s, a_z, a_bits, chunk, rows_per_chunk, w_q)
-            ai = int(
-                search.resolve_near_ties(
-                    sse,
-                    lambda c, g, wh=w_hat: ref.linear_act_error(x3, wh, bias, y3, a_s, a_z, a_bits, c, batch),
-                    search.tie_rtol(a_bits),
-                )[0]
+            ai = search.act_output_sse(
+                x, w_hat, bias, y, a_s, a_z, a_bits, chunk, rows_per_chunk, "a_quantizer"
             )
             aq = (a_s[ai], a_z[ai])
         if w_bits is None or a_bits is None:
@@ -97,7 +78,7 @@ def search_linear(
 
 
 def fold_layernorm(
-    norm: nn.LayerNorm, layer: QuantLinear, x: torch.Tensor, bits: int, cfg: CalibConfig, num_images: int = 1
+    norm: nn.LayerNorm, layer: QuantLinear, x: torch.Tensor, bits: int, cfg: CalibConfig
 ) -> torch.Tensor:
     """Section 2.2: per-input-channel qparams by input MSE, folded into the LayerNorm and the linear.
 
@@ -105,14 +86,8 @@ def fold_layernorm(
     """
     x_sorted = search.sorted_input(x, channel_wise=True)
     scales, zps = grids.activation_grid(x, bits, cfg.eq_n, channel_wise=True, sorted_values=x_sorted)
-    sse = search.act_self_sse(x, scales, zps, bits, channel_wise=True, sorted_x=x_sorted)
+    idx = search.self_sse(x.T.contiguous(), scales, zps, bits, "channels", x_sorted)
     del x_sorted
-    x3 = x.view(num_images, -1, x.shape[-1])
-    idx = search.resolve_near_ties(
-        sse,
-        lambda c, g: ref.act_self_error(x3, scales, zps, bits, c, g, cfg.batch_size),
-        search.tie_rtol(bits),
-    )
     s_c = scales.gather(1, idx.view(-1, 1)).squeeze(1)
     zp_c = zps.gather(1, idx.view(-1, 1)).squeeze(1)
     s_t = s_c.mean().view(1)
@@ -138,7 +113,7 @@ def calibrate_linear(
     """Calibrate one QuantLinear from its captured FP input ``x`` (M, in) and output ``y`` (M, out)."""
     w_bits, a_bits = layer.w_quantizer.bits, layer.a_quantizer.bits
     if norm is not None and a_bits is not None and cfg.fold_layernorm:
-        x = fold_layernorm(norm, layer, x, a_bits, cfg, num_images)
+        x = fold_layernorm(norm, layer, x, a_bits, cfg)
     wq, aq = search_linear(layer.weight.detach(), layer.bias.detach(), x, y, w_bits, a_bits, cfg, num_images)
     if wq is not None:
         layer.w_quantizer.set_qparams(*wq)
@@ -150,7 +125,7 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
     """Section 2.4: per-output-channel bounds by output MSE, then coordinate descent on each bound.
 
     The convolution is a linear map on unfolded patches, so candidates are scored with the row-wise
-    Gram search of the linear layers; near-ties are settled in the reference's float32 order.
+    Gram search of the linear layers (one Gram matrix for every sweep).
     """
     bits = layer.w_quantizer.bits
     if bits is None:
@@ -162,19 +137,11 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
     patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
     patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
     out = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
-    bias = layer.bias.detach()
+    objective = search.WeightOutputError(w2d, layer.bias.detach(), patches, out)
 
     def best(up: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         s, z = grids.bounds_to_qparams(up, lo, bits)
-        sse = search.weight_output_sse(w2d, bias, patches, out, s, z, bits, cfg.candidate_chunk)
-        conv_args = (layer.stride, layer.padding, layer.dilation)
-        return search.resolve_near_ties(
-            sse,
-            lambda c, g: ref.conv_weight_error(
-                layer.weight.detach(), bias, conv_args, x, y, s, z, bits, c, g, cfg.batch_size
-            ),
-            search.tie_rtol(bits),
-        )
+        return objective.best(s, z, bits, cfg.candidate_chunk, "w_quantizer")
 
     idx = best(upper, lower)
     iu = il = idx
@@ -241,17 +208,19 @@ def calibrate_matmul(
             if bits[other] is not None:
                 o_s, o_z = qparams(other)
                 other_q = (o_s[todo], o_z[todo], bits[other])
-            rtol = search.tie_rtol(bits[op])
-            totals, image_errors = matmul_sweep.matmul_sweep(
-                a[:, todo], b[:, todo], out[:, todo], s, z, bits[op], op, chunk, ipc, rtol, other_q
+            idx = matmul_sweep.matmul_sweep(
+                a[:, todo],
+                b[:, todo],
+                out[:, todo],
+                s,
+                z,
+                bits[op],
+                op,
+                chunk,
+                ipc,
+                other_q,
+                f"{op}_quantizer",
             )
-
-            def reference(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-                errors = image_errors(c, g)
-                every_c, every_g = torch.arange(errors.shape[0]), torch.arange(errors.shape[2])
-                return ref.matmul_error_from_images(errors, every_c, every_g, cfg.batch_size)
-
-            idx = search.resolve_near_ties(totals, reference, rtol)
             for j, h in enumerate(todo.tolist()):
                 memo[keys[h]] = int(idx[j])
         idx = torch.tensor([memo[k] for k in keys], dtype=torch.long)
