@@ -67,3 +67,20 @@ def compare_qparams(
         if bad:
             diff.scale_mismatch[key] = bad
     return diff
+
+
+def scale_mismatches(
+    ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rtol: float = 1e-5
+) -> list[tuple[str, int, float, float]]:
+    """(key, first flat group index, our scale, the reference's scale) of every distinct pair of scales
+    that differ by more than ``rtol`` (a per-tensor scale repeated over tokens is listed once)."""
+    found: dict[tuple[str, float, float], int] = {}
+    for key, want in ref.items():
+        if not key.endswith("_quantizer.scale") or key.startswith("patch_embed.proj.a_quantizer"):
+            continue
+        got = ours[key].reshape(want.shape).flatten()
+        want = want.flatten()
+        bad = (((got - want).abs() / want.abs().clamp_min(1e-12)) > rtol).nonzero().flatten()
+        for i in bad.tolist():
+            found.setdefault((key, float(got[i]), float(want[i])), i)
+    return [(key, i, g, w) for (key, g, w), i in found.items()]
