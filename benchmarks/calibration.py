@@ -12,6 +12,7 @@ import time
 
 import torch
 from _digits import digits_sets, embedded_fp, top1
+from _machine import machine_line
 
 from fimaq.calib import calibrate_model
 from fimaq.calib.minmax import minmax_calibrate
@@ -42,7 +43,7 @@ def main() -> None:
         rows.append(
             (f"W{bits}/A{bits}", "fimaq", top1(model, xv, yv), report.total_seconds, report.seconds_per_layer)
         )
-    print(f"torch threads: {args.threads}")
+    print(machine_line())
     print("| bits | calibration | top-1 (%) | seconds | s/layer |\n|---|---|---|---|---|")
     for bits, method, acc, secs, per in rows:
         print(f"| {bits} | {method} | {acc:.2f} | {secs:.1f} | {per:.2f} |")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import machine_line
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.artifacts import resolve_checkpoint
@@ -131,7 +132,7 @@ def main() -> None:
         f"{args.arch} {kwargs}, W{args.bits}/A{args.bits} ({calib}), checkpoint {args.checkpoint or 'random'}"
     )
     print(
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, threads: {args.threads}; "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {machine_line()}; "
         f"ONNX forms {res['forms']}"
     )
     print(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from _digits import ARCH, KWARGS, digits_sets, embedded_fp, top1
+from _machine import machine_line
 
 from fimaq.artifacts import atomic_write_bytes
 from fimaq.calib import calibrate_model
@@ -79,7 +80,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(rows, indent=1)
         atomic_write_bytes(Path(args.out), lambda tmp, text=text: Path(tmp).write_text(text))
-    print(f"\ntorch threads: {args.threads}; A{args.a_bits}; reconstruction {args.iters} steps per unit")
+    print(f"\n{machine_line()}; A{args.a_bits}; reconstruction {args.iters} steps per unit")
     print("| weights | average weight bits | calibrated top-1 | reconstructed top-1 | allocation seconds |")
     print("|---|---|---|---|---|")
     for r in rows:

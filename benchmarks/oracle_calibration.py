@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from _machine import machine_line
 from safetensors.torch import load_file
 
 import fimaq  # noqa: F401
@@ -61,8 +62,7 @@ def main() -> None:
     inputs = load_file(str(folder / "inputs.safetensors"))
     labels = inputs["test_labels"]
     print(
-        f"CPU capability: {torch.backends.cpu.get_cpu_capability()}; "
-        f"torch threads: {torch.get_num_threads()}; oracle: {folder}",
+        f"{machine_line()}; oracle: {folder}",
         flush=True,
     )
     rows, notes = [], []

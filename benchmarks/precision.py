@@ -13,6 +13,7 @@ import time
 
 import torch
 from _digits import digits_sets, embedded_fp
+from _machine import machine_line
 
 from fimaq.amp import autocast
 from fimaq.calib import calibrate_model
@@ -60,6 +61,7 @@ def main() -> None:
         rows.append((precision, cal, rec, t_cal, t_rec))
         print(f"{precision}: calibrated {cal:.2f}  reconstructed {rec:.2f}  ({t_cal:.1f} s + {t_rec:.1f} s)")
     bits = f"W{args.bits}/A{args.bits}"
+    print(f"\n{machine_line()}")
     print(f"\n| precision | {bits} calibrated | reconstructed | calibration s | reconstruction s |")
     print("|---|---|---|---|---|")
     for p, cal, rec, tc, tr in rows:

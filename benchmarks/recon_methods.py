@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from _digits import digits_sets, embedded_fp, top1
+from _machine import machine_line
 
 from fimaq.artifacts import atomic_write_bytes
 from fimaq.calib import calibrate_model
@@ -69,7 +70,7 @@ def main() -> None:
                 text = json.dumps(results, indent=1)
                 atomic_write_bytes(out, lambda tmp, text=text: Path(tmp).write_text(text))
                 print(f"{key} seed {seed}: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s", flush=True)
-    print(f"\ntorch threads: {args.threads}, iters: {args.iters}, Fisher samples: {args.fisher_samples}")
+    print(f"\n{machine_line()}, iters: {args.iters}, Fisher samples: {args.fisher_samples}")
     print("| bits | method | top-1 (%) mean ± std | runs | seconds per run |\n|---|---|---|---|---|")
     for key, rows in results.items():
         bits, method = key.split("/")

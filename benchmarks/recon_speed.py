@@ -17,6 +17,7 @@ import resource
 import time
 
 import torch
+from _machine import machine_line
 
 import fimaq  # noqa: F401
 from fimaq.artifacts import resolve_checkpoint
@@ -102,7 +103,7 @@ def main() -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     where = f"{args.images} images, device {args.device}"
     print(f"{args.arch} {kwargs} unit {args.unit}, W{args.bits}/A{args.bits}, {where}")
-    print(f"torch threads: {args.threads}")
+    print(machine_line())
     print("| measure | value |\n|---|---|")
     print(f"| plain FP forward+backward, batch 32 | {plain * 1e3:.1f} ms |")
     print(f"| reconstruction step (no refresh), batch 32 | {step * 1e3:.1f} ms |")

@@ -33,6 +33,12 @@ from fimaq.recon import STATE_FILE
 log = logging.getLogger(__name__)
 
 
+def _where() -> str:
+    """What the timings ran on: the CPU capability and thread count (and the GPU when one is used)."""
+    where = f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    return where + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+
+
 def _validate_top1(
     trainer: L.Trainer, model: QuantModel, datamodule: L.LightningDataModule
 ) -> dict[str, float]:
@@ -127,7 +133,7 @@ class FimaqTrainer(L.Trainer):
                 logger.log_metrics({f"calibrate/{k}": v for k, v in values.items() if isinstance(v, float)})
         rank_zero_info(
             f"calibrated top-1 {res['top1']:.2f}% (FP {values.get('fp_top1', float('nan')):.2f}%) in "
-            f"{report.total_seconds:.1f} s; wrote {root / 'calibrated.safetensors'} and "
+            f"{report.total_seconds:.1f} s ({_where()}); wrote {root / 'calibrated.safetensors'} and "
             f"{root / 'metrics.json'}"
         )
         return metrics if self.is_global_zero else values
@@ -201,7 +207,8 @@ class FimaqTrainer(L.Trainer):
         fp, cal = metrics.get("fp_top1", float("nan")), metrics.get("calibrated_top1", float("nan"))
         rank_zero_info(
             f"top-1: FP {fp:.2f}%  calibrated {cal:.2f}%  reconstructed {res['top1']:.2f}%  "
-            f"(reconstruction {report.total_seconds:.1f} s); wrote {root / 'quantized.safetensors'}"
+            f"(reconstruction {report.total_seconds:.1f} s, {_where()}); "
+            f"wrote {root / 'quantized.safetensors'}"
         )
         return metrics
 

@@ -107,7 +107,9 @@ def quantization_errors(weight: torch.Tensor, bits: Sequence[int], eq_n: int = 1
     found = {}
     for b in sorted(set(bits)):
         scales, zps = grids.weight_grid(w, b, eq_n)
-        err = float(search.weight_self_sse(w, scales, zps, b).min(0).values.sum())
+        s_g, z_g = scales[..., 0].T, zps[..., 0].T  # (rows, P)
+        idx = search.self_sse(w, s_g, z_g, b).view(-1, 1)
+        err = float(search.direct_self_sse(w, s_g.gather(1, idx), z_g.gather(1, idx), b, torch.float64).sum())
         # a (b+1)-bit grid holds every b-bit grid of the same scale: never report a larger error
         found[b] = min([err, *found.values()])
     return [found[b] for b in bits]
