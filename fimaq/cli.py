@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.artifacts import check_run_dir, save_quantized, update_metrics
 from fimaq.config import MixedPrecisionConfig
+from fimaq.data import PTQDataModule
 from fimaq.errors import FimaqError
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.module import QuantModel
@@ -360,7 +361,11 @@ class FimaqTrainer(L.Trainer):
 
 
 class FimaqCLI(LightningCLI):
-    """LightningCLI with fimaq's subcommands."""
+    """LightningCLI with fimaq's subcommands; the data module follows the model's arch and kwargs."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.arch", "data.init_args.arch")
+        parser.link_arguments("model.model_kwargs", "data.init_args.model_kwargs")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -383,7 +388,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         FimaqCLI(
             QuantModel,
-            L.LightningDataModule,
+            PTQDataModule,
             subclass_mode_data=True,
             trainer_class=FimaqTrainer,
             seed_everything_default=3407,

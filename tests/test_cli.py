@@ -11,6 +11,7 @@ import torch
 
 from fimaq.artifacts import read_artifact
 from fimaq.cli import FimaqCLI, main
+from fimaq.data import PTQDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -52,7 +53,7 @@ def test_every_yaml_parses_with_every_subcommand(config, subcommand):
 
     cli = ParseOnlyCLI(
         QuantModel,
-        L.LightningDataModule,
+        PTQDataModule,
         subclass_mode_data=True,
         trainer_class=FimaqTrainer,
         args=[subcommand, "-c", str(config)],

@@ -9,8 +9,8 @@ bit-reproducible.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from fimaq import dist
+from fimaq.data.base import PTQDataModule
 from fimaq.errors import FimaqError, require_int
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _prepare_images(images: np.ndarray, img_size: int, in_chans: int) -> Tensor:
     return x.contiguous().to(torch.float32)
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(PTQDataModule):
     """Lightning data module over scikit-learn's ``load_digits`` (1347 train / 450 val images).
 
     Calibration and reconstruction sets are drawn from the training split with one seeded
@@ -58,8 +59,10 @@ class DigitsDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        img_size: int = 32,
-        in_chans: int = 3,
+        arch: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        img_size: int | None = None,
+        in_chans: int | None = None,
         calib_size: int = 128,
         recon_size: int = 1024,
         batch_size: int = 32,
@@ -70,8 +73,13 @@ class DigitsDataModule(L.LightningDataModule):
         """Validate and store the options; tensors are built lazily in :meth:`setup`.
 
         Args:
-            img_size: Side length the 8x8 digits are upsampled to (at least 8).
-            in_chans: Channels of the produced images, 1 (grey) or 3 (grey repeated).
+            arch: The model's timm name (linked from ``--model.arch``).
+            model_kwargs: The model's overrides (linked from ``--model.model_kwargs``): ``img_size``
+                and ``in_chans`` there set the images' size and channels.
+            img_size: Side length the 8x8 digits are upsampled to (at least 8); default: the model's
+                ``img_size``, else 32.
+            in_chans: Channels of the produced images, 1 (grey) or 3 (grey repeated); default: the
+                model's ``in_chans``, else 3.
             calib_size: Number of training images used for calibration (1..1347).
             recon_size: Number of training images used for block reconstruction (1..1347).
             batch_size: Batch size of the train, calibration and reconstruction loaders.
@@ -79,7 +87,9 @@ class DigitsDataModule(L.LightningDataModule):
             seed: Seed of the calibration/reconstruction permutation and the train shuffle.
             num_workers: Worker processes of every data loader.
         """
-        super().__init__()
+        super().__init__(arch, model_kwargs)
+        img_size = self._from_model("img_size", img_size, 32)
+        in_chans = self._from_model("in_chans", in_chans, 3)
         require_int("img_size", img_size, 8)
         if in_chans not in (1, 3):
             raise FimaqError(f"in_chans must be 1 or 3, got {in_chans!r}")
@@ -102,6 +112,15 @@ class DigitsDataModule(L.LightningDataModule):
         self._val: tuple[Tensor, Tensor] | None = None
         self._calib: tuple[Tensor, Tensor] | None = None
         self._recon: tuple[Tensor, Tensor] | None = None
+
+    def _from_model(self, key: str, value: int | None, default: int) -> int:
+        """An image setting from the model's kwargs unless given here (then both must agree)."""
+        model_value = self.model_kwargs.get(key)
+        if value is None:
+            return default if model_value is None else model_value
+        if model_value is not None and model_value != value:
+            raise FimaqError(f"data {key}={value} differs from the model's {key}={model_value}")
+        return value
 
     def setup(self, stage: str | None = None) -> None:
         """Build all tensors once; later calls are no-ops.

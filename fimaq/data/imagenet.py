@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import fimaq  # noqa: F401  (torchvision shim before torchvision / timm)
 from fimaq import dist
+from fimaq.data.base import PTQDataModule
 from fimaq.errors import FimaqError, require_int
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class _SeededTransformSubset(Dataset):
         return self.transform(image), target
 
 
-class ImageNetDataModule(L.LightningDataModule):
+class ImageNetDataModule(PTQDataModule):
     """ImageNet-style data module: seeded calibration/reconstruction subsets of ``train``, eval on ``val``."""
 
     def __init__(
@@ -145,7 +145,7 @@ class ImageNetDataModule(L.LightningDataModule):
             num_workers: Worker processes of every data loader.
             val_limit: Evaluate on a seeded subset of this many validation images (``None``: all).
         """
-        super().__init__()
+        super().__init__(arch, model_kwargs)
         for name, value in (
             ("calib_size", calib_size),
             ("recon_size", recon_size),
@@ -156,8 +156,6 @@ class ImageNetDataModule(L.LightningDataModule):
         require_int("num_workers", num_workers, 0)
         if val_limit is not None:
             require_int("val_limit", val_limit, 1, note=" or null")
-        if model_kwargs is not None and not isinstance(model_kwargs, dict):
-            raise FimaqError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
             raise FimaqError(f"ImageNet root not found: {root_path}")
@@ -168,8 +166,6 @@ class ImageNetDataModule(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self.root = root_path
-        self.arch = arch
-        self.model_kwargs = dict(model_kwargs or {})
         self.calib_size = calib_size
         self.recon_size = recon_size
         self.batch_size = batch_size
