@@ -46,7 +46,6 @@ def test_there_are_configs_for_every_promised_model():
 @pytest.mark.parametrize("subcommand", sorted(FimaqCLI.subcommands()))
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_yaml_parses_with_every_subcommand(config, subcommand):
-    import lightning as L
 
     from fimaq.cli import FimaqTrainer
     from fimaq.module import QuantModel
@@ -140,6 +139,12 @@ def test_calibrate_end_to_end_writes_artifacts(tmp_path):
             ["--model.model_kwargs={img_size: 32, patch_size: 4, depth: 2, num_classes: 10}"],
             "does not fit arch",
         ),
+        (
+            ["--model.model_kwargs={img_size: 32, patch_size: 4, depth: 4, num_classes: 10, num_heads: 5}"],
+            "'num_heads': 5} for 'deit_tiny_patch16_224': AssertionError: dim should be divisible by "
+            "num_heads",
+        ),
+        (["--model.pretrained=true"], "without network access give the float weights as a file with"),
     ],
 )
 def test_bad_input_gives_one_error_line(extra, message, capsys):

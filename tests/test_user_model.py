@@ -16,7 +16,6 @@ from fimaq.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def readme_command() -> list[str]:
     """The arguments of the README's own-model command (after ``main.py``), as printed there."""
     text = (ROOT / "README.md").read_text().split("## Your own model and data", 1)[1]

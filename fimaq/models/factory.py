@@ -101,9 +101,17 @@ def create_fp_model(
         )
     kwargs = dict(model_kwargs or {})
     try:
-        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
-        raise FimaqError(f"bad model_kwargs for '{arch}': {exc}") from None
+        model = timm.create_model(arch, **kwargs)
+    except Exception as exc:  # timm reports bad kwargs as TypeError, AssertionError, ValueError, ...
+        raise FimaqError(f"timm rejects model_kwargs {kwargs} for '{arch}': {one_line(exc)}") from None
+    if pretrained:
+        try:
+            model = timm.create_model(arch, pretrained=True, **kwargs)
+        except Exception as exc:  # no network, no such weights, a hub error
+            raise FimaqError(
+                f"could not fetch timm's pretrained weights for '{arch}' ({one_line(exc)}); without "
+                "network access give the float weights as a file with --model.checkpoint_path"
+            ) from None
     if checkpoint_path:
         state = load_state_dict_file(checkpoint_path)
         _check_state_dict(model, state, arch, str(checkpoint_path))
