@@ -33,6 +33,20 @@ from fimaq.recon import STATE_FILE
 
 log = logging.getLogger(__name__)
 
+DESCRIPTION = (
+    "fimaq: post-training quantization of timm ViT/DeiT/Swin models to 2-8 bits (FIMA-Q calibration and "
+    "Fisher-loss block reconstruction, LampQ mixed precision). Subcommands: fit (the whole pipeline), "
+    "calibrate, search_bits, validate, export; each takes one YAML (-c) plus --section.key=value."
+)
+LIGHTNING_CHATTER = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:")
+
+
+class _QuietLightning(logging.Filter):
+    """Drops Lightning's hardware-availability lines and its product tips from normal runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(LIGHTNING_CHATTER)
+
 
 def _where() -> str:
     """What the timings ran on: the CPU capability and thread count (and the GPU when one is used)."""
@@ -46,8 +60,8 @@ def _validate_top1(
     start = time.perf_counter()
     result = L.Trainer.validate(trainer, model, datamodule=datamodule, verbose=False)[0]
     return {
-        "top1": round(100 * float(result["val/top1"]), 4),
-        "top5": round(100 * float(result["val/top5"]), 4),
+        "top1": round(float(result["val/top1"]), 4),
+        "top5": round(float(result["val/top5"]), 4),
         "seconds": time.perf_counter() - start,
     }
 
@@ -76,10 +90,26 @@ class FimaqTrainer(L.Trainer):
         self.strategy.setup_environment()
         rank_zero_info(f"data parallel: {self.world_size} processes ({self.strategy.process_group_backend})")
 
-    def validate(self, model: QuantModel, datamodule: L.LightningDataModule | None = None, **kwargs: Any):
-        """Evaluate the model (float, or quantized with --model.init_from) on the validation set."""
-        if kwargs or not isinstance(model, QuantModel):
-            return super().validate(model, datamodule=datamodule, **kwargs)
+    def validate(
+        self,
+        model: QuantModel | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: L.LightningDataModule | None = None,
+    ):
+        """Evaluate the model (float, or quantized with --model.init_from) on the validation set;
+        writes top-1/top-5 (percent) to metrics.json.
+
+        Args:
+            model: the model to evaluate.
+            dataloaders: plain Lightning validation on these loaders instead (no metrics.json).
+            ckpt_path: plain Lightning validation from this Lightning checkpoint instead.
+            verbose: print the result.
+            datamodule: provides the validation loader.
+        """
+        if not isinstance(model, QuantModel) or dataloaders is not None or ckpt_path is not None:
+            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule)
         self.start_ranks()
         res = _validate_top1(self, model, datamodule)
         key = "fp" if not model.quantized else model.stage
@@ -89,8 +119,12 @@ class FimaqTrainer(L.Trainer):
                 {f"{key}_top1": res["top1"], f"{key}_top5": res["top5"]},
                 {f"validate_{key}": res["seconds"]},
             )
-        rank_zero_info(f"{key} top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
-        return [{"val/top1": res["top1"] / 100, "val/top5": res["top5"] / 100}]
+        if verbose:
+            rank_zero_info(
+                f"{key} top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%; wrote "
+                f"{Path(self.default_root_dir) / 'metrics.json'}"
+            )
+        return [{"val/top1": res["top1"], "val/top5": res["top5"]}]
 
     def calibrate(
         self, model: QuantModel, datamodule: L.LightningDataModule, validate_fp: bool = True
@@ -166,6 +200,7 @@ class FimaqTrainer(L.Trainer):
             start = _validate_top1(self, model, datamodule)
             if self.is_global_zero:
                 update_metrics(root, {"calibrated_top1": start["top1"], "calibrated_top5": start["top5"]})
+            rank_zero_info(f"calibrated top-1 {start['top1']:.2f}% (from --model.init_from)")
         else:
             raise FimaqError(f"the model is already {model.stage}: start fit from a calibrated artifact")
         datamodule.setup("fit")
@@ -363,6 +398,18 @@ class FimaqTrainer(L.Trainer):
 class FimaqCLI(LightningCLI):
     """LightningCLI with fimaq's subcommands; the data module follows the model's arch and kwargs."""
 
+    def before_instantiate_classes(self) -> None:
+        """TensorBoard logs go to ``<default_root_dir>/version_N`` (not a nested lightning_logs/), with no
+        placeholder ``hp_metric``; an explicit ``--trainer.logger`` is kept."""
+        cfg = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        if cfg.logger in (None, True):
+            from jsonargparse import Namespace
+
+            cfg.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=cfg.default_root_dir or ".", name="", default_hp_metric=False),
+            )
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.arch", "data.init_args.arch")
         parser.link_arguments("model.model_kwargs", "data.init_args.model_kwargs")
@@ -381,6 +428,8 @@ class FimaqCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python main.py`` and the ``fimaq`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_QuietLightning())
     # Lightning's own use of a torch API that torch deprecated; nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # data parallel validation pads the last batch of a rank with repeated images (at most one per rank)
@@ -393,6 +442,8 @@ def main(args: list[str] | None = None) -> None:
             trainer_class=FimaqTrainer,
             seed_everything_default=3407,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+            auto_configure_optimizers=False,
             trainer_defaults={"enable_checkpointing": False, "enable_model_summary": False},
             args=args,
         )

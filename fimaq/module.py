@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -68,6 +69,19 @@ class QuantModel(L.LightningModule):
         self.calib_cfg = (calib or CalibConfig()).validate()
         self.recon_cfg = (recon or ReconConfig()).validate()
         self.fisher_cfg = (fisher or FisherConfig()).validate()
+        # the settings in force, defaults included, for hparams.yaml and TensorBoard
+        self.hparams.update(
+            model_kwargs=self.model_kwargs,
+            **{
+                k: dataclasses.asdict(v)
+                for k, v in (
+                    ("quant", self.quant),
+                    ("calib", self.calib_cfg),
+                    ("recon", self.recon_cfg),
+                    ("fisher", self.fisher_cfg),
+                )
+            },
+        )
         self._checkpoint = resolve_checkpoint(checkpoint_path)
         ckpt = None if init_from else self._checkpoint
         fp = create_fp_model(
@@ -180,7 +194,13 @@ class QuantModel(L.LightningModule):
             raise FimaqError(f"the model produced NaN/Inf logits on validation batch {batch_idx}")
         self.top1.update(logits, y)
         self.top5.update(logits, y)
-        self.log("val/top1", self.top1, on_epoch=True, prog_bar=True)
-        self.log("val/top5", self.top5, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # percentages, as everywhere else (the metrics gather their state over data-parallel ranks)
+        self.log("val/top1", 100 * self.top1.compute(), prog_bar=True)
+        self.log("val/top5", 100 * self.top5.compute())
+        self.top1.reset()
+        self.top5.reset()
 
     test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end

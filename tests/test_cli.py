@@ -75,7 +75,10 @@ def _validate_args(config: str, root, artifact: str) -> list[str]:
     ]
 
 
-def test_calibrate_end_to_end_writes_artifacts(tmp_path):
+def test_calibrate_end_to_end_writes_artifacts(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
     root = tmp_path / "run"
     args = [
         "calibrate",
@@ -117,10 +120,15 @@ def test_calibrate_end_to_end_writes_artifacts(tmp_path):
     )
     assert state["blocks.0.attn.qkv.a_quantizer.scale"].shape == (1, 65, 1)
 
-    # the artifact validates on its own, and a config of other bit-widths refuses it
-    main(_validate_args("configs/digits/w8a8.yaml", root, "calibrated.safetensors"))
-    again = json.loads((root / "metrics.json").read_text())
+    # the artifact validates on its own (metrics.json in the validate run's folder, percent on the
+    # console), and a config of other bit-widths refuses it
+    check = tmp_path / "check"
+    args = _validate_args("configs/digits/w8a8.yaml", root, "calibrated.safetensors")
+    main([*args, f"--trainer.default_root_dir={check}"])
+    again = json.loads((check / "metrics.json").read_text())
     assert again["calibrated_top1"] == pytest.approx(metrics["calibrated_top1"], abs=1e-6)
+    assert f"calibrated top-1 {again['calibrated_top1']:.2f}%" in caplog.text
+    assert "GPU available" not in caplog.text and "Tip:" not in caplog.text
     with pytest.raises(SystemExit) as exc:
         main(_validate_args("configs/digits/w4a4.yaml", root, "calibrated.safetensors"))
     assert exc.value.code == 2
@@ -196,6 +204,14 @@ def _fit_args(config: str, root, *extra: str) -> list[str]:
     ]
 
 
+def _tensorboard_scalars(folder) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_fit_end_to_end_then_resume_and_refuse_another_model(tmp_path, capsys, caplog):
     import logging
 
@@ -213,9 +229,26 @@ def test_fit_end_to_end_then_resume_and_refuse_another_model(tmp_path, capsys, c
     assert meta["stage"] == "reconstructed" and meta["quant"]["w_bits"] == 4
     assert not any("alpha" in k for k in state)  # the rounding is folded into the weights
     assert (root / "recon_errors.png").stat().st_size > 1000
-    assert list((root / "lightning_logs").rglob("events.out.tfevents.*"))
+    # TensorBoard beside the artifacts (not nested), percentages as on the console, the settings used
+    assert not (root / "lightning_logs").exists() and list((root / "version_0").glob("events.out.tfevents.*"))
+    scalars = _tensorboard_scalars(root / "version_0")
+    assert "hp_metric" not in scalars
+    assert scalars["val/top1"][-1] == pytest.approx(metrics["reconstructed_top1"], abs=1e-3)
+    hparams = (root / "version_0" / "hparams.yaml").read_text()
+    assert "search_rounds: 1" in hparams and "calib: null" not in hparams
     assert "reconstructed" in caplog.text and "blocks.3: output MSE" in caplog.text
     assert "blocks.0 [2/6]" not in capsys.readouterr().out  # no bars when the trainer has none
+
+    # a fit from the calibrated artifact reports where it starts
+    caplog.clear()
+    main(
+        _fit_args(
+            "configs/digits/w4a4.yaml",
+            tmp_path / "again",
+            f"--model.init_from={root / 'calibrated.safetensors'}",
+        )
+    )
+    assert f"calibrated top-1 {metrics['calibrated_top1']:.2f}% (from --model.init_from)" in caplog.text
 
     # a second fit in the same folder resumes after the last unit: nothing left to train
     main(_fit_args("configs/digits/w4a4.yaml", root))
@@ -232,3 +265,14 @@ def test_fit_end_to_end_then_resume_and_refuse_another_model(tmp_path, capsys, c
         main(_fit_args("configs/digits/w3a3.yaml", root))
     assert exc.value.code == 2
     assert "holds a run of another model" in capsys.readouterr().err
+
+
+def test_help_describes_fimaq_and_offers_no_optimizer(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "fimaq: post-training quantization of timm ViT/DeiT/Swin" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--model.calib" in out and "--optimizer" not in out and "--lr_scheduler" not in out
