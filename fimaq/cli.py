@@ -11,6 +11,7 @@ with one ``error: ...`` line and exit status 2.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -26,7 +27,7 @@ import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.artifacts import check_run_dir, save_quantized, update_metrics
 from fimaq.config import MixedPrecisionConfig
 from fimaq.data import PTQDataModule
-from fimaq.errors import FimaqError
+from fimaq.errors import FimaqError, Interrupted
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.module import QuantModel
 from fimaq.recon import STATE_FILE
@@ -400,14 +401,20 @@ class FimaqCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """TensorBoard logs go to ``<default_root_dir>/version_N`` (not a nested lightning_logs/), with no
-        placeholder ``hp_metric``; an explicit ``--trainer.logger`` is kept."""
+        placeholder ``hp_metric``; a resumed ``fit`` logs on into the interrupted run's version. An
+        explicit ``--trainer.logger`` is kept."""
         cfg = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
         if cfg.logger in (None, True):
             from jsonargparse import Namespace
 
+            root = Path(cfg.default_root_dir or ".")
+            version = None  # a new version_N, except when resuming: the run goes on in its own
+            if self.subcommand == "fit" and (root / STATE_FILE).is_file():
+                numbers = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+                version = max(numbers) if numbers else None
             cfg.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=cfg.default_root_dir or ".", name="", default_hp_metric=False),
+                init_args=Namespace(save_dir=str(root), name="", version=version, default_hp_metric=False),
             )
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -434,6 +441,7 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # data parallel validation pads the last batch of a rank with repeated images (at most one per rank)
     warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         FimaqCLI(
             QuantModel,
@@ -447,12 +455,24 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults={"enable_checkpointing": False, "enable_model_summary": False},
             args=args,
         )
+    except Interrupted as exc:
+        where = f" {exc.where}" if exc.where else ""
+        print(f"interrupted{where}; run the same command again to resume", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except Exception as exc:
         message = user_error_message(exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM: stop where the run is (finished units and written files stay) and say so."""
+    raise Interrupted(signum)
 
 
 def user_error_message(exc: BaseException) -> str | None:

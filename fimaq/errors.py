@@ -35,3 +35,13 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
         end = text.find(". ", 0, limit)  # keep whole sentences where one fits
         text = text[: end + 1] if end > 0 else text[: limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Interrupted(BaseException):
+    """Raised by fimaq's SIGINT/SIGTERM handlers (a BaseException, so that no ``except Exception``
+    swallows it); ``where`` says what was interrupted, filled in by the stage that was running."""
+
+    def __init__(self, signum: int, where: str = "") -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.where = where

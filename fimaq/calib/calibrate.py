@@ -17,7 +17,7 @@ from fimaq.amp import autocast, check_precision
 from fimaq.calib.capture import capture_io, explicit_matmuls, run_batches
 from fimaq.calib.layers import calibrate_conv, calibrate_linear, calibrate_matmul
 from fimaq.config import CalibConfig
-from fimaq.errors import FimaqError
+from fimaq.errors import FimaqError, Interrupted
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
 from fimaq.models.swap import iter_qlayers, set_quant_enabled
 from fimaq.quant import search
@@ -145,8 +145,15 @@ def calibrate_model(
                     layer = pending.pop(0)
                     bar.set_postfix_str(layer.name)
                     t1 = time.perf_counter()
-                    with search.tie_log([] if tie_log is None else tie_log, layer.name), float32_products():
-                        calibrate_layer(layer, store[layer.name], cfg, num_images)
+                    try:
+                        with (
+                            search.tie_log([] if tie_log is None else tie_log, layer.name),
+                            float32_products(),
+                        ):
+                            calibrate_layer(layer, store[layer.name], cfg, num_images)
+                    except Interrupted as exc:
+                        exc.where = exc.where or f"during calibration, at layer {layer.name} (it starts over)"
+                        raise
                     report.layer_seconds[layer.name] = time.perf_counter() - t1
                     bar.update()
                     if _folds(layer, cfg) and cfg.recapture_after_fold:

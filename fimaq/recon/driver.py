@@ -28,7 +28,7 @@ from fimaq.amp import autocast, check_precision
 from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
 from fimaq.callbacks import FisherRefresh, UnitProgressBar
 from fimaq.config import FisherConfig, ReconConfig
-from fimaq.errors import FimaqError
+from fimaq.errors import FimaqError, Interrupted
 from fimaq.quant.adaround import AdaRoundQuantizer, attach_adaround, finalize_adaround
 from fimaq.quant.quantizer import UniformQuantizer
 from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, soft_targets
@@ -60,7 +60,9 @@ def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: in
     return {"recon": dataclasses.asdict(cfg), "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
 
 
-def _check_state(path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]) -> tuple[dict, list[str]]:
+def _check_state(
+    path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]
+) -> tuple[dict, list[str], dict[str, list[float]]]:
     state, saved = read_artifact(path)
     for key, value in {**meta, "fingerprint": fingerprint}.items():
         if key == "stage":
@@ -70,7 +72,7 @@ def _check_state(path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]) 
                 f"{path} belongs to a run with {key}={saved.get(key)}, not {value}: use another "
                 "trainer.default_root_dir (or delete the file to start over)"
             )
-    return state, list(saved.get("units_done", []))
+    return state, list(saved.get("units_done", [])), dict(saved.get("unit_record", {}))
 
 
 @torch.no_grad()
@@ -190,7 +192,10 @@ def reconstruct_model(
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     done: list[str] = []
     if state_path is not None and state_path.is_file():
-        state, done = _check_state(state_path, meta, fingerprint)
+        state, done, record = _check_state(state_path, meta, fingerprint)
+        for name, (before, after, seconds) in record.items():  # the finished units' reports
+            report.error_before[name], report.error_after[name] = before, after
+            report.unit_seconds[name] = seconds
         for unit in units:
             if unit.name in done:
                 _hard_adaround(unit)  # finished units hold float weights + their rounding (alpha)
@@ -205,7 +210,16 @@ def reconstruct_model(
             save_quantized(
                 state_path,
                 net.state_dict(),
-                {**meta, "stage": "reconstructing", "fingerprint": fingerprint, "units_done": done},
+                {
+                    **meta,
+                    "stage": "reconstructing",
+                    "fingerprint": fingerprint,
+                    "units_done": done,
+                    "unit_record": {  # what the reports of a resumed run need of the finished units
+                        u: [report.error_before[u], report.error_after[u], report.unit_seconds[u]]
+                        for u in done
+                    },
+                },
             )
 
     if state_path is not None and not state_path.is_file():
@@ -252,10 +266,14 @@ def reconstruct_model(
                 if unit.name in done or (only is not None and unit.name not in only):
                     continue
                 t0 = time.perf_counter()
-                _reconstruct_unit(ctx, i, unit, set(done), f"{unit.name} [{i + 1}/{len(units)}]")
+                try:
+                    _reconstruct_unit(ctx, i, unit, set(done), f"{unit.name} [{i + 1}/{len(units)}]")
+                except Interrupted as exc:
+                    exc.where = exc.where or f"in unit {unit.name} after {len(done)} finished units"
+                    raise
                 done.append(unit.name)
-                save_state()
                 report.unit_seconds[unit.name] = time.perf_counter() - t0
+                save_state()
                 dist.info(
                     log,
                     "%s: output MSE %.4g -> %.4g (%.1f s)",
