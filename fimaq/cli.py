@@ -10,11 +10,13 @@ with one ``error: ...`` line and exit status 2.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from fimaq.errors import FimaqError, Interrupted
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.module import QuantModel
 from fimaq.recon import STATE_FILE
+from fimaq.run_dir import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,24 @@ def _validate_top1(
         "top5": round(float(result["val/top5"]), 4),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _owning_run_dir(stage: Callable) -> Callable:
+    """Run a stage holding the lock of ``default_root_dir`` (rank 0 takes it; nested stages share it)."""
+
+    @functools.wraps(stage)
+    def run(self: FimaqTrainer, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_holds_run_dir", False):
+            return stage(self, *args, **kwargs)
+        self.start_ranks()
+        with run_lock(self.default_root_dir, enabled=self.is_global_zero):
+            self._holds_run_dir = True
+            try:
+                return stage(self, *args, **kwargs)
+            finally:
+                self._holds_run_dir = False
+
+    return run
 
 
 class FimaqTrainer(L.Trainer):
@@ -111,7 +132,10 @@ class FimaqTrainer(L.Trainer):
         """
         if not isinstance(model, QuantModel) or dataloaders is not None or ckpt_path is not None:
             return super().validate(model, dataloaders, ckpt_path, verbose, datamodule)
-        self.start_ranks()
+        return self._validate_quant(model, datamodule, verbose)
+
+    @_owning_run_dir
+    def _validate_quant(self, model: QuantModel, datamodule: L.LightningDataModule | None, verbose: bool):
         res = _validate_top1(self, model, datamodule)
         key = "fp" if not model.quantized else model.stage
         if self.is_global_zero:
@@ -127,6 +151,7 @@ class FimaqTrainer(L.Trainer):
             )
         return [{"val/top1": res["top1"], "val/top5": res["top5"]}]
 
+    @_owning_run_dir
     def calibrate(
         self, model: QuantModel, datamodule: L.LightningDataModule, validate_fp: bool = True
     ) -> dict:
@@ -174,6 +199,7 @@ class FimaqTrainer(L.Trainer):
         )
         return metrics if self.is_global_zero else values
 
+    @_owning_run_dir
     def fit(self, model: QuantModel, datamodule: L.LightningDataModule, validate_fp: bool = True) -> dict:
         """The whole PTQ: calibrate, reconstruct every unit, save quantized.safetensors, validate.
 
@@ -249,6 +275,7 @@ class FimaqTrainer(L.Trainer):
         )
         return metrics
 
+    @_owning_run_dir
     def search_bits(
         self,
         model: QuantModel,
@@ -350,6 +377,7 @@ class FimaqTrainer(L.Trainer):
         )
         return plan
 
+    @_owning_run_dir
     def export(
         self,
         model: QuantModel,

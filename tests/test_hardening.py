@@ -475,3 +475,36 @@ def test_bad_files_through_the_cli_give_one_error_line(tmp_path, capsys):
     (tmp_path / "plan.yaml").write_text("fimaq_bit_plan: 1\nlayers: {a: [1,\n")
     line = _cli_error(capsys, f"--model.bit_plan={tmp_path / 'plan.yaml'}")
     assert "plan.yaml is not valid YAML" in line
+
+
+def test_a_run_folder_has_one_owner(tmp_path, capsys, caplog):
+    import logging
+
+    from fimaq.run_dir import LOCK_NAME
+
+    root = tmp_path / "run"
+    root.mkdir()
+    lock = root / LOCK_NAME
+    args = ["calibrate", "-c", str(DIGITS), f"--trainer.default_root_dir={root}", *FAST_FIT[:-1]]
+    # a live owner: the second run is refused with one line naming it, and the lock stays
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname()}))
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (
+            f"error: {root} is in use by another fimaq run (pid {owner.pid} on {socket.gethostname()}); "
+            f"wait for it to finish or choose another trainer.default_root_dir (if that run is gone, "
+            f"delete {lock})"
+        )
+        assert lock.is_file() and not (root / "calibrated.safetensors").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    # its owner is dead now: the next run takes the folder over with a warning, and releases it
+    caplog.set_level(logging.WARNING)
+    main(args)
+    assert "taking over the lock of a run that is no longer alive" in caplog.text
+    assert (root / "calibrated.safetensors").is_file() and not lock.exists()

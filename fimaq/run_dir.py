@@ -1,0 +1,85 @@
+"""A run folder (``trainer.default_root_dir``) is owned by one fimaq process at a time.
+
+The owner holds ``<root>/.fimaq.lock``, a small JSON file with its PID and host, created exclusively
+(``O_EXCL``). A second run into the same folder is refused with one line naming the owner; a lock
+left by a dead process on this host is taken over with a warning. Data-parallel ranks share the
+lock of rank 0 (only rank 0 takes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from fimaq.artifacts import pid_alive
+from fimaq.errors import FimaqError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".fimaq.lock"
+
+
+def _owner(path: Path) -> dict:
+    try:
+        owner = json.loads(path.read_text())
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}  # unreadable or half-written: treated as ownerless below
+
+
+def _create(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(root: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Hold the lock of run folder ``root`` for the duration of the block (``enabled=False``: no-op,
+    for data-parallel ranks other than 0).
+
+    Raises:
+        FimaqError: another live process (or one on another host) owns the folder.
+    """
+    if not enabled:
+        yield
+        return
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    host = socket.gethostname()
+    for _ in range(3):
+        if _create(path):
+            break
+        owner = _owner(path)
+        pid, where = owner.get("pid"), owner.get("host")
+        if isinstance(pid, int) and where == host and pid != os.getpid() and not pid_alive(pid):
+            log.warning("%s: taking over the lock of a run that is no longer alive (pid %d)", root, pid)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        if not owner:
+            raise FimaqError(
+                f"{root} is locked by {path}, which names no owner; delete it if no run uses {root}"
+            )
+        raise FimaqError(
+            f"{root} is in use by another fimaq run (pid {pid} on {where}); wait for it to finish or choose "
+            f"another trainer.default_root_dir (if that run is gone, delete {path})"
+        )
+    else:
+        raise FimaqError(f"could not take the lock {path}: other runs keep creating it")
+    try:
+        yield
+    finally:
+        if _owner(path).get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
