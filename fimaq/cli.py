@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.artifacts import check_run_dir, save_quantized, update_metrics
+from fimaq.cli_errors import OneLineParser, check_yaml_files
 from fimaq.config import MixedPrecisionConfig
 from fimaq.data import PTQDataModule
 from fimaq.errors import FimaqError, Interrupted
@@ -470,7 +471,10 @@ def main(args: list[str] | None = None) -> None:
     # data parallel validation pads the last batch of a rank with repeated images (at most one per rank)
     warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    argv = list(sys.argv[1:] if args is None else args)
+    OneLineParser.args = argv
     try:
+        check_yaml_files(argv)
         FimaqCLI(
             QuantModel,
             PTQDataModule,
@@ -479,6 +483,7 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=3407,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": DESCRIPTION},
+            parser_class=OneLineParser,
             auto_configure_optimizers=False,
             trainer_defaults={"enable_checkpointing": False, "enable_model_summary": False},
             args=args,

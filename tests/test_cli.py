@@ -276,3 +276,37 @@ def test_help_describes_fimaq_and_offers_no_optimizer(capsys):
         main(["fit", "--help"])
     out = capsys.readouterr().out
     assert "--model.calib" in out and "--optimizer" not in out and "--lr_scheduler" not in out
+
+
+@pytest.mark.parametrize(
+    "yaml_text, extra, expected",
+    [
+        (None, ["--model.recon.itres=5"], "error: model.recon.itres (on the command line): no such option"),
+        (
+            None,
+            ["--model.quant.w_bits=x"],
+            "error: model.quant.w_bits (on the command line): expected int, got 'x'",
+        ),
+        (
+            "model:\n  recon: {iters: many}\n",
+            [],
+            "error: model.recon.iters (in {file}): expected int, got 'many'",
+        ),
+        (
+            "model:\n  arch: [unclosed\n",
+            [],
+            "error: config {file}, line 3, column 1: YAML syntax error: expected",
+        ),
+    ],
+)
+def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, yaml_text, extra, expected):
+    config = ROOT / "configs/digits/w3a3.yaml"
+    if yaml_text is not None:
+        config = tmp_path / "bad.yaml"
+        config.write_text(yaml_text)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", str(config), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # no usage block
+    assert err[0].startswith(expected.format(file=config)), err[0]
