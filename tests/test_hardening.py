@@ -280,7 +280,7 @@ def _write_checkpoint(tmp_path: Path, case: str) -> Path:
             "code.pth",
             r"holds other pickled objects \(refused global posix.mkdir\), and fimaq never unpickles code",
         ),
-        ("junk.bin", "is truncated or not a PyTorch/safetensors state dict"),
+        ("junk.bin", r"is not a PyTorch or safetensors file \(it starts with b'hello world,'\)"),
         ("list.pt", "does not hold a state dict of tensors"),
         ("nan.safetensors", "holds NaN or Inf values in 'blocks.1.mlp.fc1.bias'"),
         (

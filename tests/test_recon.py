@@ -313,14 +313,16 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         fresh, images, cfg, fcfg, state_dir=tmp_path / "b", meta=meta, progress=False
     )
     assert report.resumed_units == ["patch_embed", "blocks.0"]
-    assert list(report.unit_seconds) == ["blocks.1", "head"]
+    assert list(report.unit_seconds) == ["patch_embed", "blocks.0", "blocks.1", "head"]  # the whole record
     resumed = fresh.state_dict()
     assert resumed.keys() == uninterrupted.keys()
     for k in uninterrupted:
         assert torch.equal(resumed[k], uninterrupted[k]), k
 
     # the same folder refuses a run with other settings
-    with pytest.raises(FimaqError, match="belongs to a run with"):
+    with pytest.raises(
+        FimaqError, match=r"belongs to a run with other settings \(recon.iters: \d+ there, 9 here\)"
+    ):
         driver.reconstruct_model(
             fresh, images, _fast_recon(iters=9), fcfg, state_dir=tmp_path / "b", meta=meta, progress=False
         )

@@ -54,6 +54,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                 f"({what}), and fimaq never unpickles code"
             ) from None
         except Exception as exc:  # truncated, or not a torch file at all
+            with open(path, "rb") as f:
+                head = f.read(16)
+            if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor a pickle
+                raise FimaqError(
+                    f"checkpoint {path} is not a PyTorch or safetensors file (it starts with {head[:12]!r})"
+                ) from None
             raise FimaqError(
                 f"checkpoint {path} is truncated or not a PyTorch/safetensors state dict ({one_line(exc)})"
             ) from None

@@ -64,15 +64,27 @@ def _check_state(
     path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]
 ) -> tuple[dict, list[str], dict[str, list[float]]]:
     state, saved = read_artifact(path)
-    for key, value in {**meta, "fingerprint": fingerprint}.items():
-        if key == "stage":
-            continue
-        if saved.get(key) != value:
-            raise FimaqError(
-                f"{path} belongs to a run with {key}={saved.get(key)}, not {value}: use another "
-                "trainer.default_root_dir (or delete the file to start over)"
-            )
+    expected = {k: v for k, v in {**meta, **fingerprint}.items() if k != "stage"}
+    found = {k: v for k, v in {**saved, **saved.get("fingerprint", {})}.items() if k in expected}
+    differ = _differences(found, expected)
+    if differ:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise FimaqError(
+            f"{path} belongs to a run with other settings ({shown}{more}): use another "
+            "trainer.default_root_dir (or delete the file to start over)"
+        )
     return state, list(saved.get("units_done", [])), dict(saved.get("unit_record", {}))
+
+
+def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, wanted value) of every leaf where two nested dicts differ."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        out = []
+        for key in sorted(set(saved) | set(wanted), key=str):
+            out += _differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == wanted else [(prefix.rstrip("."), saved, wanted)]
 
 
 @torch.no_grad()
@@ -193,7 +205,8 @@ def reconstruct_model(
     done: list[str] = []
     if state_path is not None and state_path.is_file():
         state, done, record = _check_state(state_path, meta, fingerprint)
-        for name, (before, after, seconds) in record.items():  # the finished units' reports
+        for name in (u for u in done if u in record):  # the finished units' reports, in unit order
+            before, after, seconds = record[name]
             report.error_before[name], report.error_after[name] = before, after
             report.unit_seconds[name] = seconds
         for unit in units:
