@@ -2,6 +2,7 @@
 onnxruntime runs within the stated tolerance, one clear error per bad file, and ``main.py export``."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -221,7 +222,7 @@ def _bad_files():
         ),
         "bad model_kwargs": (
             lambda t, h: (t, {**h, "model_kwargs": {**h["model_kwargs"], "no_such_option": 1}}),
-            "bad model_kwargs for 'deit_tiny_patch16_224'",
+            "no_such_option': 1} for 'deit_tiny_patch16_224': TypeError",
         ),
         "not an export": (
             lambda t, h: (t, {**h, "format": "something-else"}),
@@ -283,8 +284,8 @@ def test_onnx_has_qdq_nodes_and_matches_pytorch(digits, digits_onnx):
     par = res["parity"]
     assert par["ok"] and par["images"] == 450
     assert par["mean_abs_diff"] <= par["mean_limit"]
-    assert par["max_abs_diff"] <= 0.1 * par["max_abs_logit"]
-    assert par["argmax_agreement"] >= 0.99
+    assert par["max_abs_diff"] <= par["max_limit"] == 0.1 * par["max_abs_logit"]
+    assert par["argmax_agreement"] == 1.0 and par["failed"] == []
     session = onnx_session(path)
     for batch in (1, 5):  # dynamic batch
         out = session.run(["logits"], {"images": xv[:batch].numpy()})[0]
@@ -313,6 +314,22 @@ def test_onnx_parity_catches_a_missing_clamp(digits, digits_onnx, tmp_path):
     onnx.save(model, str(broken))
     par = onnx_parity(broken, net, xv[:64] * 2)  # brighter images: more inputs above the 4-bit range
     assert not par["ok"] and par["mean_abs_diff"] > 3 * par["mean_limit"]
+    assert any(f.startswith("argmax differs on") for f in par["failed"])  # it changes predictions too
+
+
+def test_an_export_that_fails_the_check_writes_nothing_and_names_the_output(digits, tmp_path, monkeypatch):
+    from fimaq.export_onnx import export_onnx
+
+    net, xv, _ = digits
+    monkeypatch.setattr("fimaq.export_onnx.MAX_REL", 1e-12)  # float noise alone now exceeds the bound
+    with pytest.raises(FimaqError) as exc:
+        export_onnx(net, tmp_path / "model.onnx", xv[:2], check_input=xv[:16])
+    assert re.search(
+        r"differs from PyTorch on the 16 check images, nothing written: max \|diff\| \S+ > \S+ "
+        r"\(image \d+, logit \d+\)",
+        str(exc.value),
+    ), exc.value
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_onnx_of_a_swin(tmp_path):
@@ -375,9 +392,10 @@ def test_main_export_end_to_end(tmp_path, capsys, caplog):
     assert metrics["onnx_bytes"] == (root / "model.onnx").stat().st_size
     assert metrics["export_reload_max_abs_diff"] == 0.0
     assert metrics["onnx_mean_abs_diff"] <= metrics["onnx_mean_limit"]
-    assert metrics["onnx_argmax_agreement"] >= 0.99
+    assert metrics["onnx_argmax_agreement"] == 1.0
+    assert metrics["onnx_max_abs_diff"] <= metrics["onnx_max_limit"]
     assert metrics["seconds"]["export"] > 0
-    assert "export: wrote" in caplog.text and "argmax agreement" in caplog.text
+    assert "export: wrote" in caplog.text and "argmax equal on all, max |diff|" in caplog.text
     xv, _ = dm.val_tensors()
     with torch.no_grad():
         assert torch.equal(load_quantized(root / "export.safetensors")(xv), model.net(xv))
