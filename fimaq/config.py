@@ -55,7 +55,7 @@ class QuantSpec:
 
 @dataclass
 class CalibConfig:
-    """Scale search of the calibration stage (ALGORITHM section 2).
+    """Scale search of the calibration stage (docs/algorithm.md, section 2).
 
     Attributes:
         num_images: calibration images (taken from the data module's calibration set).
@@ -95,7 +95,7 @@ CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class ReconConfig:
-    """Block-wise reconstruction (ALGORITHM section 3); the defaults are the official constants.
+    """Block-wise reconstruction (docs/algorithm.md, section 3); the defaults are the official constants.
 
     Attributes:
         iters: optimisation steps per unit.
@@ -154,7 +154,7 @@ class ReconConfig:
 
 @dataclass
 class FisherConfig:
-    """Fisher statistics of the reconstruction loss (ALGORITHM section 4).
+    """Fisher statistics of the reconstruction loss (docs/algorithm.md, section 4).
 
     Attributes:
         rank: k, the number of refreshes (and the final rank of the low-rank part).
@@ -217,7 +217,7 @@ def _fraction(name: str, value: object, closed_right: bool = True) -> None:
 
 @dataclass
 class MixedPrecisionConfig:
-    """LampQ bit allocation (ALGORITHM section 5).
+    """LampQ bit allocation (docs/algorithm.md, section 5).
 
     Attributes:
         budget: the average weight bits (weighted by layer size) the plan may use.

@@ -146,7 +146,7 @@ class QuantModel(L.LightningModule):
     def calibrate(
         self, images: torch.Tensor, progress: bool = True, precision: str = "32-true"
     ) -> CalibReport:
-        """Calibrate every quantizer on ``images`` (section 2 of the algorithm).
+        """Calibrate every quantizer on ``images`` (docs/algorithm.md, section 2).
 
         Data parallel (an initialised process group): every rank passes all images; each keeps its
         shard of the first ``calib.num_images`` and the captured statistics are gathered.
@@ -159,7 +159,8 @@ class QuantModel(L.LightningModule):
         return report
 
     def reconstruct(self, images: torch.Tensor, state_dir=None, **kwargs) -> ReconReport:
-        """Reconstruct every unit on ``images`` (sections 3 and 4); resumes from ``state_dir``.
+        """Reconstruct every unit on ``images`` (docs/algorithm.md, sections 3 and 4); resumes from
+        ``state_dir``.
 
         Data parallel (an initialised process group): every rank passes all images and keeps its shard.
         """

@@ -1,4 +1,4 @@
-"""Per-layer calibration searches (sections 2.1-2.4 of the algorithm: grids of 128 candidates, MSE
+"""Per-layer calibration searches (docs/algorithm.md, sections 2.1-2.4: grids of 128 candidates, MSE
 criteria, alternating rounds), on captured FP tensors. Each search picks its candidates through the
 evaluators and the tie rule of :mod:`fimaq.quant.search`."""
 

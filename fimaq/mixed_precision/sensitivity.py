@@ -1,5 +1,5 @@
 """Layer sensitivity: the Fisher trace ``tr(F_i) = E ||grad_{W_i} loss||^2`` and its type-aware
-normalisation ``Omega_i = alpha_t tr(F_i)`` (ALGORITHM section 5)."""
+normalisation ``Omega_i = alpha_t tr(F_i)`` (docs/algorithm.md, section 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Candidate (scale, zero point) grids of the calibration searches (ALGORITHM section 2).
+"""Candidate (scale, zero point) grids of the calibration searches (docs/algorithm.md, section 2).
 
 Every grid reproduces the reference implementation's float32 arithmetic operation by operation, so
 that the candidates are bit-identical to it.

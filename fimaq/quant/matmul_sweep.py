@@ -1,5 +1,5 @@
 """Attention-matmul operand searches: per-image errors of every candidate of one operand of a
-quantized product, and the per-head pruned sweep over them (section 2.3 of the algorithm: per-head
+quantized product, and the per-head pruned sweep over them (docs/algorithm.md, section 2.3: per-head
 bounds, coordinate descent); the tie rule is :func:`fimaq.quant.search.choose`."""
 
 from __future__ import annotations

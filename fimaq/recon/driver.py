@@ -167,7 +167,7 @@ def reconstruct_model(
     progress: bool = True,
     units: Sequence[str] | None = None,
 ) -> ReconReport:
-    """Reconstruct every unit of a calibrated model, in order (ALGORITHM sections 3 and 4).
+    """Reconstruct every unit of a calibrated model, in order (docs/algorithm.md, sections 3 and 4).
 
     Args:
         net: a calibrated quantized model (``quantize_model`` + ``calibrate_model``).

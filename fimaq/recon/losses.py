@@ -1,4 +1,4 @@
-"""Reconstruction losses on a unit's output (ALGORITHM section 4), as pure functions plus the
+"""Reconstruction losses on a unit's output (docs/algorithm.md, section 4), as pure functions plus the
 normalised objective that the reconstruction step minimises.
 
 Every output is flattened to ``D = tokens x channels``; ``e_b = |y_hat_b - y_b|``. With Fisher
