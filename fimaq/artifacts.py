@@ -251,7 +251,12 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
     return _parse_meta(Path(path), raw)
 
 
-RUN_FILES = ("calibrated.safetensors", "recon_state.safetensors", "quantized.safetensors")
+RUN_FILES = (
+    "calib_state.safetensors",
+    "calibrated.safetensors",
+    "recon_state.safetensors",
+    "quantized.safetensors",
+)
 
 
 def check_run_dir(root: str | Path, meta: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.artifacts import check_run_dir, save_quantized, update_metrics
+from fimaq.calib import CALIB_STATE_FILE
 from fimaq.cli_errors import OneLineParser, check_yaml_files
 from fimaq.config import MixedPrecisionConfig
 from fimaq.data import PTQDataModule
@@ -181,11 +182,12 @@ class FimaqTrainer(L.Trainer):
         images, _ = datamodule.calibration_tensors()
         model.to(self.strategy.root_device)
         bars = self.is_global_zero and self.progress_bar_callback is not None
-        report = model.calibrate(images, progress=bars, precision=self.precision)
+        report = model.calibrate(images, progress=bars, precision=self.precision, state_dir=root)
         seconds["calibrate"] = report.total_seconds
         values["calibration_seconds_per_layer"] = round(report.seconds_per_layer, 4)
         if self.is_global_zero:
             save_quantized(root / "calibrated.safetensors", model.net.state_dict(), model.artifact_meta())
+            (root / CALIB_STATE_FILE).unlink(missing_ok=True)  # calibrated.safetensors supersedes it
         res = _validate_top1(self, model, datamodule)
         values.update(calibrated_top1=res["top1"], calibrated_top5=res["top5"])
         seconds["validate_calibrated"] = res["seconds"]

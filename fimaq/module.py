@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fimaq import dist
 from fimaq.artifacts import check_state_dict, read_artifact, resolve_checkpoint
-from fimaq.calib import CalibReport, calibrate_model
+from fimaq.calib import CALIB_STATE_FILE, CalibReport, calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.mixed_precision.plan import BitPlan
@@ -144,16 +145,23 @@ class QuantModel(L.LightningModule):
 
     # ----------------------------------------------------------------- stages
     def calibrate(
-        self, images: torch.Tensor, progress: bool = True, precision: str = "32-true"
+        self, images: torch.Tensor, progress: bool = True, precision: str = "32-true", state_dir=None
     ) -> CalibReport:
         """Calibrate every quantizer on ``images`` (docs/algorithm.md, section 2).
 
         Data parallel (an initialised process group): every rank passes all images; each keeps its
-        shard of the first ``calib.num_images`` and the captured statistics are gathered.
+        shard of the first ``calib.num_images`` and the captured statistics are gathered. With
+        ``state_dir`` the calibration is resumable (``CALIB_STATE_FILE`` there).
         """
         images = dist.shard_rows(images[: self.calib_cfg.num_images])
         report = calibrate_model(
-            self.net, images.to(self.device), self.calib_cfg, progress=progress, precision=precision
+            self.net,
+            images.to(self.device),
+            self.calib_cfg,
+            progress=progress,
+            precision=precision,
+            state_path=None if state_dir is None else Path(state_dir) / CALIB_STATE_FILE,
+            meta=self.artifact_meta(),
         )
         self.stage = "calibrated"
         return report

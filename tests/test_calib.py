@@ -120,3 +120,47 @@ def test_matmul_calibration_ends_at_a_coordinatewise_optimum():
                     trial[op][0][h], trial[op][1][h] = cs, cz
                     errors.append(_float64_error(a, b, out, trial["A"], trial["B"], bits)[h])
                 assert best[h] <= min(errors) * (1 + 1e-12), (op, h, fixed_upper)
+
+
+def test_an_interrupted_calibration_resumes_after_its_last_layer(tmp_path, monkeypatch):
+    from fimaq.artifacts import read_meta
+    from fimaq.calib import calibrate as calib_mod
+    from fimaq.errors import Interrupted
+
+    images = torch.randn(8, 3, 32, 32)
+    spec = QuantSpec(w_bits=4, a_bits=4)
+    meta = {"arch": "tiny", "quant": {"w_bits": 4}}
+    whole = quantize_model(tiny_model("vit"), spec)
+    calibrate_model(whole, images, FAST, progress=False)
+
+    state = tmp_path / "calib_state.safetensors"
+    first = quantize_model(tiny_model("vit"), spec)
+    real, calls = calib_mod.calibrate_layer, []
+
+    def stop_at_the_ninth(layer, *args):
+        if len(calls) == 8:
+            raise Interrupted(15)
+        calls.append(layer.name)
+        real(layer, *args)
+
+    monkeypatch.setattr(calib_mod, "calibrate_layer", stop_at_the_ninth)
+    with pytest.raises(Interrupted) as exc:
+        calibrate_model(first, images, FAST, progress=False, state_path=state, meta=meta)
+    assert "during calibration, at layer" in exc.value.where
+    saved = read_meta(state)["layers_done"]
+    assert 0 < len(saved) <= 8 and saved == calls[: len(saved)]  # written after each finished unit
+
+    monkeypatch.setattr(calib_mod, "calibrate_layer", real)
+    resumed = quantize_model(tiny_model("vit"), spec)
+    seen = []
+    monkeypatch.setattr(
+        calib_mod, "calibrate_layer", lambda layer, *a: (seen.append(layer.name), real(layer, *a))
+    )
+    calibrate_model(resumed, images, FAST, progress=False, state_path=state, meta=meta)
+    assert seen and not set(seen) & set(saved)  # only the layers the first run had not finished
+    want, got = whole.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(FimaqError, match="belongs to a calibration with"):
+        calibrate_model(
+            quantize_model(tiny_model("vit"), spec), images, FAST, progress=False, state_path=state
+        )

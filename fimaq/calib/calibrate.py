@@ -1,12 +1,16 @@
-"""calibrate_model: the calibration stage, one FP capture pass per unit, then each layer's search."""
+"""calibrate_model: the calibration stage, one FP capture pass per unit, then each layer's search;
+resumable after its last calibrated layer (``CALIB_STATE_FILE``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +18,7 @@ from tqdm.auto import tqdm
 
 from fimaq import dist
 from fimaq.amp import autocast, check_precision
+from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
 from fimaq.calib.capture import capture_io, explicit_matmuls, run_batches
 from fimaq.calib.layers import calibrate_conv, calibrate_linear, calibrate_matmul
 from fimaq.config import CalibConfig
@@ -23,6 +28,8 @@ from fimaq.models.swap import iter_qlayers, set_quant_enabled
 from fimaq.quant import search
 
 log = logging.getLogger(__name__)
+
+CALIB_STATE_FILE = "calib_state.safetensors"
 
 
 @dataclass
@@ -48,6 +55,25 @@ def float32_products() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def _load_state(model: nn.Module, path: Path, fingerprint: dict[str, Any]) -> list[str]:
+    """Load a calibration state written by an interrupted run; returns its calibrated layers."""
+    if not path.is_file():
+        return []
+    state, saved = read_artifact(path)
+    for key in ("arch", "model_kwargs", "quant", "calib", "images"):
+        value = fingerprint.get(key)
+        if saved.get(key) != value:
+            raise FimaqError(
+                f"{path} belongs to a calibration with {key}={saved.get(key)!r}, not {value!r}: use another "
+                "trainer.default_root_dir (or delete the file to start over)"
+            )
+    check_state_dict(model.state_dict(), state, f"calibration state {path}", "this model")
+    model.load_state_dict(state, strict=True)
+    done = list(saved.get("layers_done", []))
+    dist.info(log, "resuming calibration after %d calibrated layers (%s)", len(done), path)
+    return done
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +106,8 @@ def calibrate_model(
     units: Sequence[str] | None = None,
     precision: str = "32-true",
     tie_log: list | None = None,
+    state_path: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> CalibReport:
     """Search the qparams of every quantized layer of ``model`` (built by ``quantize_model``).
 
@@ -103,6 +131,11 @@ def calibrate_model(
             tensors and the searches stay float32).
         tie_log: a list that receives every group settled by the tie rule, labelled with the layer
             and quantizer (:func:`fimaq.quant.search.tie_log`).
+        state_path: a resumable state (safetensors): written after every unit (and after a layer
+            once a minute has passed since the last write); when it exists, the run loads it and
+            continues after its last calibrated layer, with the result of an uninterrupted run.
+        meta: what the state records of the model (arch, kwargs, bits); a state of another model or
+            other calibration settings is refused.
     """
     cfg = (cfg or CalibConfig()).validate()
     check_precision(precision)
@@ -123,6 +156,26 @@ def calibrate_model(
     units = [u for u in all_units if units is None or u in units]
     layers = [q for q in layers if q.unit in units]
     report = CalibReport()
+    state_path = Path(state_path) if state_path is not None else None
+    fingerprint = {
+        **(meta or {}),
+        "calib": dataclasses.asdict(cfg),
+        "images": num_images,
+        "stage": "calibrating",
+    }
+    done = _load_state(model, state_path, fingerprint) if state_path is not None else []
+    if state_path is not None:
+        dist.barrier()  # every rank has read the state before rank 0 writes it again
+    layers = [q for q in layers if q.name not in done]
+    last_save = time.perf_counter()
+
+    def save(force: bool) -> None:
+        nonlocal last_save
+        if state_path is None or not dist.is_main() or not (force or time.perf_counter() - last_save > 60):
+            return
+        save_quantized(state_path, model.state_dict(), {**fingerprint, "layers_done": done})
+        last_save = time.perf_counter()
+
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -155,6 +208,8 @@ def calibrate_model(
                         exc.where = exc.where or f"during calibration, at layer {layer.name} (it starts over)"
                         raise
                     report.layer_seconds[layer.name] = time.perf_counter() - t1
+                    done.append(layer.name)
+                    save(force=not any(q.unit == unit for q in pending))
                     bar.update()
                     if _folds(layer, cfg) and cfg.recapture_after_fold:
                         break  # later layers see the folded LayerNorm's output, as in the reference
