@@ -516,7 +516,10 @@ def user_error_message(exc: BaseException) -> str | None:
     seen = exc
     while seen is not None:
         if isinstance(seen, FimaqError):
-            return str(seen)
+            text = str(seen)
+            # raised in a DataLoader worker: the message carries the worker's traceback; keep its error
+            inner = [ln for ln in text.splitlines() if ln.startswith(f"{FimaqError.__module__}.FimaqError: ")]
+            return inner[-1].split(": ", 1)[1] if inner else text.splitlines()[0] if text else text
         seen = seen.__cause__ or seen.__context__
     text = str(exc)
     if isinstance(exc, ValueError) and "Errors:" in text:

@@ -109,3 +109,24 @@ def test_own_model_calibrates_and_fits_from_the_imagenet_config(tmp_path, which,
     main([*fit, f"--model.arch={arch}", *FAST, *steps, "--model.fisher.num_samples=8"])
     state, meta = read_artifact(tmp_path / "fit" / "quantized.safetensors")
     assert meta["stage"] == "reconstructed" and all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_a_corrupt_image_read_by_a_worker_is_one_line(tmp_path, capsys, monkeypatch):
+    config, arch, kwargs = MODELS["deit"]
+    monkeypatch.chdir(ROOT)
+    data = _image_folder(tmp_path / "data")
+    broken = data / "train" / "cat" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    values = {
+        "-c": f"configs/imagenet/{config}.yaml",
+        "--data.init_args.root": str(data),
+        "--model.checkpoint_path": str(_checkpoint(tmp_path / "float.safetensors", arch, kwargs)),
+        "--model.model_kwargs": kwargs,
+        "--trainer.default_root_dir": str(tmp_path / "run"),
+    }
+    every_image = ["--data.init_args.calib_size=25", "--data.init_args.recon_size=25"]
+    with pytest.raises(SystemExit) as exc:
+        main([*substitute(readme_command(), values), *FAST, *every_image, "--data.init_args.num_workers=1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot decode image {broken}: ") and "Traceback" not in "\n".join(err)
