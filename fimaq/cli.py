@@ -432,15 +432,18 @@ class FimaqCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """TensorBoard logs go to ``<default_root_dir>/version_N`` (not a nested lightning_logs/), with no
-        placeholder ``hp_metric``; a resumed ``fit`` logs on into the interrupted run's version. An
-        explicit ``--trainer.logger`` is kept."""
+        placeholder ``hp_metric``; a resumed ``calibrate``/``fit`` logs on into the interrupted run's
+        version. An explicit ``--trainer.logger`` is kept."""
         cfg = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
         if cfg.logger in (None, True):
             from jsonargparse import Namespace
 
             root = Path(cfg.default_root_dir or ".")
             version = None  # a new version_N, except when resuming: the run goes on in its own
-            if self.subcommand == "fit" and (root / STATE_FILE).is_file():
+            resuming = (self.subcommand == "fit" and (root / STATE_FILE).is_file()) or (
+                self.subcommand in ("fit", "calibrate") and (root / CALIB_STATE_FILE).is_file()
+            )
+            if resuming:
                 numbers = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
                 version = max(numbers) if numbers else None
             cfg.logger = Namespace(

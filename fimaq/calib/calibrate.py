@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,14 +198,15 @@ def calibrate_model(
                     layer = pending.pop(0)
                     bar.set_postfix_str(layer.name)
                     t1 = time.perf_counter()
+                    logged = nullcontext() if tie_log is None else search.tie_log(tie_log, layer.name)
                     try:
-                        with (
-                            search.tie_log([] if tie_log is None else tie_log, layer.name),
-                            float32_products(),
-                        ):
+                        with logged, float32_products():
                             calibrate_layer(layer, store[layer.name], cfg, num_images)
                     except Interrupted as exc:
-                        exc.where = exc.where or f"during calibration, at layer {layer.name} (it starts over)"
+                        where = (
+                            f"during calibration, at layer {layer.name} after {len(done)} calibrated layers"
+                        )
+                        exc.where = exc.where or where
                         raise
                     report.layer_seconds[layer.name] = time.perf_counter() - t1
                     done.append(layer.name)
