@@ -72,6 +72,14 @@ def _validate_top1(
     }
 
 
+def _require_ptq_data(datamodule: Any) -> None:
+    if not isinstance(datamodule, PTQDataModule):
+        raise FimaqError(
+            f"{type(datamodule).__name__} is not a fimaq.data.PTQDataModule: the stages need its "
+            "calibration and reconstruction tensors"
+        )
+
+
 def _owning_run_dir(stage: Callable) -> Callable:
     """Run a stage holding the lock of ``default_root_dir`` (rank 0 takes it; nested stages share it)."""
 
@@ -164,8 +172,7 @@ class FimaqTrainer(L.Trainer):
             datamodule: must provide ``calibration_tensors()``.
             validate_fp: also measure the float model's accuracy first.
         """
-        if not hasattr(datamodule, "calibration_tensors"):
-            raise FimaqError(f"{type(datamodule).__name__} has no calibration_tensors(): cannot calibrate")
+        _require_ptq_data(datamodule)
         if model.quantized:
             raise FimaqError("the model is already quantized (--model.init_from): nothing to calibrate")
         self.start_ranks()
@@ -215,9 +222,7 @@ class FimaqTrainer(L.Trainer):
             datamodule: must provide ``calibration_tensors()`` and ``reconstruction_tensors()``.
             validate_fp: also measure the float model's accuracy first.
         """
-        for need in ("calibration_tensors", "reconstruction_tensors"):
-            if not hasattr(datamodule, need):
-                raise FimaqError(f"{type(datamodule).__name__} has no {need}(): cannot fit")
+        _require_ptq_data(datamodule)
         self.start_ranks()
         root = Path(self.default_root_dir)
         check_run_dir(root, model.artifact_meta())
@@ -326,8 +331,7 @@ class FimaqTrainer(L.Trainer):
             include_head=include_head,
             layer_bits=dict(layer_bits or {}),
         ).validate()
-        if not hasattr(datamodule, "calibration_tensors"):
-            raise FimaqError(f"{type(datamodule).__name__} has no calibration_tensors(): cannot search bits")
+        _require_ptq_data(datamodule)
         if self.world_size > 1:
             raise FimaqError(
                 "search_bits runs in one process: drop --trainer.strategy/--trainer.devices for it (fit and "
@@ -407,10 +411,7 @@ class FimaqTrainer(L.Trainer):
 
         if not model.quantized:
             raise FimaqError("export needs --model.init_from a quantized artifact")
-        if not hasattr(datamodule, "calibration_tensors"):
-            raise FimaqError(
-                f"{type(datamodule).__name__} has no calibration_tensors(): cannot check the export"
-            )
+        _require_ptq_data(datamodule)
         require_int("export opset", opset, 18)
         require_int("export check_images", check_images, 1)
         root = Path(self.default_root_dir)

@@ -86,9 +86,13 @@ def config_error(message: str, args: list[str]) -> str:
         full = name if name.startswith(full) or not full else f"{full}.{name}"
         detail = "no such option"
     detail = re.sub(r"<class '([\w.]+)'>", r"\1", detail).removeprefix("Problem with given class_path ")
-    expected = re.fullmatch(r"Expected a ([\w.]+)\. Got value: (.*)", detail)
+    expected = re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", detail)
     if expected:
-        detail = f"expected {expected.group(1)}, got {expected.group(2)!r}"
+        kind, got = expected.groups()
+        choices = re.fullmatch(r"typing\.Literal\[(.*)\]", kind)
+        if choices:
+            kind = "one of " + ", ".join(c.strip().strip("'") for c in choices.group(1).split(","))
+        detail = f"expected {kind}, got {got!r}"
     if not full:
         return detail
     return f"{full} ({_where(full, args)}): {detail}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from fimaq.errors import FimaqError, require_int
 from fimaq.quant.quantizer import check_bits
@@ -88,9 +89,10 @@ class CalibConfig:
         return self
 
 
-RECON_LOSSES = ("mse", "fisher_diag", "fisher_lr", "fisher_dplr", "fisher_brecq")
-INPUT_MODES = ("qdrop", "qinp", "rinp")
-CACHE_DTYPES = ("float32", "bfloat16", "float16")
+ReconLoss = Literal["mse", "fisher_diag", "fisher_lr", "fisher_dplr", "fisher_brecq"]
+InputMode = Literal["qdrop", "qinp", "rinp"]
+CacheDtype = Literal["float32", "bfloat16", "float16"]
+RECON_LOSSES, INPUT_MODES, CACHE_DTYPES = get_args(ReconLoss), get_args(InputMode), get_args(CacheDtype)
 
 
 @dataclass
@@ -119,8 +121,8 @@ class ReconConfig:
 
     iters: int = 20000
     batch_size: int = 32
-    loss: str = "fisher_dplr"
-    input_mode: str = "qdrop"
+    loss: ReconLoss = "fisher_dplr"
+    input_mode: InputMode = "qdrop"
     drop_prob: float = 0.5
     learn_act_scales: bool = True
     lr_alpha: float = 1e-3
@@ -130,7 +132,7 @@ class ReconConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     cache_device: str | None = None
-    cache_dtype: str = "float32"
+    cache_dtype: CacheDtype = "float32"
     error_images: int = 256
     seed: int = 0
 
@@ -170,12 +172,12 @@ class FisherConfig:
     """
 
     rank: int = 5
-    mode: str = "q"
+    mode: Literal["q", "qf"] = "q"
     temperature: float = 20.0
     p1: float = 1.0
     p2: float = 1.0
     num_samples: int | None = None
-    lowrank_tokens: str = "all"
+    lowrank_tokens: Literal["all", "cls"] = "all"
     ridge: float = 1e-8
     batch_size: int = 32
 
@@ -242,7 +244,7 @@ class MixedPrecisionConfig:
     min_bits: int = 2
     max_bits: int = 8
     rounds: int = 3
-    normalise: str = "type"
+    normalise: Literal["type", "none"] = "type"
     micro_batch: int = 1
     temperature: float = 1.0
     num_images: int | None = None

@@ -66,7 +66,7 @@ class QuantModel(L.LightningModule):
             plan.check_model(arch, self.model_kwargs, bit_plan)
             q = self.quant
             overrides = {**plan.overrides(), **q.overrides}  # explicit overrides win
-            self.quant = QuantSpec(q.w_bits, q.a_bits, q.head_a_bits, overrides).validate()
+            self.quant = dataclasses.replace(q, overrides=overrides).validate()
         self.calib_cfg = (calib or CalibConfig()).validate()
         self.recon_cfg = (recon or ReconConfig()).validate()
         self.fisher_cfg = (fisher or FisherConfig()).validate()

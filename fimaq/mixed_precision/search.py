@@ -3,6 +3,7 @@ calibrated quantized model, solve the ILP, quantize with the new allocation, rep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -82,9 +83,7 @@ def search_bit_plan(
     plan: BitPlan | None = None
     for r in range(cfg.rounds):
         overrides = {**spec.overrides, **{n: {"w_bits": b} for n, b in current.items()}}
-        net = quantize_model(
-            make_fp().eval(), QuantSpec(spec.w_bits, spec.a_bits, spec.head_a_bits, overrides)
-        )
+        net = quantize_model(make_fp().eval(), dataclasses.replace(spec, overrides=overrides))
         calibrate_model(net, images, calib, progress=progress)
         set_quant_enabled(net, True)
         layers = {n: m for n, (m, _) in allocatable_layers(net, cfg).items()}
