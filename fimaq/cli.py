@@ -288,16 +288,7 @@ class FimaqTrainer(L.Trainer):
         self,
         model: QuantModel,
         datamodule: L.LightningDataModule,
-        budget: float = 3.0,
-        candidates: list[int] | None = None,
-        min_bits: int = 2,
-        max_bits: int = 8,
-        rounds: int = 3,
-        normalise: str = "type",
-        micro_batch: int = 1,
-        include_patch_embed: bool = False,
-        include_head: bool = False,
-        layer_bits: dict[str, list[int]] | None = None,
+        plan: MixedPrecisionConfig | None = None,
     ) -> BitPlan:
         """LampQ: allocate weight bits per layer under an average-bits budget; writes bit_plan.yaml/png.
 
@@ -305,32 +296,13 @@ class FimaqTrainer(L.Trainer):
 
         Args:
             model: the model to allocate (its float weights, and a_bits for every layer).
-            datamodule: must provide ``calibration_tensors()``.
-            budget: average weight bits (weighted by layer size) the plan may use.
-            candidates: bit-widths a layer may take (default 2..8).
-            min_bits: smallest weight bits of any layer.
-            max_bits: largest weight bits of any layer.
-            rounds: allocation rounds (stops early when an allocation repeats).
-            normalise: ``type`` (type-aware Fisher normalisation) or ``none``.
-            micro_batch: images per gradient of the Fisher trace (1 = per-sample).
-            include_patch_embed: also allocate the patch embedding.
-            include_head: also allocate the classifier.
-            layer_bits: per-layer ``[min, max]`` weight bits, e.g. ``{blocks.0.attn.qkv: [4, 8]}``.
+            datamodule: provides the calibration images.
+            plan: the allocation settings (``--plan.budget 3.0``, ``--plan.rounds``, ... ; see
+                ``--plan.help MixedPrecisionConfig``).
         """
         from fimaq.mixed_precision import plot_plan, search_bit_plan
 
-        cfg = MixedPrecisionConfig(
-            budget=budget,
-            candidates=list(candidates) if candidates else [2, 3, 4, 5, 6, 7, 8],
-            min_bits=min_bits,
-            max_bits=max_bits,
-            rounds=rounds,
-            normalise=normalise,
-            micro_batch=micro_batch,
-            include_patch_embed=include_patch_embed,
-            include_head=include_head,
-            layer_bits=dict(layer_bits or {}),
-        ).validate()
+        cfg = (plan or MixedPrecisionConfig()).validate()
         _require_ptq_data(datamodule)
         if self.world_size > 1:
             raise FimaqError(

@@ -193,7 +193,7 @@ def test_search_bits_then_fit_with_the_plan(tmp_path):
         "--model.calib.num_images=16",
         "--data.init_args.calib_size=16",
     ]
-    main(["search_bits", *common, "--budget=3.5", "--rounds=1", "--micro_batch=4"])
+    main(["search_bits", *common, "--plan.budget=3.5", "--plan.rounds=1", "--plan.micro_batch=4"])
     plan = BitPlan.load(root / "bit_plan.yaml")
     sizes = {"qkv": 192 * 576, "proj": 192 * 192, "fc1": 192 * 768, "fc2": 768 * 192}
     used = sum(b["w_bits"] * sizes[n.rsplit(".", 1)[-1]] for n, b in plan.layers.items())
