@@ -251,32 +251,6 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
     return _parse_meta(Path(path), raw)
 
 
-RUN_FILES = (
-    "calib_state.safetensors",
-    "calibrated.safetensors",
-    "recon_state.safetensors",
-    "quantized.safetensors",
-)
-
-
-def check_run_dir(root: str | Path, meta: dict[str, Any]) -> None:
-    """Refuse a run folder that holds artifacts of another model or bit-width (never overwrite them)."""
-    for name in RUN_FILES:
-        path = Path(root) / name
-        if not path.is_file():
-            continue
-        try:
-            saved = read_meta(path) or {}
-        except FimaqError as exc:
-            raise FimaqError(f"{exc}; delete it or choose another trainer.default_root_dir") from None
-        for key in ("arch", "model_kwargs", "quant"):
-            if saved.get(key) != meta.get(key):
-                raise FimaqError(
-                    f"{root} holds a run of another model ({name}: {key}={saved.get(key)}, this run has "
-                    f"{key}={meta.get(key)}); choose another trainer.default_root_dir"
-                )
-
-
 def update_metrics(root: str | Path, values: dict[str, Any], seconds: dict[str, float] | None = None) -> dict:
     """Merge ``values`` (and per-stage wall ``seconds``) into ``<root>/metrics.json`` (atomically).
 

@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
-from fimaq.artifacts import check_run_dir, save_quantized, update_metrics
+from fimaq.artifacts import save_quantized, update_metrics
 from fimaq.calib import CALIB_STATE_FILE
 from fimaq.cli_errors import OneLineParser, check_yaml_files
 from fimaq.config import MixedPrecisionConfig
@@ -35,7 +35,7 @@ from fimaq.errors import FimaqError, Interrupted
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.module import QuantModel
 from fimaq.recon import STATE_FILE
-from fimaq.run_dir import run_lock
+from fimaq.run_dir import check_run_dir, run_lock
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
-"""A run folder (``trainer.default_root_dir``) is owned by one fimaq process at a time.
+"""A run folder (``trainer.default_root_dir``): what it may already hold, and who owns it.
 
-The owner holds ``<root>/.fimaq.lock``, a small JSON file with its PID and host, created exclusively
+:func:`check_run_dir` refuses a folder that holds a run of another model. A folder is owned by one
+fimaq process at a time:
+the owner holds ``<root>/.fimaq.lock``, a small JSON file with its PID and host, created exclusively
 (``O_EXCL``). A second run into the same folder is refused with one line naming the owner; a lock
 left by a dead process on this host is taken over with a warning. Data-parallel ranks share the
 lock of rank 0 (only rank 0 takes it).
@@ -15,13 +17,39 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from fimaq.artifacts import pid_alive
+from fimaq.artifacts import pid_alive, read_meta
 from fimaq.errors import FimaqError
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".fimaq.lock"
+
+RUN_FILES = (
+    "calib_state.safetensors",
+    "calibrated.safetensors",
+    "recon_state.safetensors",
+    "quantized.safetensors",
+)
+
+
+def check_run_dir(root: str | Path, meta: dict[str, Any]) -> None:
+    """Refuse a run folder that holds artifacts of another model or bit-width (never overwrite them)."""
+    for name in RUN_FILES:
+        path = Path(root) / name
+        if not path.is_file():
+            continue
+        try:
+            saved = read_meta(path) or {}
+        except FimaqError as exc:
+            raise FimaqError(f"{exc}; delete it or choose another trainer.default_root_dir") from None
+        for key in ("arch", "model_kwargs", "quant"):
+            if saved.get(key) != meta.get(key):
+                raise FimaqError(
+                    f"{root} holds a run of another model ({name}: {key}={saved.get(key)}, this run has "
+                    f"{key}={meta.get(key)}); choose another trainer.default_root_dir"
+                )
 
 
 def _owner(path: Path) -> dict:

@@ -19,7 +19,6 @@ import torch
 
 from fimaq.artifacts import (
     atomic_write_bytes,
-    check_run_dir,
     check_state_dict,
     read_artifact,
     read_meta,
@@ -31,6 +30,7 @@ from fimaq.cli import main
 from fimaq.errors import FimaqError
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.models import create_fp_model
+from fimaq.run_dir import check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs/digits/w3a3.yaml"
