@@ -1,9 +1,8 @@
 """A run folder (``trainer.default_root_dir``): what it may already hold, and who owns it.
 
 :func:`check_run_dir` refuses a folder that holds a run of another model. A folder is owned by one
-fimaq process at a time:
-the owner holds ``<root>/.fimaq.lock``, a small JSON file with its PID and host, created exclusively
-(``O_EXCL``). A second run into the same folder is refused with one line naming the owner; a lock
+fimaq process at a time: the owner holds ``<root>/.fimaq.lock``, a small JSON file with its PID and
+host, created exclusively (``O_EXCL``). A second run into the same folder is refused with one line naming the owner; a lock
 left by a dead process on this host is taken over with a warning. Data-parallel ranks share the
 lock of rank 0 (only rank 0 takes it).
 """
