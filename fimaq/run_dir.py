@@ -2,9 +2,9 @@
 
 :func:`check_run_dir` refuses a folder that holds a run of another model. A folder is owned by one
 fimaq process at a time: the owner holds ``<root>/.fimaq.lock``, a small JSON file with its PID and
-host, created exclusively (``O_EXCL``). A second run into the same folder is refused with one line naming the owner; a lock
-left by a dead process on this host is taken over with a warning. Data-parallel ranks share the
-lock of rank 0 (only rank 0 takes it).
+host, created exclusively (``O_EXCL``). A second run into the same folder is refused with one line
+naming the owner; a lock left by a dead process on this host is taken over with a warning.
+Data-parallel ranks share the lock of rank 0 (only rank 0 takes it).
 """
 
 from __future__ import annotations

@@ -89,13 +89,13 @@ def exact_image_errors(
     """Float64 total error per (candidate, head) of candidates (grids (p, H)) of one operand, the other
     operand already quantized as given: the quantized operand is the float32 fake-quant, the product
     and the errors float64 (``matmul_image_errors`` summed over images, without float32 rounding)."""
-    x = a if operand == "A" else b
+    x, other = (a, b.double()) if operand == "A" else (b, a.double())
     totals = torch.empty(scales.shape, dtype=torch.float64, device=a.device)
-    ad, bd, od = a.double(), b.double(), out.double()
+    od = out.double()
     per_image = out.shape[-2] * out.shape[-1]
     for c in range(scales.shape[0]):
         x_hat = fq(x, scales[c].view(1, -1, 1, 1), zps[c].view(1, -1, 1, 1), bits).double()
-        prod = x_hat @ bd if operand == "A" else ad @ x_hat
+        prod = x_hat @ other if operand == "A" else other @ x_hat
         totals[c] = (od - prod).pow_(2).sum(dim=(0, 2, 3)) / per_image
     return totals
 
