@@ -31,9 +31,10 @@ from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib.minmax import minmax_calibrate
 from fimaq.config import CalibConfig, QuantSpec
 from fimaq.export import export_copy
-from fimaq.export_onnx import export_onnx, onnx_parity, onnx_session
+from fimaq.export_onnx import export_onnx
 from fimaq.models import create_fp_model
 from fimaq.models.swap import example_input, quantize_model
+from fimaq.onnx_parity import onnx_parity, onnx_session
 
 
 def median_ms(run: Callable[[], object], repeats: int, warmup: int = 3) -> float:

@@ -19,9 +19,9 @@ import torch
 from _digits import ARCH, KWARGS, digits_sets, embedded_fp, top1
 from _machine import machine_line
 
-from fimaq.artifacts import atomic_write_bytes
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, MixedPrecisionConfig, QuantSpec, ReconConfig
+from fimaq.files import atomic_write_bytes
 from fimaq.mixed_precision import search_bit_plan
 from fimaq.models.swap import quantize_model
 from fimaq.recon import reconstruct_model

@@ -20,9 +20,9 @@ import torch
 from _digits import digits_sets, embedded_fp, top1
 from _machine import machine_line
 
-from fimaq.artifacts import atomic_write_bytes
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
+from fimaq.files import atomic_write_bytes
 from fimaq.models.swap import quantize_model
 from fimaq.recon import reconstruct_model
 

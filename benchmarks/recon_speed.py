@@ -23,15 +23,16 @@ import fimaq  # noqa: F401
 from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib.minmax import minmax_calibrate
 from fimaq.config import FisherConfig, QuantSpec, ReconConfig
+from fimaq.layers.mode import set_quant_mode
 from fimaq.models import create_fp_model
-from fimaq.models.swap import example_input, quantize_model, set_quant_enabled
+from fimaq.models.swap import example_input, quantize_model
 from fimaq.recon import recon_units, reconstruct_model
 from fimaq.recon.cache import capture_unit
 
 
 def plain_step_seconds(net, unit, images, batch, repeats=20) -> float:
     """One float forward+backward of the unit (weights with gradients), batch ``batch``."""
-    set_quant_enabled(net, False)
+    set_quant_mode(net, enabled=False)
     x, _ = capture_unit(net, unit, images[:batch], batch, False, images.device, torch.float32)
     params = list(unit.module.parameters())
     for p in params:
@@ -54,7 +55,7 @@ def plain_step_seconds(net, unit, images, batch, repeats=20) -> float:
         torch.cuda.synchronize()
     for p in params:
         p.requires_grad_(False)
-    set_quant_enabled(net, True)
+    set_quant_mode(net, enabled=True)
     return (time.perf_counter() - t0) / repeats
 
 

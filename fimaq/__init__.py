@@ -6,11 +6,27 @@ ensure_torchvision_importable()
 
 __version__ = "0.1.0"
 
-_LAZY = {"load_quantized": "fimaq.export"}
+_LAZY = {
+    "load_quantized": "fimaq.export",
+    "Pipeline": "fimaq.pipeline",
+    "QuantModel": "fimaq.module",
+    "QuantSpec": "fimaq.config",
+    "CalibConfig": "fimaq.config",
+    "ReconConfig": "fimaq.config",
+    "FisherConfig": "fimaq.config",
+    "MixedPrecisionConfig": "fimaq.config",
+    "DigitsDataModule": "fimaq.data",
+    "ImageNetDataModule": "fimaq.data",
+    "PTQDataModule": "fimaq.data",
+    "quantize_model": "fimaq.models.swap",
+    "quant_mode": "fimaq.layers.mode",
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> object:
-    """``fimaq.load_quantized`` without importing torch/timm at ``import fimaq``."""
+    """The public API (``fimaq.Pipeline``, ``fimaq.QuantModel``, ...) without importing torch/timm at
+    ``import fimaq``."""
     if name in _LAZY:
         import importlib
 

@@ -1,4 +1,8 @@
-"""The one exception type fimaq raises for bad input; the CLI prints it as a single line."""
+"""The one exception type fimaq raises for bad input (the CLI prints it as a single line), and the
+interruption raised by fimaq's SIGINT/SIGTERM handler."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class FimaqError(ValueError):
@@ -45,3 +49,28 @@ class Interrupted(BaseException):
         super().__init__(signum)
         self.signum = signum
         self.where = where
+
+
+_deferred: list[int | None] = []  # one entry per open defer_interrupts block: the signal held back
+
+
+def raise_interrupted(signum: int, frame: object = None) -> None:
+    """SIGINT/SIGTERM handler: raise :class:`Interrupted` now, or at the end of the innermost
+    :func:`defer_interrupts` block when one is open."""
+    if _deferred:
+        _deferred[-1] = _deferred[-1] or signum
+        return
+    raise Interrupted(signum)
+
+
+@contextmanager
+def defer_interrupts() -> Iterator[None]:
+    """Hold back an interruption while the block runs (bookkeeping that must finish as a whole, such
+    as recording a finished unit and writing the state), then raise it."""
+    _deferred.append(None)
+    try:
+        yield
+    finally:
+        held = _deferred.pop()
+    if held is not None:
+        raise_interrupted(held)

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 import fimaq
-from fimaq.artifacts import atomic_write_bytes
 from fimaq.errors import FimaqError
+from fimaq.files import atomic_write_bytes
 from fimaq.layers import QuantConv2d, QuantLinear
+from fimaq.layers.mode import set_quant_mode
 from fimaq.quant.adaround import AdaRoundQuantizer
 from fimaq.quant.fake_quant import dequantize, quantize
 from fimaq.quant.quantizer import UniformQuantizer
@@ -345,8 +346,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
         raise FimaqError(
             f"{where} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    for q in qs.values():
-        q.enabled = True
+    set_quant_mode(net, enabled=True)
     return net.to(device).eval()
 
 

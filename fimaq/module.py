@@ -5,23 +5,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from fimaq import dist
 from fimaq.artifacts import check_state_dict, read_artifact, resolve_checkpoint
 from fimaq.calib import CALIB_STATE_FILE, CalibReport, calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
+from fimaq.layers.mode import set_quant_mode
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.models import create_fp_model
-from fimaq.models.swap import iter_qlayers, quantize_model, set_quant_enabled
-from fimaq.recon import ReconReport, reconstruct_model
+from fimaq.models.swap import iter_qlayers, quantize_model
+from fimaq.parallel import Ranks
+from fimaq.recon import STATE_FILE, ReconReport, reconstruct_model
 
 log = logging.getLogger(__name__)
+
+Stage = Literal["fp", "calibrated", "reconstructed"]
+STAGES: tuple[Stage, ...] = ("fp", "calibrated", "reconstructed")
 
 
 class QuantModel(L.LightningModule):
@@ -95,7 +99,7 @@ class QuantModel(L.LightningModule):
         self.net = quantize_model(fp, self.quant)
         if bit_plan:
             plan.check_layers([q.name for q in iter_qlayers(self.net)], bit_plan)
-        self.stage = "fp"
+        self._stage: Stage = "fp"
         num_classes = self.net.num_classes
         self.top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
@@ -136,24 +140,40 @@ class QuantModel(L.LightningModule):
                 )
         check_state_dict(self.net.state_dict(), state, f"artifact {path}", f"this {self.arch} model")
         self.net.load_state_dict(state, strict=True)
-        self.stage = meta.get("stage", "calibrated")
-        set_quant_enabled(self.net, True)
+        stage = meta.get("stage", "calibrated")
+        if stage not in STAGES[1:]:
+            raise FimaqError(
+                f"{path} holds a model in stage {stage!r}: give a calibrated or quantized artifact"
+            )
+        self._stage = stage
+        set_quant_mode(self.net, enabled=True)
+
+    @property
+    def stage(self) -> Stage:
+        """How far the model is: ``fp``, ``calibrated`` or ``reconstructed`` (set by the stages)."""
+        return self._stage
 
     @property
     def quantized(self) -> bool:
-        return self.stage != "fp"
+        return self._stage != "fp"
 
     # ----------------------------------------------------------------- stages
     def calibrate(
-        self, images: torch.Tensor, progress: bool = True, precision: str = "32-true", state_dir=None
+        self,
+        images: torch.Tensor,
+        progress: bool = True,
+        precision: str = "32-true",
+        state_dir: str | Path | None = None,
+        ranks: Ranks | None = None,
     ) -> CalibReport:
         """Calibrate every quantizer on ``images`` (docs/algorithm.md, section 2).
 
-        Data parallel (an initialised process group): every rank passes all images; each keeps its
+        Data parallel (``ranks`` of several processes): every rank passes all images; each keeps its
         shard of the first ``calib.num_images`` and the captured statistics are gathered. With
         ``state_dir`` the calibration is resumable (``CALIB_STATE_FILE`` there).
         """
-        images = dist.shard_rows(images[: self.calib_cfg.num_images])
+        ranks = ranks or Ranks()
+        images = ranks.shard(images[: self.calib_cfg.num_images])
         report = calibrate_model(
             self.net,
             images.to(self.device),
@@ -162,35 +182,46 @@ class QuantModel(L.LightningModule):
             precision=precision,
             state_path=None if state_dir is None else Path(state_dir) / CALIB_STATE_FILE,
             meta=self.artifact_meta(),
+            ranks=ranks,
         )
-        self.stage = "calibrated"
+        self._stage = "calibrated"
         return report
 
-    def reconstruct(self, images: torch.Tensor, state_dir=None, **kwargs) -> ReconReport:
+    def reconstruct(
+        self,
+        images: torch.Tensor,
+        state_dir: str | Path | None = None,
+        ranks: Ranks | None = None,
+        **kwargs: Any,
+    ) -> ReconReport:
         """Reconstruct every unit on ``images`` (docs/algorithm.md, sections 3 and 4); resumes from
-        ``state_dir``.
+        ``state_dir`` (a float model can resume there: the state holds the calibration).
 
-        Data parallel (an initialised process group): every rank passes all images and keeps its shard.
+        Data parallel (``ranks`` of several processes): every rank passes all images and keeps its
+        shard. ``kwargs`` go to :func:`fimaq.recon.reconstruct_model`.
         """
-        if not self.quantized:
+        resuming = state_dir is not None and (Path(state_dir) / STATE_FILE).is_file()
+        if not self.quantized and not resuming:
             raise FimaqError(
                 "reconstruction needs a calibrated model: calibrate first (or --model.init_from)"
             )
+        ranks = ranks or Ranks()
         report = reconstruct_model(
             self.net,
-            dist.shard_rows(images).to(self.device),
+            ranks.shard(images).to(self.device),
             self.recon_cfg,
             self.fisher_cfg,
             state_dir=state_dir,
             meta=self.artifact_meta(),
+            ranks=ranks,
             **kwargs,
         )
-        self.stage = "reconstructed"
+        self._stage = "reconstructed"
         return report
 
     def use_quantization(self, enabled: bool) -> None:
         """Run the network quantized (True) or in float (False)."""
-        set_quant_enabled(self.net, enabled)
+        set_quant_mode(self.net, enabled=enabled)
 
     # ----------------------------------------------------------------- lightning
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""A run folder (``trainer.default_root_dir``): what it may already hold, and who owns it.
+"""A run folder (``trainer.default_root_dir``): what it may already hold, who owns it, and its
+``metrics.json``.
 
 :func:`check_run_dir` refuses a folder that holds a run of another model. A folder is owned by one
 fimaq process at a time: the owner holds ``<root>/.fimaq.lock``, a small JSON file with its PID and
@@ -18,8 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fimaq.artifacts import pid_alive, read_meta
-from fimaq.errors import FimaqError
+from fimaq.artifacts import read_meta
+from fimaq.errors import FimaqError, one_line
+from fimaq.files import atomic_write_bytes, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +112,30 @@ def run_lock(root: str | Path, enabled: bool = True) -> Iterator[None]:
         if _owner(path).get("pid") == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def update_metrics(root: str | Path, values: dict[str, Any], seconds: dict[str, float] | None = None) -> dict:
+    """Merge ``values`` (and per-stage wall ``seconds``) into ``<root>/metrics.json`` (atomically).
+
+    An unreadable metrics.json (edited by hand) is kept as ``metrics.json.corrupt`` and started over.
+    """
+    path = Path(root) / "metrics.json"
+    data: Any = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            data = one_line(exc)
+        if not isinstance(data, dict):
+            backup = path.with_name(path.name + ".corrupt")
+            log.warning("%s is not a JSON object (%s): kept as %s, starting over", path, data, backup)
+            os.replace(path, backup)
+            data = {}
+    data.update(values)
+    if seconds:
+        if not isinstance(data.get("seconds"), dict):
+            data["seconds"] = {}
+        data["seconds"].update({k: round(v, 3) for k, v in seconds.items()})
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+    return data

@@ -113,9 +113,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """
     _ensure_repo_importable()
     import fimaq  # noqa: F401  (torchvision shim before timm)
-    from fimaq.artifacts import atomic_write_bytes
     from fimaq.data import DigitsDataModule
     from fimaq.errors import FimaqError
+    from fimaq.files import atomic_write_bytes
     from fimaq.models import create_fp_model
 
     if args.epochs < 1:

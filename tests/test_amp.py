@@ -13,6 +13,7 @@ from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.layers import QuantLinear
+from fimaq.layers.mode import generator_masks, quant_mode, set_quant_mode
 from fimaq.models.swap import quantize_model
 from fimaq.quant.fake_quant import fake_quant
 from fimaq.quant.quantizer import UniformQuantizer
@@ -21,25 +22,25 @@ from fimaq.quant.quantizer import UniformQuantizer
 def test_quantizer_computes_in_float32_under_autocast():
     q = UniformQuantizer(4, (1,), (1,))
     q.set_qparams(torch.tensor([0.1]), torch.tensor([8.0]))
-    q.enabled, q.ste, q.qdrop = True, True, 0.5
-    q.generator = torch.Generator().manual_seed(0)
+    masks = generator_masks(torch.Generator().manual_seed(0))
     x = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_()
-    y = q(x)
+    with quant_mode(q, train=True, qdrop=0.5, masks=masks):
+        y = q(x)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert q.scale.dtype == torch.float32 and q.scale.grad.dtype == torch.float32
     assert x.grad.dtype == torch.bfloat16
     # without QDrop the values are the float32 grid points rounded once to bf16
-    q.qdrop = None
     expected = fake_quant(x.detach().float(), q.scale.detach(), q.zero_point, 4).bfloat16()
-    assert torch.equal(q(x.detach()), expected)
+    with quant_mode(q, train=True):
+        assert torch.equal(q(x.detach()), expected)
 
 
 def test_quant_linear_runs_under_cpu_autocast():
     layer = QuantLinear(8, 4, w_bits=4, a_bits=4)
     for qz in (layer.w_quantizer, layer.a_quantizer):
         qz.set_qparams(torch.tensor([0.05]), torch.tensor([8.0]))
-        qz.enabled = True
+    set_quant_mode(layer, enabled=True)
     x = torch.randn(2, 3, 8)
     with autocast("bf16-mixed", "cpu"):
         out = layer(x)

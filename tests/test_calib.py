@@ -10,7 +10,8 @@ from fimaq.calib import calibrate_model
 from fimaq.calib.layers import fold_layernorm
 from fimaq.config import CalibConfig, QuantSpec
 from fimaq.errors import FimaqError
-from fimaq.models.swap import iter_qlayers, quantize_model, set_quant_enabled
+from fimaq.layers.mode import quant_mode
+from fimaq.models.swap import iter_qlayers, quantize_model
 from tests.conftest import tiny_model
 
 FAST = CalibConfig(num_images=8, eq_n=32, search_rounds=1, batch_size=4)
@@ -56,8 +57,8 @@ def test_calibration_fills_quantizers_and_tracks_fp(which):
                 assert torch.all(q.zero_point == q.zero_point.round())
     with torch.no_grad():
         out_q, out_fp = model(images), fp(images)
-        set_quant_enabled(model, False)
-        out_off = model(images)
+        with quant_mode(model, enabled=False):
+            out_off = model(images)
     torch.testing.assert_close(out_off, out_fp, rtol=1e-4, atol=1e-4)  # folds kept the FP function
     rel = (out_q - out_fp).norm() / out_fp.norm()
     assert rel < 0.1, f"W8A8 output deviates {rel:.3f} from FP"

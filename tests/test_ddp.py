@@ -11,20 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from fimaq import dist
-from fimaq.quant.ste import batch_mask, bernoulli_mask
+from fimaq.parallel import Ranks, shard_bounds
+from fimaq.quant.ste import bernoulli_mask
+from fimaq.recon.batches import BatchMasks, local_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_local_batches_partition_the_global_batch():
     idx = torch.tensor([7, 0, 11, 3, 5, 9])
-    parts = [dist.local_batch(idx, lo, hi) for lo, hi in (dist.shard_bounds(12, 2, r) for r in range(2))]
+    parts = [local_batch(idx, lo, hi) for lo, hi in (shard_bounds(12, 2, r) for r in range(2))]
     assert [p.real for p in parts] == [3, 3]
     # rank 0 holds rows 0..5, rank 1 rows 6..11 (local rows are offsets into the shard)
     assert parts[0].positions.tolist() == [1, 3, 4] and parts[0].rows.tolist() == [0, 3, 5]
     assert parts[1].positions.tolist() == [0, 2, 5] and parts[1].rows.tolist() == [1, 5, 3]
-    empty = dist.local_batch(torch.tensor([0, 1]), 6, 12)
+    empty = local_batch(torch.tensor([0, 1]), 6, 12)
     assert empty.real == 0 and empty.weights.tolist() == [0.0] and empty.total == 2
 
 
@@ -36,23 +37,26 @@ def test_sharded_masks_equal_the_one_process_mask(per_image):
     full = bernoulli_mask(shape, 0.5, torch.Generator().manual_seed(3), torch.device("cpu"))
     idx = torch.tensor([7, 0, 11, 3, 5, 9])
     for lo, hi in ((0, 6), (6, 12)):
-        rows = dist.local_batch(idx, lo, hi)
-        gen = torch.Generator().manual_seed(3)
-        local = batch_mask((rows.real * per_image, 4, 5), 0.5, gen, torch.device("cpu"), rows=rows)
+        rows = local_batch(idx, lo, hi)
+        masks = BatchMasks(torch.Generator().manual_seed(3))
+        with masks.of(rows):
+            local = masks((rows.real * per_image, 4, 5), 0.5, torch.device("cpu"))
+        assert masks.rows is None  # only while the block runs
         expect = full.view(6, per_image, 4, 5)[rows.positions].reshape(-1, 4, 5)
         assert torch.equal(local, expect)
         # the generator advanced exactly as one process drawing the whole mask
         again = torch.Generator().manual_seed(3)
         bernoulli_mask(shape, 0.5, again, torch.device("cpu"))
-        assert torch.equal(gen.get_state(), again.get_state())
+        assert torch.equal(masks.generator.get_state(), again.get_state())
 
 
-def test_single_process_helpers_are_identities():
+def test_one_process_ranks_are_identities():
     t = torch.arange(6.0).view(3, 2)
-    assert dist.world_size() == 1 and dist.rank() == 0
-    assert dist.shard_rows(t) is t and dist.all_gather_rows(t) is t
-    assert dist.shard_offsets(3) == (3, 0, 3)
-    assert dist.shard_bounds(10, 3, 2) == (6, 10)
+    ranks = Ranks()
+    assert ranks.world == 1 and ranks.rank == 0 and ranks.is_main
+    assert ranks.shard(t) is t and ranks.gather_rows(t) is t and ranks.sum(t) is t
+    assert ranks.shard_offsets(3) == (3, 0, 3)
+    assert shard_bounds(10, 3, 2) == (6, 10)
 
 
 def _fit(root: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -23,8 +23,9 @@ from fimaq.export import (
     load_quantized,
     quantizers,
 )
+from fimaq.layers.mode import quant_mode
 from fimaq.models import create_fp_model
-from fimaq.models.swap import quantize_model, set_quant_enabled
+from fimaq.models.swap import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=4, num_classes=10))
@@ -149,10 +150,8 @@ def test_export_refuses_a_model_that_is_not_quantized(tmp_path):
     from fimaq.quant.adaround import attach_adaround
 
     net, _, meta = _quantized("vit", spread=False)
-    set_quant_enabled(net, False)
-    with pytest.raises(FimaqError, match="quantization is off"):
+    with quant_mode(net, enabled=False), pytest.raises(FimaqError, match="quantization is off"):
         export_quantized(net, meta, tmp_path / "a.safetensors")
-    set_quant_enabled(net, True)
     attach_adaround(net.blocks[0].attn.qkv)
     with pytest.raises(FimaqError, match="AdaRound"):
         export_quantized(net, meta, tmp_path / "b.safetensors")
@@ -267,7 +266,8 @@ def test_unreadable_or_foreign_files_are_refused(good_export, tmp_path):
 def test_onnx_has_qdq_nodes_and_matches_pytorch(digits, digits_onnx):
     import onnx
 
-    from fimaq.export_onnx import export_module, onnx_session
+    from fimaq.export_onnx import export_module
+    from fimaq.onnx_parity import onnx_session
 
     net, xv, _ = digits
     path, res = digits_onnx
@@ -295,7 +295,7 @@ def test_onnx_has_qdq_nodes_and_matches_pytorch(digits, digits_onnx):
 def test_onnx_parity_catches_a_missing_clamp(digits, digits_onnx, tmp_path):
     import onnx
 
-    from fimaq.export_onnx import onnx_parity
+    from fimaq.onnx_parity import onnx_parity
 
     net, xv, _ = digits
     model = onnx.load(str(digits_onnx[0]))
@@ -321,7 +321,7 @@ def test_an_export_that_fails_the_check_writes_nothing_and_names_the_output(digi
     from fimaq.export_onnx import export_onnx
 
     net, xv, _ = digits
-    monkeypatch.setattr("fimaq.export_onnx.MAX_REL", 1e-12)  # float noise alone now exceeds the bound
+    monkeypatch.setattr("fimaq.onnx_parity.MAX_REL", 1e-12)  # float noise alone now exceeds the bound
     with pytest.raises(FimaqError) as exc:
         export_onnx(net, tmp_path / "model.onnx", xv[:2], check_input=xv[:16])
     assert re.search(
@@ -377,9 +377,8 @@ def test_main_export_end_to_end(tmp_path, capsys, caplog):
     dm.setup()
     images, _ = dm.calibration_tensors()
     minmax_calibrate(model.net, images[:16])
-    model.stage = "calibrated"
     artifact = root / "calibrated.safetensors"
-    save_quantized(artifact, model.net.state_dict(), model.artifact_meta())
+    save_quantized(artifact, model.net.state_dict(), {**model.artifact_meta(), "stage": "calibrated"})
 
     with pytest.raises(SystemExit) as exc:  # a float model has nothing to export
         main(_export_args(root))

@@ -17,20 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fimaq.artifacts import (
-    atomic_write_bytes,
-    check_state_dict,
-    read_artifact,
-    read_meta,
-    remove_stale_temps,
-    save_quantized,
-    update_metrics,
-)
+from fimaq.artifacts import check_state_dict, read_artifact, read_meta, save_quantized
 from fimaq.cli import main
 from fimaq.errors import FimaqError
+from fimaq.files import atomic_write_bytes, remove_stale_temps
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.models import create_fp_model
-from fimaq.run_dir import check_run_dir
+from fimaq.run_dir import check_run_dir, update_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs/digits/w3a3.yaml"
@@ -232,6 +225,21 @@ def test_interrupts_say_what_stopped_and_never_exit_zero(tmp_path):
     assert last.startswith("interrupted") and last.endswith("run the same command again to resume"), last
 
 
+def test_an_interruption_waits_for_the_bookkeeping_to_finish():
+    """A signal inside a deferred block (recording a finished unit and writing its state) is raised
+    when the block has finished; outside one it is raised at once."""
+    from fimaq.errors import Interrupted, defer_interrupts, raise_interrupted
+
+    steps = []
+    with pytest.raises(Interrupted) as exc:
+        with defer_interrupts():
+            raise_interrupted(signal.SIGTERM)  # what the handler does when the signal arrives
+            steps.append("state written")
+    assert steps == ["state written"] and exc.value.signum == signal.SIGTERM
+    with pytest.raises(Interrupted):
+        raise_interrupted(signal.SIGINT)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 class _Payload:
     """Unpickling this would create a folder: weights-only loading must refuse it."""
@@ -363,10 +371,9 @@ def test_an_artifact_with_wrong_shapes_is_refused_by_name(tmp_path):
     from fimaq.module import QuantModel
 
     model = QuantModel(TINY_ARCH, model_kwargs=TINY_KWARGS, quant=QuantSpec(4, 4))
-    model.stage = "calibrated"
     state = model.net.state_dict()
     state["blocks.0.mlp.fc1.weight"] = torch.zeros(7, 48)
-    save_quantized(tmp_path / "bad.safetensors", state, model.artifact_meta())
+    save_quantized(tmp_path / "bad.safetensors", state, {**model.artifact_meta(), "stage": "calibrated"})
     with pytest.raises(FimaqError, match=r"blocks.0.mlp.fc1.weight \(7, 48\) vs \(192, 48\)"):
         QuantModel(
             TINY_ARCH,

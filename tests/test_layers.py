@@ -8,7 +8,8 @@ import torch
 from fimaq.config import QuantSpec
 from fimaq.errors import FimaqError
 from fimaq.layers import QuantAttention, QuantLinear, QuantWindowAttention
-from fimaq.models.swap import iter_qlayers, quantize_model, set_quant_enabled
+from fimaq.layers.mode import quant_mode, set_quant_mode
+from fimaq.models.swap import iter_qlayers, quantize_model
 from tests.conftest import tiny_model
 
 
@@ -30,12 +31,15 @@ def test_explicit_matmul_path_matches_timm(which):
     """The path calibration captures from (explicit q @ k^T, scale after) agrees with timm to rounding."""
     ref = tiny_model(which)
     q = quantize_model(copy.deepcopy(ref), QuantSpec())
-    for m in q.modules():
-        if isinstance(m, (QuantAttention, QuantWindowAttention)):
-            m.explicit_matmuls = True
     x = torch.randn(2, 3, *ref.patch_embed.img_size)
-    with torch.no_grad():
+    with torch.no_grad(), quant_mode(q, enabled=False, explicit_matmuls=True):
+        assert all(
+            m.explicit_matmuls for m in q.modules() if isinstance(m, (QuantAttention, QuantWindowAttention))
+        )
         torch.testing.assert_close(q(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert not any(
+        m.explicit_matmuls for m in q.modules() if isinstance(m, (QuantAttention, QuantWindowAttention))
+    )
 
 
 def test_deit_distilled_and_vit_variants_swap():
@@ -64,8 +68,8 @@ def test_roles_shapes_and_strict_state_dict_round_trip():
     state = model.state_dict()
     other = quantize_model(tiny_model("vit", seed=1), QuantSpec(w_bits=4, a_bits=3))
     other.load_state_dict(state, strict=True)
-    set_quant_enabled(model, True)
-    set_quant_enabled(other, True)
+    set_quant_mode(model, enabled=True)
+    set_quant_mode(other, enabled=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), other(x))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fimaq.errors import FimaqError
+from fimaq.layers.mode import set_quant_mode
 from fimaq.quant import UniformQuantizer, check_bits, fake_quant, grids, matmul_sweep, search
 
 
@@ -47,7 +48,7 @@ def test_quantizer_off_is_identity_and_on_quantizes():
     x = torch.randn(2, 3, 5)
     assert torch.equal(q(x), x)
     q.set_qparams(torch.tensor(0.25), torch.tensor(8.0))
-    q.enabled = True
+    set_quant_mode(q, enabled=True)
     assert torch.equal(q(x), fake_quant(x, torch.tensor(0.25), torch.tensor(8.0), 4))
     assert q.scale.shape == (1, 3, 1) and torch.all(q.scale == 0.25)
 

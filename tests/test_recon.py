@@ -11,6 +11,7 @@ from conftest import tiny_model
 
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.errors import FimaqError
+from fimaq.layers.mode import set_quant_mode
 from fimaq.quant.adaround import (
     AdaRoundQuantizer,
     beta_schedule,
@@ -36,7 +37,7 @@ def _weight_quantizer(rows=6, cols=10, bits=3, seed=0):
     lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
     scale = (hi - lo) / (2**bits - 1) * 0.8  # a clipping grid, so some weights saturate
     q.set_qparams(scale, torch.round(-lo / scale).clamp(0, 2**bits - 1))
-    q.enabled = True
+    set_quant_mode(q, enabled=True)
     return w, q
 
 

@@ -16,15 +16,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fimaq import dist
 from fimaq.amp import autocast, check_precision
 from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
-from fimaq.calib.capture import capture_io, explicit_matmuls, run_batches
+from fimaq.calib.capture import capture_io, run_batches
 from fimaq.calib.layers import calibrate_conv, calibrate_linear, calibrate_matmul
 from fimaq.config import CalibConfig
-from fimaq.errors import FimaqError, Interrupted
+from fimaq.errors import FimaqError, Interrupted, defer_interrupts
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
-from fimaq.models.swap import iter_qlayers, set_quant_enabled
+from fimaq.layers.mode import quant_mode, set_quant_mode
+from fimaq.models.swap import iter_qlayers
+from fimaq.parallel import Ranks
 from fimaq.quant import search
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def float32_products() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _load_state(model: nn.Module, path: Path, fingerprint: dict[str, Any]) -> list[str]:
+def _load_state(model: nn.Module, path: Path, fingerprint: dict[str, Any], ranks: Ranks) -> list[str]:
     """Load a calibration state written by an interrupted run; returns its calibrated layers."""
     if not path.is_file():
         return []
@@ -72,7 +73,7 @@ def _load_state(model: nn.Module, path: Path, fingerprint: dict[str, Any]) -> li
     check_state_dict(model.state_dict(), state, f"calibration state {path}", "this model")
     model.load_state_dict(state, strict=True)
     done = list(saved.get("layers_done", []))
-    dist.info(log, "resuming calibration after %d calibrated layers (%s)", len(done), path)
+    ranks.info(log, "resuming calibration after %d calibrated layers (%s)", len(done), path)
     return done
 
 
@@ -108,6 +109,7 @@ def calibrate_model(
     tie_log: list | None = None,
     state_path: str | Path | None = None,
     meta: dict[str, Any] | None = None,
+    ranks: Ranks | None = None,
 ) -> CalibReport:
     """Search the qparams of every quantized layer of ``model`` (built by ``quantize_model``).
 
@@ -136,6 +138,7 @@ def calibrate_model(
             continues after its last calibrated layer, with the result of an uninterrupted run.
         meta: what the state records of the model (arch, kwargs, bits); a state of another model or
             other calibration settings is refused.
+        ranks: the processes of a data-parallel run (default: one process).
     """
     cfg = (cfg or CalibConfig()).validate()
     check_precision(precision)
@@ -143,9 +146,10 @@ def calibrate_model(
         raise FimaqError(f"calibration images must be a (n, C, H, W) tensor, got shape {tuple(images.shape)}")
     if not torch.isfinite(images).all():
         raise FimaqError("calibration images contain NaN or Inf")
-    if dist.world_size() == 1:
+    ranks = ranks or Ranks()
+    if ranks.world == 1:
         images = images[: cfg.num_images]
-    num_images = dist.shard_offsets(images.shape[0], images.device)[0]
+    num_images = ranks.shard_offsets(images.shape[0], images.device)[0]
     layers = list(iter_qlayers(model))
     if not layers:
         raise FimaqError("model has no quantized layers: call quantize_model first")
@@ -163,15 +167,15 @@ def calibrate_model(
         "images": num_images,
         "stage": "calibrating",
     }
-    done = _load_state(model, state_path, fingerprint) if state_path is not None else []
+    done = _load_state(model, state_path, fingerprint, ranks) if state_path is not None else []
     if state_path is not None:
-        dist.barrier()  # every rank has read the state before rank 0 writes it again
+        ranks.barrier()  # every rank has read the state before rank 0 writes it again
     layers = [q for q in layers if q.name not in done]
     last_save = time.perf_counter()
 
     def save(force: bool) -> None:
         nonlocal last_save
-        if state_path is None or not dist.is_main() or not (force or time.perf_counter() - last_save > 60):
+        if state_path is None or not ranks.is_main or not (force or time.perf_counter() - last_save > 60):
             return
         save_quantized(state_path, model.state_dict(), {**fingerprint, "layers_done": done})
         last_save = time.perf_counter()
@@ -179,9 +183,8 @@ def calibrate_model(
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    set_quant_enabled(model, False)
     bar = tqdm(total=len(layers), desc="calibrate", disable=not progress, leave=False)
-    with explicit_matmuls(model):
+    with quant_mode(model, enabled=False, explicit_matmuls=True):
         for unit in units:
             pending = [q for q in layers if q.unit == unit]
             while pending:
@@ -189,10 +192,10 @@ def calibrate_model(
                 with capture_io({q.name: q.module for q in pending}) as store:
                     with autocast(precision, images.device):
                         run_batches(model, images, cfg.batch_size)
-                if dist.world_size() > 1:
+                if ranks.world > 1:
                     for captured in store.values():
-                        captured.inputs = [dist.all_gather_rows(t) for t in captured.inputs]
-                        captured.output = dist.all_gather_rows(captured.output)
+                        captured.inputs = [ranks.gather_rows(t) for t in captured.inputs]
+                        captured.output = ranks.gather_rows(captured.output)
                 report.capture_seconds += time.perf_counter() - t0
                 while pending:
                     layer = pending.pop(0)
@@ -208,15 +211,16 @@ def calibrate_model(
                         )
                         exc.where = exc.where or where
                         raise
-                    report.layer_seconds[layer.name] = time.perf_counter() - t1
-                    done.append(layer.name)
-                    save(force=not any(q.unit == unit for q in pending))
+                    with defer_interrupts():  # a layer counts as calibrated once recorded (and saved)
+                        report.layer_seconds[layer.name] = time.perf_counter() - t1
+                        done.append(layer.name)
+                        save(force=not any(q.unit == unit for q in pending))
                     bar.update()
                     if _folds(layer, cfg) and cfg.recapture_after_fold:
                         break  # later layers see the folded LayerNorm's output, as in the reference
                 del store
     bar.close()
-    set_quant_enabled(model, True)
+    set_quant_mode(model, enabled=True)  # the calibrated model computes quantized
     model.train(was_training)
     report.total_seconds = time.perf_counter() - start
     return report

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fimaq.layers import QuantAttention, QuantWindowAttention
-
 
 @dataclass
 class Captured:
@@ -58,19 +56,6 @@ def capture_io(
             if outs:
                 result[name].inputs = [torch.cat(list(group), 0) for group in zip(*ins, strict=True)]
                 result[name].output = torch.cat(outs, 0)
-
-
-@contextmanager
-def explicit_matmuls(model: nn.Module) -> Iterator[None]:
-    """Route attention through its QuantMatMul modules (so their operands can be captured)."""
-    attns = [m for m in model.modules() if isinstance(m, (QuantAttention, QuantWindowAttention))]
-    for m in attns:
-        m.explicit_matmuls = True
-    try:
-        yield
-    finally:
-        for m in attns:
-            m.explicit_matmuls = False
 
 
 def run_batches(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fimaq.calib.capture import capture_io, explicit_matmuls, run_batches
+from fimaq.calib.capture import capture_io, run_batches
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
-from fimaq.models.swap import iter_qlayers, set_quant_enabled
+from fimaq.layers.mode import quant_mode, set_quant_mode
+from fimaq.models.swap import iter_qlayers
 from fimaq.quant.quantizer import UniformQuantizer
 
 
@@ -23,8 +24,8 @@ def _minmax(q: UniformQuantizer, t: torch.Tensor) -> None:
 def minmax_calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> None:
     """Set every quantizer from the min and max of its whole tensor (weights and activations)."""
     layers = list(iter_qlayers(model))
-    set_quant_enabled(model, False)
-    with explicit_matmuls(model), capture_io({q.name: q.module for q in layers}) as store:
+    watched = {q.name: q.module for q in layers}
+    with quant_mode(model, enabled=False, explicit_matmuls=True), capture_io(watched) as store:
         run_batches(model, images, batch_size)
     for layer in layers:
         mod, cap = layer.module, store[layer.name]
@@ -34,4 +35,4 @@ def minmax_calibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 3
         elif isinstance(mod, QuantMatMul):
             _minmax(mod.A_quantizer, cap.inputs[0])
             _minmax(mod.B_quantizer, cap.inputs[1])
-    set_quant_enabled(model, True)
+    set_quant_mode(model, enabled=True)

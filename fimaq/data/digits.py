@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from fimaq import dist
 from fimaq.data.base import PTQDataModule
 from fimaq.errors import FimaqError, require_int
 
@@ -152,17 +152,17 @@ class DigitsDataModule(PTQDataModule):
         self._val = (val_x, val_y)
         self._calib = (train_x[calib_idx].contiguous(), train_y[calib_idx].contiguous())
         self._recon = (train_x[recon_idx].contiguous(), train_y[recon_idx].contiguous())
-        dist.info(
-            log,
-            "digits: %d train, %d val, %d calib, %d recon images of %dx%dx%d",
-            len(train_x),
-            len(val_x),
-            self.calib_size,
-            self.recon_size,
-            self.in_chans,
-            self.img_size,
-            self.img_size,
-        )
+        if rank_zero_only.rank == 0:
+            log.info(
+                "digits: %d train, %d val, %d calib, %d recon images of %dx%dx%d",
+                len(train_x),
+                len(val_x),
+                self.calib_size,
+                self.recon_size,
+                self.in_chans,
+                self.img_size,
+                self.img_size,
+            )
 
     def _built(self) -> tuple[tuple[Tensor, Tensor], ...]:
         self.setup()

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import fimaq  # noqa: F401  (torchvision shim before torchvision / timm)
-from fimaq import dist
 from fimaq.data.base import PTQDataModule
 from fimaq.errors import FimaqError, require_int
 
@@ -234,19 +234,19 @@ class ImageNetDataModule(PTQDataModule):
             chosen = np.random.RandomState(self.seed).permutation(n_val)[: self.val_limit]
             self._val_indices = sorted(int(i) for i in chosen)
         self._train_set, self._val_set = train_set, val_set
-        dist.info(
-            log,
-            "%s: %d train / %d val images (%d classes); calib %d, recon %d, eval %d; transforms of %s %s",
-            self.root,
-            n_train,
-            n_val,
-            len(train_set.classes),
-            self.calib_size,
-            self.recon_size,
-            len(self._val_indices),
-            self.arch,
-            self.data_config,
-        )
+        if rank_zero_only.rank == 0:
+            log.info(
+                "%s: %d train / %d val images (%d classes); calib %d, recon %d, eval %d; transforms of %s %s",
+                self.root,
+                n_train,
+                n_val,
+                len(train_set.classes),
+                self.calib_size,
+                self.recon_size,
+                len(self._val_indices),
+                self.arch,
+                self.data_config,
+            )
 
     def _materialise(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         subset = _SeededTransformSubset(self._train_set, indices, self.train_transform(), self.seed)

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from fimaq.artifacts import atomic_write_bytes
 from fimaq.errors import FimaqError, one_line
+from fimaq.files import atomic_write_bytes
 from fimaq.quant.quantizer import check_bits
 
 PLAN_VERSION = 1

@@ -17,7 +17,7 @@ from fimaq.errors import FimaqError
 from fimaq.mixed_precision.ilp import solve_allocation
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.mixed_precision.sensitivity import fisher_traces, quantization_errors, type_normalise
-from fimaq.models.swap import iter_qlayers, quantize_model, set_quant_enabled
+from fimaq.models.swap import iter_qlayers, quantize_model
 from fimaq.recon.cache import soft_targets
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ def search_bit_plan(
     for r in range(cfg.rounds):
         overrides = {**spec.overrides, **{n: {"w_bits": b} for n, b in current.items()}}
         net = quantize_model(make_fp().eval(), dataclasses.replace(spec, overrides=overrides))
-        calibrate_model(net, images, calib, progress=progress)
-        set_quant_enabled(net, True)
+        calibrate_model(net, images, calib, progress=progress)  # leaves the quantizers on
         layers = {n: m for n, (m, _) in allocatable_layers(net, cfg).items()}
         traces = fisher_traces(
             net,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fimaq.errors import FimaqError
-from fimaq.quant.quantizer import UniformQuantizer
+from fimaq.layers.mode import set_quant_mode
 
 
 def kl_to_targets(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -46,15 +46,12 @@ def fisher_traces(
         raise FimaqError("fisher_traces needs exactly one of targets (soft predictions) or labels")
     device = next(net.parameters()).device
     weights = [m.weight for m in layers.values()]
-    quantizers = [m for m in net.modules() if isinstance(m, UniformQuantizer)]
-    saved = [(q.ste, q.qdrop) for q in quantizers]
     grads_on = [p.requires_grad for p in weights]
     was_training = net.training
     net.eval()
     totals = torch.zeros(len(weights), dtype=torch.float64)
+    mode = set_quant_mode(net, train=True)  # straight-through gradients reach the weights
     try:
-        for q in quantizers:
-            q.ste, q.qdrop = True, None
         for p in weights:
             p.requires_grad_(True)
         n = images.shape[0]
@@ -73,8 +70,7 @@ def fisher_traces(
                     totals[j] += g.double().pow(2).sum().item()
             count += 1
     finally:
-        for q, (ste, qdrop) in zip(quantizers, saved, strict=True):
-            q.ste, q.qdrop = ste, qdrop
+        mode.restore()
         for p, g in zip(weights, grads_on, strict=True):
             p.requires_grad_(g)
         net.train(was_training)

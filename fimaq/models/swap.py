@@ -164,12 +164,3 @@ def iter_qlayers(model: nn.Module) -> Iterator[QLayer]:
             norm = norms.get(id(mod))
             norm = norm if isinstance(norm, nn.LayerNorm) else None
             yield QLayer(name, mod, role, unit if in_unit else name, norm)
-
-
-def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch every quantizer of the model on or off."""
-    from fimaq.quant.quantizer import UniformQuantizer
-
-    for mod in model.modules():
-        if isinstance(mod, UniformQuantizer):
-            mod.enabled = enabled

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fimaq.errors import FimaqError
 from fimaq.quant.fake_quant import fake_quant
-from fimaq.quant.ste import batch_mask, fake_quant_ste
+from fimaq.quant.ste import fake_quant_ste
 
 MIN_BITS, MAX_BITS = 2, 8
 FP_BITS = (None, 32)
@@ -41,14 +40,13 @@ class UniformQuantizer(nn.Module):
         self.bits = check_bits(bits)
         self.scale = nn.Parameter(torch.ones(tuple(scale_shape)))
         self.register_buffer("zero_point", torch.zeros(tuple(zero_point_shape)))
+        # What the quantizer does; set only through fimaq.layers.mode (quant_mode / set_quant_mode).
         self.enabled = False  # switched on after calibration; calibration itself runs in FP
         self.ste = False  # straight-through rounding (gradients reach the input and the scale)
         # QDrop while reconstructing: each element keeps its quantized value with this probability,
-        # else its float value; masks come from ``generator`` (seeded by the caller).
+        # else its float value; ``masks(shape, p, device, dtype)`` draws the 0/1 keep masks.
         self.qdrop: float | None = None
-        self.generator: torch.Generator | None = None
-        # Data parallel: this rank's rows of the global batch (masks are drawn for the whole batch)
-        self.rows = None
+        self.masks = None
 
     @property
     def active(self) -> bool:
@@ -73,19 +71,5 @@ class UniformQuantizer(nn.Module):
             return fake_quant(xf, scale, self.zero_point, self.bits).to(x.dtype)
         keep = None
         if self.qdrop is not None and self.qdrop < 1:
-            keep = batch_mask(xf.shape, self.qdrop, self.generator, xf.device, xf.dtype, self.rows)
+            keep = self.masks(xf.shape, self.qdrop, xf.device, xf.dtype)
         return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep).to(x.dtype)
-
-
-@contextmanager
-def batch_rows(module: nn.Module, rows) -> Iterator[None]:
-    """Tell every quantizer in ``module`` which rows of the global batch this rank holds
-    (a :class:`fimaq.dist.LocalBatch`; ``None``: all of them) while the block runs."""
-    qs = [m for m in module.modules() if isinstance(m, UniformQuantizer)]
-    for q in qs:
-        q.rows = rows
-    try:
-        yield
-    finally:
-        for q in qs:
-            q.rows = None

@@ -1,5 +1,5 @@
 """Training-time fake quantization: one autograd function for quantize-dequantize with the
-straight-through estimator and QDrop, and cheap seeded Bernoulli masks.
+straight-through estimator and QDrop, and cheap seeded Bernoulli masks (QDrop).
 
 Forward: ``x_hat = clamp(round(x/s), -zp, qmax - zp) * s`` (equal to ``(clamp(round(x/s) + zp, 0,
 qmax) - zp) * s``), then ``x_hat`` where ``keep`` is 1 and ``x`` where it is 0.
@@ -82,28 +82,3 @@ def bernoulli_mask(
     )
     byte = words.view(torch.uint8)[:n].reshape(shape).to(dtype)
     return torch.rsub(byte, round(p * 256)).clamp_(0, 1)  # 1 where byte < 256 p (bytes are integers)
-
-
-def batch_mask(
-    shape: torch.Size | tuple[int, ...],
-    p: float,
-    generator: torch.Generator | None,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    rows=None,
-) -> torch.Tensor:
-    """:func:`bernoulli_mask` for this rank's rows of a global batch.
-
-    ``rows`` (a :class:`fimaq.dist.LocalBatch` or None) gives the global batch size and the
-    positions of the local rows; the mask is drawn for the whole batch and the local rows taken, so
-    every rank consumes the generator exactly like one process holding the whole batch. Dim 0 may hold
-    ``k`` rows per image (Swin windows): image-major, as ``window_partition`` lays them out.
-    """
-    if rows is None:
-        return bernoulli_mask(shape, p, generator, device, dtype)
-    count = rows.positions.numel()
-    k = shape[0] // count
-    full = bernoulli_mask((rows.total * k, *shape[1:]), p, generator, device, dtype)
-    pos = rows.positions.to(device)
-    idx = (pos[:, None] * k + torch.arange(k, device=device)).flatten()
-    return full.index_select(0, idx)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from fimaq import dist
 from fimaq.errors import FimaqError
 from fimaq.recon.units import StopForward, Unit, first_tensor, unit_hook
 
@@ -79,7 +79,8 @@ def capture_unit(
             x, y = probe.pop("x"), probe.pop("y")
             if x_all is None:
                 shapes = [(n, *x.shape[1:])] + ([(n, *y.shape[1:])] if want_output else [])
-                dist.info(log, describe_cache(unit, shapes, dtype, device))
+                if rank_zero_only.rank == 0:
+                    log.info(describe_cache(unit, shapes, dtype, device))
                 x_all = torch.empty(shapes[0], device=device, dtype=dtype)
                 y_all = torch.empty(shapes[1], device=device, dtype=dtype) if want_output else None
             x_all[start : start + x.shape[0]] = x.to(device=device, dtype=dtype)

@@ -10,7 +10,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import warnings
@@ -23,22 +22,21 @@ import lightning as L
 import torch
 from torch import nn
 
-from fimaq import dist
 from fimaq.amp import autocast, check_precision
-from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
 from fimaq.callbacks import FisherRefresh, UnitProgressBar
 from fimaq.config import FisherConfig, ReconConfig
-from fimaq.errors import FimaqError, Interrupted
+from fimaq.errors import FimaqError, Interrupted, defer_interrupts
+from fimaq.layers.mode import quant_mode, set_quant_mode
+from fimaq.parallel import Ranks
 from fimaq.quant.adaround import AdaRoundQuantizer, attach_adaround, finalize_adaround
-from fimaq.quant.quantizer import UniformQuantizer
+from fimaq.recon.batches import BatchMasks
 from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, soft_targets
 from fimaq.recon.fisher import FisherEstimator
 from fimaq.recon.module import BlockReconModule, step_loader
-from fimaq.recon.units import Unit, enable_units, recon_units
+from fimaq.recon.state import STATE_FILE, load_state, recon_fingerprint, write_state
+from fimaq.recon.units import Unit, recon_units
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "recon_state.safetensors"
 
 
 @dataclass
@@ -55,41 +53,11 @@ class ReconReport:
     total_seconds: float = 0.0
 
 
-def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: int) -> dict[str, Any]:
-    """The settings a resumed run must share with the run that wrote the state."""
-    return {"recon": dataclasses.asdict(cfg), "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
-
-
-def _check_state(
-    path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]
-) -> tuple[dict, list[str], dict[str, list[float]]]:
-    state, saved = read_artifact(path)
-    expected = {k: v for k, v in {**meta, **fingerprint}.items() if k != "stage"}
-    found = {k: v for k, v in {**saved, **saved.get("fingerprint", {})}.items() if k in expected}
-    differ = _differences(found, expected)
-    if differ:
-        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ[:4])
-        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
-        raise FimaqError(
-            f"{path} belongs to a run with other settings ({shown}{more}): use another "
-            "trainer.default_root_dir (or delete the file to start over)"
-        )
-    return state, list(saved.get("units_done", [])), dict(saved.get("unit_record", {}))
-
-
-def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, wanted value) of every leaf where two nested dicts differ."""
-    if isinstance(saved, dict) and isinstance(wanted, dict):
-        out = []
-        for key in sorted(set(saved) | set(wanted), key=str):
-            out += _differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")
-        return out
-    return [] if saved == wanted else [(prefix.rstrip("."), saved, wanted)]
-
-
 @torch.no_grad()
-def unit_error(unit: Unit, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Mean squared error of ``unit(x)`` against ``y`` (float64 accumulation; summed over ranks)."""
+def unit_error(
+    unit: Unit, x: torch.Tensor, y: torch.Tensor, batch_size: int, ranks: Ranks | None = None
+) -> float:
+    """Mean squared error of ``unit(x)`` against ``y`` (float64 accumulation; summed over ``ranks``)."""
     device = next(unit.module.parameters()).device
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], batch_size):
@@ -97,44 +65,33 @@ def unit_error(unit: Unit, x: torch.Tensor, y: torch.Tensor, batch_size: int) ->
         ref = y[start : start + batch_size].to(device).double()
         sums[0] += (out - ref).pow(2).sum()
         sums[1] += ref.numel()
-    total, count = dist.all_reduce_sum(sums).tolist()
+    total, count = (ranks or Ranks()).sum(sums).tolist()
     return total / max(1.0, count)
 
 
-def _trainer_kwargs(device: torch.device) -> dict[str, Any]:
+def _one_device(device: torch.device) -> dict[str, Any]:
+    """Trainer settings for one process on ``device`` (the default of the per-unit Trainers)."""
     if device.type == "cuda":
         return {"accelerator": "cuda", "devices": [device.index or 0]}
-    return {"accelerator": device.type if device.type != "cpu" else "cpu", "devices": 1}
+    return {"accelerator": device.type, "devices": 1}
 
 
-def _hard_adaround(unit: Unit) -> None:
-    for layer in unit.weight_layers():
-        ada = attach_adaround(layer)
-        if ada is not None:
-            ada.soft = False
-            ada.alpha.requires_grad_(False)
+class _Rounding:
+    """Attaches AdaRound to a unit's weight layers (and learnable activation scales); on error drops
+    the unfinished AdaRound state, and always freezes the scales again."""
 
-
-class _TrainingState:
-    """Puts a unit into its training state (AdaRound, STE, QDrop, learnable scales) and back."""
-
-    def __init__(self, unit: Unit, cfg: ReconConfig, generator: torch.Generator) -> None:
-        self.unit, self.cfg, self.generator = unit, cfg, generator
+    def __init__(self, unit: Unit, cfg: ReconConfig) -> None:
+        self.unit, self.cfg = unit, cfg
         self.layers = unit.weight_layers()
 
-    def __enter__(self) -> _TrainingState:
+    def __enter__(self) -> _Rounding:
         for layer in self.layers:
             attach_adaround(layer)
-        for q in self._act_quantizers():
-            q.ste = True
-            q.qdrop = self.cfg.drop_prob if self.cfg.input_mode == "qdrop" else None
-            q.generator = self.generator
-            q.scale.requires_grad_(self.cfg.learn_act_scales)
-        return self
-
-    def _act_quantizers(self) -> list[UniformQuantizer]:
         bases = {id(m.base) for m in self.unit.module.modules() if isinstance(m, AdaRoundQuantizer)}
-        return [q for q in self.unit.quantizers() if q.active and id(q) not in bases]
+        for q in self.unit.quantizers():
+            if q.active and id(q) not in bases:
+                q.scale.requires_grad_(self.cfg.learn_act_scales)
+        return self
 
     def finalize(self) -> None:
         """Switch to hard rounding (folded into the weights once every unit is done)."""
@@ -144,12 +101,11 @@ class _TrainingState:
                 layer.w_quantizer.alpha.requires_grad_(False)
 
     def __exit__(self, *exc) -> None:
-        for layer in self.layers:  # on error: drop the unfinished AdaRound state
+        for layer in self.layers:
             ada = layer.w_quantizer
             if isinstance(ada, AdaRoundQuantizer) and ada.soft:
                 layer.w_quantizer = ada.base
         for q in self.unit.quantizers():
-            q.ste, q.qdrop, q.generator = False, None, None
             q.scale.requires_grad_(False)
         self.unit.module.eval()
 
@@ -166,13 +122,15 @@ def reconstruct_model(
     precision: Any = "32-true",
     progress: bool = True,
     units: Sequence[str] | None = None,
+    ranks: Ranks | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
 ) -> ReconReport:
     """Reconstruct every unit of a calibrated model, in order (docs/algorithm.md, sections 3 and 4).
 
     Args:
         net: a calibrated quantized model (``quantize_model`` + ``calibrate_model``).
         images: the reconstruction images ``(n, C, H, W)``, already transformed. Data parallel: this
-            rank's contiguous shard (ranks in order); every sum is reduced over the ranks.
+            rank's contiguous shard (ranks in order); every sum is reduced over ``ranks``.
         cfg: reconstruction settings.
         fisher_cfg: Fisher settings.
         state_dir: where ``recon_state.safetensors`` is written after each unit (and resumed from).
@@ -182,6 +140,10 @@ def reconstruct_model(
         progress: show the per-unit progress bar.
         units: reconstruct only these units (names as in ``recon_units``); the others keep their
             calibrated rounding. All by default.
+        ranks: the processes of a data-parallel run (default: one process).
+        trainer_kwargs: accelerator, strategy, devices and num_nodes of the per-unit Trainers: the
+            parent Trainer's (data parallel: its DDP strategy averages the gradients). Default: one
+            process on the model's device.
     """
     cfg = (cfg or ReconConfig()).validate()
     fisher_cfg = (fisher_cfg or FisherConfig()).validate()
@@ -196,7 +158,8 @@ def reconstruct_model(
     if unknown:
         raise FimaqError(f"unknown units {sorted(unknown)}; the model has {[u.name for u in units]}")
     device = next(net.parameters()).device
-    n_total, lo, hi = dist.shard_offsets(images.shape[0], device)
+    ranks = ranks or Ranks()
+    n_total, lo, hi = ranks.shard_offsets(images.shape[0], device)
     cache_device = torch.device(cfg.cache_device) if cfg.cache_device else device
     dtype = DTYPES[cfg.cache_dtype]
     meta = dict(meta or {})
@@ -204,36 +167,13 @@ def reconstruct_model(
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     done: list[str] = []
     if state_path is not None and state_path.is_file():
-        state, done, record = _check_state(state_path, meta, fingerprint)
-        for name in (u for u in done if u in record):  # the finished units' reports, in unit order
-            before, after, seconds = record[name]
-            report.error_before[name], report.error_after[name] = before, after
-            report.unit_seconds[name] = seconds
-        for unit in units:
-            if unit.name in done:
-                _hard_adaround(unit)  # finished units hold float weights + their rounding (alpha)
-        check_state_dict(net.state_dict(), state, f"reconstruction state {state_path}", "this model")
-        net.load_state_dict(state, strict=True)
-        report.resumed_units = list(done)
-        dist.info(log, "resuming reconstruction after %d finished units (%s)", len(done), state_path)
-    dist.barrier()  # every rank has read the state before rank 0 writes it again
+        done = load_state(state_path, net, units, meta, fingerprint, report)
+        ranks.info(log, "resuming reconstruction after %d finished units (%s)", len(done), state_path)
+    ranks.barrier()  # every rank has read the state before rank 0 writes it again
 
     def save_state() -> None:
-        if state_path is not None and dist.is_main():
-            save_quantized(
-                state_path,
-                net.state_dict(),
-                {
-                    **meta,
-                    "stage": "reconstructing",
-                    "fingerprint": fingerprint,
-                    "units_done": done,
-                    "unit_record": {  # what the reports of a resumed run need of the finished units
-                        u: [report.error_before[u], report.error_after[u], report.unit_seconds[u]]
-                        for u in done
-                    },
-                },
-            )
+        if state_path is not None and ranks.is_main:
+            write_state(state_path, net, meta, fingerprint, done, report)
 
     if state_path is not None and not state_path.is_file():
         save_state()  # the calibrated starting point: a kill during the first unit keeps calibration
@@ -245,12 +185,19 @@ def reconstruct_model(
     todo = [u for u in units if u.name not in done and (only is None or u.name in only)]
     needs_fisher = cfg.loss != "mse" and any(not u.is_head for u in todo)
     fisher = None
+    mode = set_quant_mode(net, enabled=False)  # restored at the end
     if needs_fisher:
-        enable_units(net, units, set())
         with autocast(precision, device):
             targets = soft_targets(net, images, fisher_cfg.temperature, fisher_cfg.batch_size)
         fisher = FisherEstimator(
-            net, images, targets, fisher_cfg, seed=cfg.seed, shard=(n_total, lo, hi), precision=precision
+            net,
+            images,
+            targets,
+            fisher_cfg,
+            seed=cfg.seed,
+            shard=(n_total, lo, hi),
+            precision=precision,
+            ranks=ranks,
         )
     ctx = _Context(
         net,
@@ -266,6 +213,8 @@ def reconstruct_model(
         precision,
         progress,
         (n_total, lo, hi),
+        ranks,
+        {**_one_device(device), **(trainer_kwargs or {})},
     )
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
@@ -281,26 +230,27 @@ def reconstruct_model(
                 t0 = time.perf_counter()
                 try:
                     _reconstruct_unit(ctx, i, unit, set(done), f"{unit.name} [{i + 1}/{len(units)}]")
+                    with defer_interrupts():  # the unit counts as finished once its state is written
+                        done.append(unit.name)
+                        report.unit_seconds[unit.name] = time.perf_counter() - t0
+                        save_state()
+                    ranks.info(
+                        log,
+                        "%s: output MSE %.4g -> %.4g (%.1f s)",
+                        unit.name,
+                        report.error_before[unit.name],
+                        report.error_after[unit.name],
+                        report.unit_seconds[unit.name],
+                    )
                 except Interrupted as exc:
                     exc.where = exc.where or f"in unit {unit.name} after {len(done)} finished units"
                     raise
-                done.append(unit.name)
-                report.unit_seconds[unit.name] = time.perf_counter() - t0
-                save_state()
-                dist.info(
-                    log,
-                    "%s: output MSE %.4g -> %.4g (%.1f s)",
-                    unit.name,
-                    report.error_before[unit.name],
-                    report.error_after[unit.name],
-                    report.unit_seconds[unit.name],
-                )
     finally:
         quiet.setLevel(level)
         for unit in units:  # fold the hard rounding of every finished unit into its weights
             for layer in unit.weight_layers():
                 finalize_adaround(layer)
-        enable_units(net, units, {u.name for u in units})
+        mode.restore()
         for p, g in grads.items():
             p.requires_grad_(g)
         net.train(was_training)
@@ -326,77 +276,48 @@ class _Context:
     precision: Any
     progress: bool
     shard: tuple[int, int, int]  # (n_total, lo, hi) of this rank's images
+    ranks: Ranks
+    trainer_kwargs: dict[str, Any]  # the per-unit Trainers' accelerator, strategy, devices
 
 
 def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], description: str) -> None:
     """Cache, train, finalise and measure unit ``i`` (``done``: the units already reconstructed)."""
-    net, units, images, cfg, fisher_cfg, fisher, report = (
-        ctx.net,
-        ctx.units,
-        ctx.images,
-        ctx.cfg,
-        ctx.fisher_cfg,
-        ctx.fisher,
-        ctx.report,
-    )
-    cache_device, dtype, logger = ctx.cache_device, ctx.dtype, ctx.logger
-    if not dist.is_main():
-        logger = None  # only rank 0 logs
-    (n, lo, hi), batch = ctx.shard, fisher_cfg.batch_size
-    enable_units(net, units, set())
+    net, cfg, fisher, report = ctx.net, ctx.cfg, ctx.fisher, ctx.report
+    logger = ctx.logger if ctx.ranks.is_main else None  # only rank 0 logs
+    (n, lo, hi), batch = ctx.shard, ctx.fisher_cfg.batch_size
     device = next(net.parameters()).device
-    with autocast(ctx.precision, device):
-        x_fp, y_fp = capture_unit(net, unit, images, batch, True, cache_device, dtype)
+    finished = [u.module for u in ctx.units if u.name in done]
+    with quant_mode(net, enabled=False), autocast(ctx.precision, device):
+        x_fp, y_fp = capture_unit(net, unit, ctx.images, batch, True, ctx.cache_device, ctx.dtype)
+    x_q = x_fp
     if done and cfg.input_mode != "rinp":
-        enable_units(net, units, done)
-        with autocast(ctx.precision, device):
-            x_q, _ = capture_unit(net, unit, images, batch, False, cache_device, dtype)
-    else:
-        x_q = x_fp
+        with quant_mode(net, only=finished), autocast(ctx.precision, device):
+            x_q, _ = capture_unit(net, unit, ctx.images, batch, False, ctx.cache_device, ctx.dtype)
     cache = UnitCache(x_fp, y_fp, x_q)
     m = max(0, min(hi, cfg.error_images or n) - lo)  # this rank's rows among the first error_images
-    enable_units(net, units, {unit.name})
-    report.error_before[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch)
+    with quant_mode(net, only=[unit.module]):
+        report.error_before[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch, ctx.ranks)
     brecq = None
     if cfg.loss == "fisher_brecq" and not unit.is_head:
-        enable_units(net, units, done)  # earlier units quantized, this one FP
-        fisher.start(unit, y_fp)
-        brecq = fisher.per_sample_grads().to(cache_device)
-        enable_units(net, units, {unit.name})
-    generator = torch.Generator(device=next(net.parameters()).device).manual_seed(cfg.seed * 10_007 + i)
-    with _TrainingState(unit, cfg, generator) as state:
+        with quant_mode(net, only=finished):  # earlier units quantized, this one FP
+            fisher.start(unit, y_fp)
+            brecq = fisher.per_sample_grads().to(ctx.cache_device)
+    masks = BatchMasks(torch.Generator(device=device).manual_seed(cfg.seed * 10_007 + i))
+    qdrop = cfg.drop_prob if cfg.input_mode == "qdrop" else None
+    training = quant_mode(net, only=[unit.module], train=True, qdrop=qdrop, masks=masks)
+    with _Rounding(unit, cfg) as rounding, training:
         use_fisher = fisher is not None and cfg.loss in ("fisher_diag", "fisher_lr", "fisher_dplr")
         use_fisher = use_fisher and not unit.is_head
         if use_fisher:
-            fisher.start(unit, y_fp)
+            fisher.start(unit, y_fp, masks)
         module = BlockReconModule(
-            unit, cache, cfg, fisher_cfg, fisher if use_fisher else None, brecq, generator, (lo, hi)
+            unit, cache, cfg, ctx.fisher_cfg, fisher if use_fisher else None, brecq, masks, (lo, hi)
         )
         if not module.adarounds and not module.act_scales:
-            dist.info(log, "%s has no quantized weights or inputs: skipped", unit.name)
+            ctx.ranks.info(log, "%s has no quantized weights or inputs: skipped", unit.name)
         else:
-            callbacks = [UnitProgressBar(description)] if ctx.progress else []
-            if use_fisher:
-                callbacks.append(FisherRefresh(fisher_cfg.refresh_steps(cfg.iters)))
-            trainer = L.Trainer(
-                max_steps=cfg.iters,
-                logger=logger if logger is not None else False,
-                callbacks=callbacks,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                enable_progress_bar=ctx.progress,
-                num_sanity_val_steps=0,
-                limit_val_batches=0,
-                log_every_n_steps=max(1, min(50, cfg.iters // 20)),
-                precision=ctx.precision,
-                **_trainer_kwargs(next(net.parameters()).device),
-            )
-            refreshed = fisher.seconds if fisher is not None else 0.0
-            t0 = time.perf_counter()
-            trainer.fit(module, train_dataloaders=step_loader(n, cfg, cfg.seed * 10_007 + i))
-            report.train_seconds[unit.name] = time.perf_counter() - t0
-            report.refresh_seconds[unit.name] = (fisher.seconds if fisher is not None else 0.0) - refreshed
-        state.finalize()
+            _train(ctx, module, unit, i, description, use_fisher, logger)
+        rounding.finalize()
     bad = [
         k
         for k, v in unit.module.state_dict().items()
@@ -406,7 +327,8 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         raise FimaqError(
             f"unit {unit.name}: reconstruction produced NaN/Inf in {bad[0]}; finished units are kept"
         )
-    report.error_after[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch)
+    with quant_mode(net, only=[unit.module]):
+        report.error_after[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch, ctx.ranks)
     if logger is not None:
         logger.log_metrics(
             {
@@ -419,3 +341,33 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         raise FimaqError(
             f"unit {unit.name}: its output is NaN/Inf after reconstruction; finished units are kept"
         )
+
+
+def _train(
+    ctx: _Context, module: BlockReconModule, unit: Unit, i: int, description: str, fisher: bool, logger
+) -> None:
+    """Optimise one unit with a fresh Trainer on the parent's accelerator, strategy and devices."""
+    cfg = ctx.cfg
+    callbacks = [UnitProgressBar(description)] if ctx.progress else []
+    if fisher:
+        callbacks.append(FisherRefresh(ctx.fisher_cfg.refresh_steps(cfg.iters)))
+    trainer = L.Trainer(
+        max_steps=cfg.iters,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=ctx.progress,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=max(1, min(50, cfg.iters // 20)),
+        precision=ctx.precision,
+        use_distributed_sampler=False,  # every rank steps through the same global batches
+        **ctx.trainer_kwargs,
+    )
+    seconds = ctx.fisher.seconds if ctx.fisher is not None else 0.0
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=step_loader(ctx.shard[0], cfg, cfg.seed * 10_007 + i))
+    ctx.report.train_seconds[unit.name] = time.perf_counter() - t0
+    now = ctx.fisher.seconds if ctx.fisher is not None else 0.0
+    ctx.report.refresh_seconds[unit.name] = now - seconds

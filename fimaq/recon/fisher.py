@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fimaq import dist
 from fimaq.amp import autocast
 from fimaq.config import FisherConfig
 from fimaq.errors import FimaqError
-from fimaq.quant.quantizer import batch_rows
+from fimaq.parallel import Ranks
+from fimaq.recon.batches import BatchMasks, LocalBatch, local_batch, whole_batch
 from fimaq.recon.losses import FisherStats, inverse_gram
 from fimaq.recon.units import Unit, unit_hook
 
@@ -41,6 +42,7 @@ class FisherEstimator:
             sums are reduced over ranks, giving the statistics of one process.
         precision: Lightning precision of the forward passes (``bf16-mixed``: autocast; the
             statistics are accumulated in float64).
+        ranks: the processes the sums are reduced over (default: one).
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class FisherEstimator:
         seed: int = 0,
         shard: tuple[int, int, int] | None = None,
         precision: str = "32-true",
+        ranks: Ranks | None = None,
     ) -> None:
         self.precision = precision
+        self.ranks = ranks or Ranks()
         self.net, self.images, self.targets, self.cfg = net, images, targets, cfg
         n, self.lo, self.hi = shard if shard is not None else (images.shape[0], 0, images.shape[0])
         self.n_total = n
@@ -63,6 +67,7 @@ class FisherEstimator:
         else:
             self.indices = torch.arange(n)
         self.unit: Unit | None = None
+        self.masks: BatchMasks | None = None
         self.y_fp: torch.Tensor | None = None
         self.cols = slice(None)
         self.G: list[torch.Tensor] = []
@@ -70,9 +75,12 @@ class FisherEstimator:
         self.stats: FisherStats | None = None
         self.seconds = 0.0
 
-    def start(self, unit: Unit, y_fp: torch.Tensor) -> None:
-        """Begin a new unit (its FP output cache aligns with the images); forget the old statistics."""
-        self.unit, self.y_fp = unit, y_fp
+    def start(self, unit: Unit, y_fp: torch.Tensor, masks: BatchMasks | None = None) -> None:
+        """Begin a new unit (its FP output cache aligns with the images); forget the old statistics.
+
+        ``masks``: the QDrop masks of the unit while it trains (refreshes draw them per global batch).
+        """
+        self.unit, self.y_fp, self.masks = unit, y_fp, masks
         self.G, self.Delta, self.stats = [], [], None
         self.cols = slice(None)
         if self.cfg.lowrank_tokens == "cls":
@@ -81,20 +89,21 @@ class FisherEstimator:
             else:
                 log.info("%s has no class token: its low-rank Fisher uses all tokens", unit.name)
 
-    def _batches(self, indices: torch.Tensor) -> Iterator[dist.LocalBatch]:
+    def _batches(self, indices: torch.Tensor) -> Iterator[LocalBatch]:
         """This rank's part of each global batch of ``indices``."""
         for start in range(0, indices.numel(), self.cfg.batch_size):
             chunk = indices[start : start + self.cfg.batch_size]
-            if dist.world_size() == 1:
-                yield dist.whole_batch(chunk)
+            if self.ranks.world == 1:
+                yield whole_batch(chunk)
             else:
-                yield dist.local_batch(chunk, self.lo, self.hi)
+                yield local_batch(chunk, self.lo, self.hi)
 
-    def _output_grads(self, part: dist.LocalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _output_grads(self, part: LocalBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit output, dL/d output) for this rank's images of one global batch."""
         assert self.unit is not None
         device = next(self.net.parameters()).device
-        idx, rows = part.rows, part if dist.world_size() > 1 else None
+        idx, rows = part.rows, part if self.ranks.world > 1 else None
+        masks = self.masks.of(rows) if self.masks is not None else nullcontext()
         seen: dict[str, torch.Tensor] = {}
 
         def hook(_m, _args, out):
@@ -105,7 +114,7 @@ class FisherEstimator:
         with (
             torch.enable_grad(),
             unit_hook(self.unit.module, hook),
-            batch_rows(self.net, rows),
+            masks,
             autocast(self.precision, device),
         ):
             logits = self.net(self.images[idx].to(device)).float()
@@ -131,8 +140,7 @@ class FisherEstimator:
             d = w @ err.reshape(w.numel(), -1).double()
             g_sum = g if g_sum is None else g_sum + g
             d_sum = d if d_sum is None else d_sum + d
-        dist.all_reduce_sum(g_sum)
-        dist.all_reduce_sum(d_sum)
+        g_sum, d_sum = self.ranks.sum(g_sum), self.ranks.sum(d_sum)
         n = self.indices.numel()
         g_row, d_row = (g_sum / n).float(), (d_sum / n).float()
         if not (torch.isfinite(g_row).all() and torch.isfinite(d_row).all()):

@@ -12,12 +12,12 @@ statistics ``G`` (rows ``g_j``), ``Delta`` (rows ``delta_j``) and ``M = (Delta D
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from fimaq.dist import all_reduce_sum
 from fimaq.errors import FimaqError
 
 
@@ -110,6 +110,7 @@ class ReconObjective:
         self.kind, self.p1, self.p2 = kind, p1, p2
         self.norms: dict[str, torch.Tensor] = {}
         self.share: float | None = None
+        self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def uses_fisher(self) -> bool:
@@ -122,8 +123,8 @@ class ReconObjective:
     def _normalised(self, name: str, value: torch.Tensor) -> torch.Tensor:
         if name not in self.norms:
             norm = value.detach().clone()
-            if self.share is not None:  # data parallel: the global batch's value
-                norm = all_reduce_sum(norm * self.share)
+            if self.share is not None and self.reduce_sum is not None:  # the global batch's value
+                norm = self.reduce_sum(norm * self.share)
             self.norms[name] = norm.clamp_min(torch.finfo(value.dtype).tiny)
         return value / self.norms[name]
 
@@ -134,10 +135,11 @@ class ReconObjective:
         stats: FisherStats | None = None,
         grad: torch.Tensor | None = None,
         share: float | None = None,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The loss of this batch; ``share``: this rank's fraction of a data-parallel global batch
-        (normalisers are then recorded on the whole global batch)."""
-        self.share = share
+        """The loss of this batch; ``share``: this rank's fraction of a data-parallel global batch and
+        ``reduce_sum`` the sum over ranks (normalisers are then recorded on the whole global batch)."""
+        self.share, self.reduce_sum = share, reduce_sum
         if pred.dtype in (torch.float16, torch.bfloat16):
             pred = pred.float()  # losses are computed in float32 at least (autocast-friendly)
         target = target.to(pred.dtype)

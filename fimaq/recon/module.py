@@ -9,12 +9,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fimaq import dist
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.quant.adaround import AdaRoundQuantizer, beta_schedule, round_regulariser_on
-from fimaq.quant.quantizer import batch_rows
-from fimaq.quant.ste import batch_mask
+from fimaq.recon.batches import BatchMasks, LocalBatch, local_batch
 from fimaq.recon.cache import UnitCache
 from fimaq.recon.fisher import FisherEstimator
 from fimaq.recon.losses import FisherStats, ReconObjective
@@ -47,7 +45,8 @@ class BlockReconModule(L.LightningModule):
     """Reconstruct one unit: minimise its output loss plus the AdaRound regulariser.
 
     The unit's weight quantizers must already be AdaRound quantizers (``attach_adaround``) and its
-    activation quantizers in training state (STE, QDrop); the driver does both and undoes them.
+    activation quantizers in training mode (``fimaq.layers.mode.quant_mode(train=True)``, QDrop
+    masks from ``masks``); the driver does both and undoes them.
 
     Args:
         unit: the unit under reconstruction (a submodule of the full model).
@@ -56,10 +55,10 @@ class BlockReconModule(L.LightningModule):
         fisher_cfg: Fisher settings (weights of ``fisher_dplr``).
         fisher: the driver's estimator (``None`` for ``mse`` and the head).
         brecq_grads: per-image output gradients for ``fisher_brecq``.
-        generator: the generator of the input mixing and the quantizers' QDrop masks.
+        masks: the QDrop masks of the input mixing and of the quantizers (one generator).
         shard: ``(lo, hi)``, the global rows of the reconstruction images this rank's cache holds
-            (data parallel; default: all of them). Gradients are averaged over ranks before every
-            optimizer step and each rank's loss is weighted by its share of the global batch, so any
+            (data parallel; default: all of them). The Trainer's strategy averages the gradients
+            over ranks and each rank's loss is weighted by its share of the global batch, so any
             number of ranks optimises the same objective as one process.
     """
 
@@ -71,17 +70,16 @@ class BlockReconModule(L.LightningModule):
         fisher_cfg: FisherConfig,
         fisher: FisherEstimator | None = None,
         brecq_grads: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        masks: BatchMasks | None = None,
         shard: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        self.world = dist.world_size()
         self.lo, self.hi = shard if shard is not None else (0, cache.x_fp.shape[0])
         self.unit_name = unit.name
         self.unit = unit.module
         self.cache, self.cfg, self.fisher = cache, cfg, fisher
         self.brecq_grads = brecq_grads
-        self.generator = generator
+        self.masks = masks if masks is not None else BatchMasks(None)
         kind = "kl" if unit.is_head else cfg.loss
         self.objective = ReconObjective(kind, fisher_cfg.p1, fisher_cfg.p2)
         self.adarounds = [m for m in self.unit.modules() if isinstance(m, AdaRoundQuantizer)]
@@ -113,7 +111,7 @@ class BlockReconModule(L.LightningModule):
         )
 
     # ----------------------------------------------------------------- step
-    def _inputs(self, idx: torch.Tensor, rows: dist.LocalBatch | None) -> torch.Tensor:
+    def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
         dev = self.device
         x_fp = self.cache.x_fp[idx].to(dev, torch.float32)
         mode = self.cfg.input_mode
@@ -122,24 +120,29 @@ class BlockReconModule(L.LightningModule):
         x_q = self.cache.x_q[idx].to(dev, torch.float32)
         if mode == "qinp":
             return x_q
-        keep = batch_mask(x_q.shape, self.cfg.drop_prob, self.generator, dev, rows=rows)
+        keep = self.masks(x_q.shape, self.cfg.drop_prob, dev)
         return torch.lerp(x_fp, x_q, keep)
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="sum")
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.unit.eval()  # dropout/drop-path stay off; the training behaviour is the quantizers' state
         step, iters = self.global_step, self.cfg.iters
-        rows, share = None, None
-        if self.world > 1:  # this rank's members of the global batch
-            rows = dist.local_batch(idx, self.lo, self.hi)
+        world = self.trainer.world_size
+        rows: LocalBatch | None = None
+        share = None
+        if world > 1:  # this rank's members of the global batch
+            rows = local_batch(idx, self.lo, self.hi)
             idx, share = rows.rows, rows.real / rows.total
         idx = idx.to(self.cache.x_fp.device)
-        with batch_rows(self.unit, rows):
-            pred = self.unit(self._inputs(idx, rows))
+        with self.masks.of(rows):
+            pred = self.unit(self._inputs(idx))
         target = self.cache.y_fp[idx].to(self.device, torch.float32)
         grad = self.brecq_grads[idx].to(self.device) if self.brecq_grads is not None else None
-        rec = self.objective(pred, target, self.stats, grad, share=share)
-        # data parallel: the ranks' mean gradient is then the global batch's gradient
-        weight = self.world * share if share is not None else 1.0
+        rec = self.objective(pred, target, self.stats, grad, share=share, reduce_sum=self._sum_over_ranks)
+        # data parallel: the ranks' mean gradient (the strategy's) is then the global batch's gradient
+        weight = world * share if share is not None else 1.0
         beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
         if self.adarounds and round_regulariser_on(step, iters, self.cfg.warmup):
             rnd = self.cfg.round_weight * sum(a.regulariser(beta) for a in self.adarounds)
@@ -153,16 +156,6 @@ class BlockReconModule(L.LightningModule):
         self.log(f"{prefix}/round_loss", torch.as_tensor(rnd).detach())
         self.log(f"{prefix}/beta", beta)
         return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.world == 1:
-            return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        flat = dist.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def configure_optimizers(self):
         groups = []

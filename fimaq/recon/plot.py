@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fimaq.artifacts import atomic_write_bytes
+from fimaq.files import atomic_write_bytes
 from fimaq.recon.driver import ReconReport
 
 

@@ -58,17 +58,6 @@ def recon_units(net: nn.Module) -> list[Unit]:
     return units
 
 
-def enable_units(net: nn.Module, units: list[Unit], names: set[str]) -> None:
-    """Quantize exactly the units in ``names``; every other quantizer of ``net`` computes in FP."""
-    for q in net.modules():
-        if isinstance(q, UniformQuantizer):
-            q.enabled = False
-    for unit in units:
-        if unit.name in names:
-            for q in unit.quantizers():
-                q.enabled = True
-
-
 class StopForward(Exception):
     """Raised by a capture hook once the unit of interest has run (the rest of the model is skipped)."""
 

@@ -1,0 +1,109 @@
+"""The resumable state of a reconstruction: the whole model after every finished unit, with the
+settings it was made with and the finished units' reports."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
+from fimaq.config import FisherConfig, ReconConfig
+from fimaq.errors import FimaqError
+from fimaq.quant.adaround import attach_adaround
+from fimaq.recon.units import Unit
+
+if TYPE_CHECKING:
+    from fimaq.recon.driver import ReconReport
+
+STATE_FILE = "recon_state.safetensors"
+
+
+def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: int) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that wrote the state."""
+    return {"recon": dataclasses.asdict(cfg), "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
+
+
+def _read_state(
+    path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]
+) -> tuple[dict, list[str], dict[str, list[float]]]:
+    state, saved = read_artifact(path)
+    expected = {k: v for k, v in {**meta, **fingerprint}.items() if k != "stage"}
+    found = {k: v for k, v in {**saved, **saved.get("fingerprint", {})}.items() if k in expected}
+    differ = _differences(found, expected)
+    if differ:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise FimaqError(
+            f"{path} belongs to a run with other settings ({shown}{more}): use another "
+            "trainer.default_root_dir (or delete the file to start over)"
+        )
+    return state, list(saved.get("units_done", [])), dict(saved.get("unit_record", {}))
+
+
+def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, wanted value) of every leaf where two nested dicts differ."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        out = []
+        for key in sorted(set(saved) | set(wanted), key=str):
+            out += _differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == wanted else [(prefix.rstrip("."), saved, wanted)]
+
+
+def write_state(
+    path: Path,
+    net: nn.Module,
+    meta: dict[str, Any],
+    fingerprint: dict[str, Any],
+    done: list[str],
+    report: ReconReport,
+) -> None:
+    """Write the model (finished units: float weights + hard rounding) and what a resumed run needs."""
+    save_quantized(
+        path,
+        net.state_dict(),
+        {
+            **meta,
+            "stage": "reconstructing",
+            "fingerprint": fingerprint,
+            "units_done": done,
+            "unit_record": {  # what the reports of a resumed run need of the finished units
+                u: [report.error_before[u], report.error_after[u], report.unit_seconds[u]] for u in done
+            },
+        },
+    )
+
+
+def load_state(
+    path: Path,
+    net: nn.Module,
+    units: list[Unit],
+    meta: dict[str, Any],
+    fingerprint: dict[str, Any],
+    report: ReconReport,
+) -> list[str]:
+    """Load a state written by :func:`write_state` into ``net`` (refused if made with other settings);
+    fills the finished units' reports and returns their names."""
+    state, done, record = _read_state(path, meta, fingerprint)
+    for name in (u for u in done if u in record):  # the finished units' reports, in unit order
+        before, after, seconds = record[name]
+        report.error_before[name], report.error_after[name] = before, after
+        report.unit_seconds[name] = seconds
+    for unit in units:
+        if unit.name in done:
+            _hard_adaround(unit)  # finished units hold float weights + their rounding (alpha)
+    check_state_dict(net.state_dict(), state, f"reconstruction state {path}", "this model")
+    net.load_state_dict(state, strict=True)
+    report.resumed_units = list(done)
+    return done
+
+
+def _hard_adaround(unit: Unit) -> None:
+    for layer in unit.weight_layers():
+        ada = attach_adaround(layer)
+        if ada is not None:
+            ada.soft = False
+            ada.alpha.requires_grad_(False)
