@@ -47,7 +47,7 @@ class QuantSpec:
                 regex = re.compile(key[3:])
             except re.error as exc:
                 raise FimaqError(
-                    f"override pattern {key!r} is not a valid regular expression ({exc})"
+                    f"override pattern '{key}' is not a valid regular expression ({exc})"
                 ) from None
             return lambda name: regex.fullmatch(name) is not None
         if any(c in key for c in "*?["):
@@ -89,7 +89,7 @@ class QuantSpec:
             match = self.override_matcher(key)
             if match is not None and not any(match(n) for n in names):
                 raise FimaqError(
-                    f"override pattern {key!r} matches no quantized layer of the model "
+                    f"override pattern '{key}' matches no quantized layer of the model "
                     f"(e.g. {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                 )
 
