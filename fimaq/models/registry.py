@@ -3,8 +3,10 @@
 One :class:`Quantizable` describes one float module type: the constructor of its quantized form,
 whether it is a reconstruction unit (and of which kind), the roles of the layers inside it, which of
 its LayerNorms feeds which layer, and its classifier heads. :func:`register` adds a whole family in
-one call; the built-in timm families (ViT/DeiT, Swin, plain ``nn.Linear``, the patch-embedding
-``nn.Conv2d``) are registered through the same call the first time the registry is used.
+one call; the built-in families (:mod:`fimaq.models.timm_families`: timm ViT/DeiT and Swin, plain
+``nn.Linear``, the patch-embedding ``nn.Conv2d``) are the same kind of entries, added the first time
+the registry is consulted (so importing fimaq does not import timm). The registry is the one piece of
+process-wide state of the swap: scope test or experimental registrations with ``with register(...):``.
 
 A module's entry is found through its class's MRO (a subclass of a registered type shares its entry
 unless registered itself); a module whose class is the quantized form of an entry (``QuantLinear``,
@@ -166,7 +168,9 @@ def _add(entries: tuple[Quantizable, ...]) -> Registration:
     seen: set[type] = set()
     for e in entries:
         for t, table in ((e.float_type, _FLOAT), (e.quantized_type, _QUANTIZED)):
-            if t is not None and (t in table or t in seen):
+            if t is None:
+                continue
+            if t in table or t in seen:
                 raise FimaqError(f"{t.__qualname__} is already registered as a quantizable module type")
             seen.add(t)
         if e.quantize is not None and e.quantized_type is None:
@@ -183,8 +187,8 @@ def _load_builtins() -> None:
     if not _BUILTINS_LOADED:
         from fimaq.models.timm_families import timm_families
 
-        _BUILTINS_LOADED = True
         _add(timm_families())
+        _BUILTINS_LOADED = True
 
 
 def lookup(module: nn.Module) -> tuple[Quantizable, bool] | None:

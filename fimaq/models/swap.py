@@ -76,10 +76,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None
 
     Modules are visited top-down in ``named_modules`` order; a module whose type has a constructor in
     the registry (and a role from its family, for types such as ``nn.Conv2d`` that need one) is
-    swapped when ``filter_fn`` accepts it. The children of a swapped module are
-    built by its constructor and not offered to ``filter_fn`` (keep one of them FP with an override of
-    32 bits). Quantizers start disabled (the model computes exactly as before); calibration fills
-    and enables them.
+    swapped when ``filter_fn`` accepts it. The children of a swapped module are built by its
+    constructor and not offered to ``filter_fn`` (keep one of them FP with an override of 32 bits).
+    Quantizers start disabled (the model computes exactly as before); calibration fills and enables
+    them.
 
     Args:
         model: a float model of a registered family (timm ViT/DeiT/Swin built in).
@@ -91,9 +91,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None
     Returns:
         The same model object.
 
+    Raises:
+        FimaqError: a bit-width is out of range, the model has no registered transformer block, or
+            an override pattern matches none of the quantized layers.
+
     Example::
 
-        quantize_model(model, QuantSpec(w_bits=4, a_bits=4), lambda m, name: not name.startswith("head"))
+        spec = QuantSpec(w_bits=4, a_bits=4, overrides={"blocks.*.mlp.fc2": {"w_bits": 8}})
+        quantize_model(model, spec, filter_fn=lambda module, name: name != "head")  # FP classifier
     """
     spec.validate()
     if not any(getattr(registry.entry_of(m), "unit", None) == "block" for m in model.modules()):
