@@ -84,3 +84,17 @@ def test_bit_overrides_and_bad_bits():
         QuantSpec(w_bits=9).validate()
     with pytest.raises(FimaqError, match="unknown keys"):
         quantize_model(tiny_model("vit"), QuantSpec(overrides={"head": {"bits": 4}}))
+
+
+def test_filter_fn_keeps_chosen_timm_modules_float():
+    ref = tiny_model("swin")
+    q = quantize_model(copy.deepcopy(ref), QuantSpec(), filter_fn=lambda m, name: name != "head.fc")
+    assert type(q.head.fc) is torch.nn.Linear and isinstance(q.layers[1].downsample.reduction, QuantLinear)
+    layers = {layer.name: layer for layer in iter_qlayers(q)}
+    assert "head.fc" not in layers and layers["layers.1.downsample.reduction"].role == "reduction"
+    assert layers["layers.1.downsample.reduction"].norm is q.layers[1].downsample.norm
+    assert layers["layers.0.blocks.1.mlp.fc1"].norm is q.layers[0].blocks[1].norm2
+    assert layers["patch_embed.proj"].unit == "patch_embed"
+    x = torch.randn(2, 3, *ref.patch_embed.img_size)
+    with torch.no_grad():
+        assert torch.equal(ref(x), q(x))

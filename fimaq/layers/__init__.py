@@ -5,4 +5,14 @@ from fimaq.layers.conv import QuantConv2d
 from fimaq.layers.linear import QuantLinear
 from fimaq.layers.matmul import QuantMatMul
 
-__all__ = ["QuantAttention", "QuantConv2d", "QuantLinear", "QuantMatMul", "QuantWindowAttention"]
+#: the layer types calibration and reconstruction work on; families compose them
+QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear, QuantMatMul)
+
+__all__ = [
+    "QUANT_LAYER_TYPES",
+    "QuantAttention",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMatMul",
+    "QuantWindowAttention",
+]

@@ -1,8 +1,9 @@
-"""The explicit float -> quantized module swap, and the list of quantized layers in model order."""
+"""The float -> quantized module swap (``quantize_model``), and the list of quantized layers in model
+order (``iter_qlayers``), both driven by the registry of :mod:`fimaq.models.registry`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -11,40 +12,38 @@ from torch import nn
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.config import QuantSpec
 from fimaq.errors import FimaqError
-from fimaq.layers import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
+from fimaq.layers import QUANT_LAYER_TYPES
+from fimaq.models import registry
+from fimaq.models.registry import Role, SwapContext
 
-
-def _timm_types() -> dict[str, type]:
-    from timm.layers import Attention, Mlp
-    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
-    from timm.models.vision_transformer import Block
-
-    return {
-        "Attention": Attention,
-        "WindowAttention": WindowAttention,
-        "Mlp": Mlp,
-        "Block": Block,
-        "SwinBlock": SwinTransformerBlock,
-        "PatchMerging": PatchMerging,
-    }
+FilterFn = Callable[[nn.Module, str], bool]
 
 
 @dataclass
 class QLayer:
-    """A quantized layer: its qualified name, module, role and (for folds) the LayerNorm feeding it."""
+    """A quantized layer: its qualified name, module, role and (for folds) the LayerNorm feeding it.
+
+    Attributes:
+        name: qualified name in the model.
+        module: the ``QuantLinear`` / ``QuantConv2d`` / ``QuantMatMul``.
+        role: what the layer does in its family (``qkv``, ``fc2``, ``head``, ...).
+        unit: the reconstruction unit holding it (a block, a patch merging, the patch embedding or a
+            head); a layer outside every unit is its own.
+        norm: the LayerNorm feeding it directly (the calibration folds per-channel scales into it).
+    """
 
     name: str
     module: nn.Module
-    role: str  # patch_embed | qkv | proj | fc1 | fc2 | reduction | head | matmul1 | matmul2
-    unit: str  # the reconstruction unit holding it: a block, a patch merging, patch_embed or the head
+    role: Role
+    unit: str
     norm: nn.LayerNorm | None = None
 
 
 def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
-    """A zero image of the size the model was built for."""
+    """A zero image of the size the model was built for (``model.patch_embed.img_size``)."""
     pe = getattr(model, "patch_embed", None)
     if pe is None or not hasattr(pe, "img_size"):
-        raise FimaqError(f"{type(model).__name__} has no patch_embed.img_size: not a timm ViT/DeiT/Swin")
+        raise FimaqError(f"{type(model).__name__} has no patch_embed.img_size: not a ViT-like model")
     h, w = pe.img_size
     in_chans = pe.proj.in_channels
     p = next(model.parameters())
@@ -52,15 +51,15 @@ def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
 
 
 def _record_token_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Input shapes (without batch and channel dims) of every Linear and ViT attention."""
-    types = _timm_types()
+    """Input shapes (without batch and channel dims) of every registered module, on a zero image."""
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, types["Attention"])):
+        if registry.entry_of(mod) is not None:
 
-            def hook(m, args, _out, name=name):
-                shapes[name] = tuple(args[0].shape[1:-1])
+            def hook(_m: nn.Module, args: tuple, _out: object, name: str = name) -> None:
+                if args and isinstance(args[0], torch.Tensor):
+                    shapes[name] = tuple(args[0].shape[1:-1])
 
             hooks.append(mod.register_forward_hook(hook))
     try:
@@ -72,95 +71,72 @@ def _record_token_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _classifier_ids(model: nn.Module) -> set[int]:
-    heads = set()
-    for attr in ("head", "head_dist"):
-        mod = getattr(model, attr, None)
-        if isinstance(mod, nn.Linear):
-            heads.add(id(mod))
-        elif mod is not None and isinstance(getattr(mod, "fc", None), nn.Linear):
-            heads.add(id(mod.fc))
-    return heads
+def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Swap the registered quantizable modules of a model for their quantized forms, in place.
 
-
-def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
-    """Swap every quantizable layer of a timm ViT/DeiT/Swin for its quantized version, in place.
-
+    Modules are visited top-down in ``named_modules`` order; a module whose type has a constructor in
+    the registry (and a role from its family, for types such as ``nn.Conv2d`` that need one) is
+    swapped when ``filter_fn`` accepts it. The children of a swapped module are built by its
+    constructor and not offered to ``filter_fn`` (keep one of them FP with an override of 32 bits).
     Quantizers start disabled (the model computes exactly as before); calibration fills and enables
-    them. Returns the same model object.
+    them.
+
+    Args:
+        model: a float model of a registered family (timm ViT/DeiT/Swin built in).
+        spec: bit-widths and per-layer overrides; a pattern among the overrides that matches none of
+            the quantized layers is an error.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool`` decides which registered modules are
+            swapped; all by default.
+
+    Returns:
+        The same model object.
+
+    Raises:
+        FimaqError: a bit-width is out of range, the model has no registered transformer block, or
+            an override pattern matches none of the quantized layers.
+
+    Example::
+
+        spec = QuantSpec(w_bits=4, a_bits=4, overrides={"blocks.*.mlp.fc2": {"w_bits": 8}})
+        quantize_model(model, spec, filter_fn=lambda module, name: name != "head")  # FP classifier
     """
     spec.validate()
-    types = _timm_types()
-    if not any(isinstance(m, (types["Attention"], types["WindowAttention"])) for m in model.modules()):
-        raise FimaqError(f"{type(model).__name__} has no timm ViT or Swin attention: unsupported model")
+    if not any(getattr(registry.entry_of(m), "unit", None) == "block" for m in model.modules()):
+        raise FimaqError(f"{type(model).__name__} has no registered transformer block: unsupported model")
     shapes = _record_token_counts(model)
-    heads = _classifier_ids(model)
+    declared = registry.declared_roles(model)
+    swapped: list[str] = []
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, types["Attention"]):
-            bits = _attention_bits(spec, name)
-            model.set_submodule(name, QuantAttention.from_float(mod, shapes[name][0], bits))
-        elif isinstance(mod, types["WindowAttention"]):
-            model.set_submodule(name, QuantWindowAttention.from_float(mod, _attention_bits(spec, name)))
-    for name, mod in list(model.named_modules()):
-        if type(mod) is nn.Linear:
-            role = "head" if id(mod) in heads else "linear"
-            w, a = spec.bits_for(name, role)
-            token_shape = shapes.get(name) or None
-            model.set_submodule(name, QuantLinear.from_float(mod, w, a, token_shape))
-    conv = model.patch_embed.proj
-    if isinstance(conv, nn.Conv2d) and not isinstance(conv, QuantConv2d):
-        w, a = spec.bits_for("patch_embed.proj", "patch_embed")
-        model.patch_embed.proj = QuantConv2d.from_float(conv, w, a)
+        if any(name.startswith(prefix + ".") for prefix in swapped):
+            continue  # built by the constructor of an enclosing module
+        found = registry.lookup(mod)
+        if found is None or found[1] or found[0].quantize is None:
+            continue
+        entry = found[0]
+        if entry.needs_role and name not in declared:
+            continue
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
+        ctx = SwapContext(name, registry.role_of(name, mod, declared), spec, shapes.get(name), entry.roles)
+        model.set_submodule(name, entry.quantize(mod, ctx))
+        swapped.append(name)
+    spec.check_overrides(q.name for q in iter_qlayers(model))
     return model
 
 
-def _attention_bits(spec: QuantSpec, name: str) -> dict[str, tuple[int | None, int | None]]:
-    bits = {}
-    for part in ("qkv", "proj"):
-        bits[part] = spec.bits_for(f"{name}.{part}", "linear")
-    for part in ("matmul1", "matmul2"):
-        _, a = spec.bits_for(f"{name}.{part}", "matmul")
-        bits[part] = (a, a)
-    return bits
-
-
 def iter_qlayers(model: nn.Module) -> Iterator[QLayer]:
-    """Quantized layers in model (``named_modules``) order, with their roles and fold partners."""
-    types = _timm_types()
-    norms: dict[int, nn.Module] = {}
-    roles: dict[int, str] = {}
-    heads = _classifier_ids(model)
-    for mod in model.modules():
-        if isinstance(mod, (types["Block"], types["SwinBlock"])):
-            norms[id(mod.attn.qkv)] = mod.norm1
-            if isinstance(mod.mlp, types["Mlp"]):
-                norms[id(mod.mlp.fc1)] = mod.norm2
-        elif isinstance(mod, types["PatchMerging"]):
-            norms[id(mod.reduction)] = mod.norm
-            roles[id(mod.reduction)] = "reduction"
-        elif isinstance(mod, (QuantAttention, QuantWindowAttention)):
-            roles.update(
-                {
-                    id(mod.qkv): "qkv",
-                    id(mod.proj): "proj",
-                    id(mod.matmul1): "matmul1",
-                    id(mod.matmul2): "matmul2",
-                }
-            )
-        elif isinstance(mod, types["Mlp"]):
-            roles.update({id(mod.fc1): "fc1", id(mod.fc2): "fc2"})
-    unit_types = (types["Block"], types["SwinBlock"], types["PatchMerging"])
-    unit = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, unit_types):
-            unit = name
-        in_unit = unit is not None and name.startswith(unit + ".")
-        if isinstance(mod, QuantConv2d):
-            yield QLayer(name, mod, "patch_embed", unit if in_unit else name)
-        elif isinstance(mod, QuantMatMul):
-            yield QLayer(name, mod, roles[id(mod)], unit if in_unit else name)
-        elif isinstance(mod, QuantLinear):
-            role = "head" if id(mod) in heads else roles.get(id(mod), "linear")
-            norm = norms.get(id(mod))
-            norm = norm if isinstance(norm, nn.LayerNorm) else None
-            yield QLayer(name, mod, role, unit if in_unit else name, norm)
+    """Quantized layers in model (``named_modules``) order, with their roles, units and fold partners."""
+    declared = registry.declared_roles(model)
+    partners = registry.fold_partners(model)
+    units = [u.name for u in registry.find_units(model)]
+    modules = dict(model.named_modules())
+    for name, mod in modules.items():
+        if not isinstance(mod, QUANT_LAYER_TYPES):
+            continue
+        role = registry.role_of(name, mod, declared)
+        if role is None:
+            raise FimaqError(f"quantized layer {name} has no role: register the module that holds it")
+        unit = next((u for u in units if name == u or name.startswith(u + ".")), name)
+        norm = modules.get(partners[name]) if name in partners else None
+        norm = norm if isinstance(norm, nn.LayerNorm) else None
+        yield QLayer(name, mod, role, unit, norm)

@@ -10,17 +10,20 @@ import torch
 from torch import nn
 
 from fimaq.layers import QuantConv2d, QuantLinear
-from fimaq.models.swap import _classifier_ids, _timm_types
+from fimaq.models.registry import UnitKind, find_units
 from fimaq.quant.quantizer import UniformQuantizer
 
 
 @dataclass
 class Unit:
-    """One reconstruction unit: its qualified name, module and kind (patch_embed | block | merge | head)."""
+    """One reconstruction unit: its qualified name, module and kind (patch_embed | block | merge | head).
+
+    ``has_cls_token``: the unit's output carries the class token first (ViT/DeiT blocks).
+    """
 
     name: str
     module: nn.Module
-    kind: str
+    kind: UnitKind
     has_cls_token: bool = False
 
     @property
@@ -37,25 +40,9 @@ class Unit:
 
 
 def recon_units(net: nn.Module) -> list[Unit]:
-    """The units of a quantized timm ViT/DeiT/Swin in forward order."""
-    from timm.layers import PatchEmbed
-
-    types = _timm_types()
-    heads = _classifier_ids(net)
-    cls = getattr(net, "cls_token", None) is not None
-    units: list[Unit] = []
-    for name, mod in net.named_modules():
-        if isinstance(mod, PatchEmbed):
-            units.append(Unit(name, mod, "patch_embed"))
-        elif isinstance(mod, types["Block"]):
-            units.append(Unit(name, mod, "block", has_cls_token=cls))
-        elif isinstance(mod, types["SwinBlock"]):
-            units.append(Unit(name, mod, "block"))
-        elif isinstance(mod, types["PatchMerging"]):
-            units.append(Unit(name, mod, "merge"))
-        elif id(mod) in heads:
-            units.append(Unit(name, mod, "head"))
-    return units
+    """The units of a quantized model of a registered family (:mod:`fimaq.models.registry`), in
+    forward order."""
+    return [Unit(u.name, u.module, u.kind, u.has_cls_token) for u in find_units(net)]
 
 
 class StopForward(Exception):
