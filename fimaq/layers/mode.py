@@ -3,7 +3,9 @@
 A quantizer is off (the model computes in float), on (fake quantization), or training (straight-
 through gradients, and QDrop: each element keeps its quantized value with probability ``qdrop``,
 its float value otherwise, by masks from a :data:`MaskFn`). Attention can also be routed through
-its explicit matmul modules so calibration can capture their operands.
+its explicit matmul modules so calibration can capture their operands: every module with a boolean
+``explicit_matmuls`` attribute (``QuantAttention``, ``QuantWindowAttention``, and the quantized
+attention of a registered family that has one) follows that switch.
 
 :func:`quant_mode` sets all of it for a model (or for the given parts of it) and restores the
 previous state on exit; :func:`set_quant_mode` sets it for good (after loading a quantized
@@ -26,7 +28,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fimaq.layers.attention import QuantAttention, QuantWindowAttention
 from fimaq.quant.adaround import AdaRoundQuantizer
 from fimaq.quant.quantizer import UniformQuantizer
 from fimaq.quant.ste import bernoulli_mask
@@ -117,7 +118,7 @@ def set_quant_mode(
             QuantizerState(
                 on, training, qdrop if training else None, masks if training and qdrop is not None else None
             ).apply(q)
-        elif isinstance(q, (QuantAttention, QuantWindowAttention)):
+        elif isinstance(getattr(q, "explicit_matmuls", None), bool):
             snapshot.explicit[q] = q.explicit_matmuls
             q.explicit_matmuls = explicit_matmuls
     return snapshot
