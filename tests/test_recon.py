@@ -230,11 +230,19 @@ def test_one_unit_trains_its_alphas_and_refreshes_at_the_scheduled_steps(monkeyp
     alphas_moved: list[bool] = []
     original_fit = L.Trainer.fit
 
+    scales_moved: list[bool] = []
+
     def spy_fit(self, module, *args, **kwargs):
         start = [a.alpha.detach().clone() for a in module.adarounds]
+        scales = [s.detach().clone() for s in module.act_scales]
+        assert all(s.requires_grad for s in module.act_scales)
         original_fit(self, module, *args, **kwargs)
         alphas_moved.append(
             all(not torch.equal(s, a.alpha) for s, a in zip(start, module.adarounds, strict=True))
+        )
+        # the learned activation scales (every quantized input of the unit) moved too
+        scales_moved.append(
+            all(not torch.equal(s, p) for s, p in zip(scales, module.act_scales, strict=True))
         )
         fired.extend(cb.fired for cb in self.callbacks if isinstance(cb, FisherRefresh))
         assert self.global_step == module.cfg.iters
@@ -246,6 +254,7 @@ def test_one_unit_trains_its_alphas_and_refreshes_at_the_scheduled_steps(monkeyp
     # patch_embed, blocks.0, blocks.1 use the Fisher loss; the head does not
     assert fired == [[0, 2, 4]] * 3
     assert len(alphas_moved) == 4 and all(alphas_moved)
+    assert scales_moved == [True] * 4  # the patch embedding has no quantized input: vacuously true
     assert set(report.error_after) == {"patch_embed", "blocks.0", "blocks.1", "head"}
     # afterwards: no AdaRound state left, hard-rounded weights sit on the grid, quantizers on
     for mod in net.modules():

@@ -89,7 +89,7 @@ class _Rounding:
             attach_adaround(layer)
         bases = {id(m.base) for m in self.unit.module.modules() if isinstance(m, AdaRoundQuantizer)}
         for q in self.unit.quantizers():
-            if q.active and id(q) not in bases:
+            if q.bits is not None and id(q) not in bases:  # (the quantizers are switched on later)
                 q.scale.requires_grad_(self.cfg.learn_act_scales)
         return self
 
