@@ -65,6 +65,7 @@ class AdaRoundQuantizer(nn.Module):
             self.register_buffer("floor", floor)
             self.alpha = nn.Parameter(init_alpha(scaled - floor))
         self.soft = True
+        self._h: torch.Tensor | None = None  # h(alpha) of the last forward with gradients (regulariser)
 
     @property
     def bits(self) -> int:
@@ -73,7 +74,9 @@ class AdaRoundQuantizer(nn.Module):
     def rounding(self) -> torch.Tensor:
         """The rounding offsets: ``h(alpha)`` while soft, ``[alpha >= 0]`` once hard."""
         if self.soft:
-            return rectified_sigmoid(self.alpha)
+            h = rectified_sigmoid(self.alpha)
+            self._h = h if torch.is_grad_enabled() and h.requires_grad else None
+            return h
         return (self.alpha >= 0).to(self.floor.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -96,8 +99,10 @@ class AdaRoundQuantizer(nn.Module):
         return dequantize(q, self.base.scale.detach(), zp)
 
     def regulariser(self, beta: float) -> torch.Tensor:
-        """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1."""
-        return (1 - (2 * rectified_sigmoid(self.alpha) - 1).abs().pow(beta)).sum()
+        """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1. Reuses ``h(alpha)`` of the
+        forward pass of the same step (computed once per step), else computes it."""
+        h, self._h = (self._h if self._h is not None else rectified_sigmoid(self.alpha)), None
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
 
 def attach_adaround(layer: nn.Module) -> AdaRoundQuantizer | None:

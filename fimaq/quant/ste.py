@@ -31,12 +31,12 @@ class FakeQuantSTE(torch.autograd.Function):
         r = torch.round(v)
         rc = clamp_centered(r, zp, bits)
         out = rc * scale
-        inside = torch.sub(r, rc).abs_().sign_().neg_().add_(1)  # 1 where the code is not clamped
-        ds = torch.addcmul(rc, v, inside, value=-1)  # r - v inside, the clamp bound (minus zp) outside
+        inside = torch.eq(r, rc, out=r)  # 1.0 where the code is not clamped (one pass, into r's memory)
+        ds = torch.addcmul(rc, v, inside, value=-1, out=v)  # r - v inside, the bound (minus zp) outside
         if keep is not None:
-            out = torch.lerp(x, out, keep)  # exact: weight 1 gives out, weight 0 gives x
+            out = torch.lerp(x, out, keep, out=out)  # exact: weight 1 gives out, weight 0 gives x
             ds.mul_(keep)
-            dx = torch.addcmul(1 - keep, keep, inside)
+            dx = inside.sub_(1).mul_(keep).add_(1)  # 1 where inside or dropped
         else:
             dx = inside
         ctx.save_for_backward(dx, ds)
@@ -80,5 +80,9 @@ def bernoulli_mask(
     words = torch.randint(
         -(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, generator=generator, device=device
     )
-    byte = words.view(torch.uint8)[:n].reshape(shape).to(dtype)
-    return torch.rsub(byte, round(p * 256)).clamp_(0, 1)  # 1 where byte < 256 p (bytes are integers)
+    byte = words.view(torch.uint8)[:n].reshape(shape)
+    threshold = round(p * 256)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if threshold > 255:  # every byte is below 256 (and 256 is not a uint8 to compare with)
+        return out.fill_(1)
+    return torch.lt(byte, threshold, out=out)  # 1.0 where byte < 256 p, in one pass
