@@ -23,7 +23,7 @@ import fimaq  # noqa: F401
 from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib.minmax import minmax_calibrate
 from fimaq.config import FisherConfig, QuantSpec, ReconConfig
-from fimaq.layers.mode import set_quant_mode
+from fimaq.layers.mode import quant_mode, set_quant_mode
 from fimaq.models import create_fp_model
 from fimaq.models.swap import example_input, quantize_model
 from fimaq.recon import recon_units, reconstruct_model
@@ -57,6 +57,36 @@ def plain_step_seconds(net, unit, images, batch, repeats=20) -> float:
         p.requires_grad_(False)
     set_quant_mode(net, enabled=True)
     return (time.perf_counter() - t0) / repeats
+
+
+def refresh_seconds(net, unit, images, fcfg, bits_on: bool) -> float:
+    """One Fisher refresh over ``images``: with the unit quantized in training mode (QDrop) as during
+    reconstruction, or (``bits_on=False``) with every quantizer off, which is the float forward and
+    backward that a refresh cannot do without."""
+    from fimaq.quant.adaround import attach_adaround
+    from fimaq.recon.batches import BatchMasks
+    from fimaq.recon.cache import soft_targets
+    from fimaq.recon.fisher import FisherEstimator
+
+    with torch.no_grad(), quant_mode(net, enabled=False):
+        targets = soft_targets(net, images, fcfg.temperature, fcfg.batch_size)
+        _, y_fp = capture_unit(net, unit, images, fcfg.batch_size, True, images.device, torch.float32)
+    fisher = FisherEstimator(net, images, targets, fcfg)
+    masks = BatchMasks(torch.Generator(device=images.device).manual_seed(0))
+    fisher.start(unit, y_fp, masks)
+    mode = {"only": [unit.module], "train": True, "qdrop": 0.5, "masks": masks} if bits_on else {}
+    bases = [(layer, layer.w_quantizer) for layer in unit.weight_layers()]
+    for layer, _ in bases:
+        attach_adaround(layer)  # soft rounding, as while the unit trains
+    try:
+        with quant_mode(net, **(mode or {"enabled": False})):
+            fisher.refresh()  # warm-up
+            t0 = time.perf_counter()
+            fisher.refresh()
+            return time.perf_counter() - t0
+    finally:
+        for layer, base in bases:
+            layer.w_quantizer = base
 
 
 def main() -> None:
@@ -94,6 +124,10 @@ def main() -> None:
     minmax_calibrate(net, images[:128])
     unit = next(u for u in recon_units(net) if u.name == args.unit)
     plain = plain_step_seconds(net, unit, images, 32)
+    refresh_images = images[: args.fisher_samples] if args.fisher_samples else images
+    fcfg_one = FisherConfig(rank=args.rank, num_samples=args.fisher_samples)
+    refresh_q = refresh_seconds(net, unit, refresh_images, fcfg_one, True)
+    refresh_fp = refresh_seconds(net, unit, refresh_images, fcfg_one, False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     cfg = ReconConfig(iters=args.iters, loss=args.loss)
@@ -111,6 +145,14 @@ def main() -> None:
     print(f"| step / plain | {step / plain:.2f} |")
     print(f"| {args.iters} steps + {min(args.rank, args.iters)} Fisher refreshes | {train:.1f} s |")
     print(f"| Fisher refreshes | {refresh:.1f} s ({100 * refresh / train:.0f}% of the unit's training) |")
+    n_ref = refresh_images.shape[0]
+    print(
+        f"| one refresh over {n_ref} images: unit quantized (QDrop) / all float | "
+        f"{refresh_q:.2f} s / {refresh_fp:.2f} s = {refresh_q / refresh_fp:.2f} |"
+    )
+    for steps in (1000, 20000):  # the share at longer schedules, from the measured step and refresh
+        share = args.rank * refresh_q / (args.rank * refresh_q + steps * step)
+        print(f"| Fisher refresh share at {steps} steps ({args.rank} refreshes) | {100 * share:.1f}% |")
     print(f"| whole unit (caches, errors, training) | {report.unit_seconds[args.unit]:.1f} s |")
     if args.device.startswith("cuda"):
         print(f"| peak GPU memory | {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |")

@@ -1,14 +1,15 @@
 """Pipeline: fimaq's stages on one model and one run folder, from Python or from the command line.
 
-Example::
+Example (the README's "From Python")::
 
-    import lightning as L
     from fimaq import DigitsDataModule, Pipeline, QuantModel, QuantSpec
+    import lightning as L
 
-    model = QuantModel("deit_tiny_patch16_224", "embedded:digits_deit_tiny", model_kwargs=...,
+    kwargs = {"img_size": 32, "patch_size": 4, "depth": 4, "num_classes": 10}
+    model = QuantModel("deit_tiny_patch16_224", "embedded:digits_deit_tiny", model_kwargs=kwargs,
                        quant=QuantSpec(w_bits=4, a_bits=4))
     trainer = L.Trainer(default_root_dir="runs/w4a4", accelerator="cpu", logger=False)
-    metrics = Pipeline(model, trainer).fit(DigitsDataModule())
+    metrics = Pipeline(model, trainer).fit(DigitsDataModule(model_kwargs=kwargs))
 
 Every stage writes ``<default_root_dir>/metrics.json`` (accuracies in percent, wall seconds per
 stage). ``calibrate`` also writes ``calibrated.safetensors``; ``fit`` writes ``recon_state.safetensors``
