@@ -78,6 +78,11 @@ def refresh_seconds(net, unit, images, fcfg, bits_on: bool) -> float:
     bases = [(layer, layer.w_quantizer) for layer in unit.weight_layers()]
     for layer, _ in bases:
         attach_adaround(layer)  # soft rounding, as while the unit trains
+    import fimaq.recon.fisher as fisher_module
+
+    inverse = fisher_module.inverse_gram
+    if not bits_on:  # all float: the output error is 0 and its Gram singular; its (tiny) inverse is skipped
+        fisher_module.inverse_gram = lambda delta, ridge: (torch.eye(delta.shape[0], dtype=delta.dtype), 1.0)
     try:
         with quant_mode(net, **(mode or {"enabled": False})):
             fisher.refresh()  # warm-up
@@ -85,6 +90,7 @@ def refresh_seconds(net, unit, images, fcfg, bits_on: bool) -> float:
             fisher.refresh()
             return time.perf_counter() - t0
     finally:
+        fisher_module.inverse_gram = inverse
         for layer, base in bases:
             layer.w_quantizer = base
 
