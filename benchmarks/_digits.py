@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.artifacts import resolve_checkpoint
 from fimaq.data import DigitsDataModule
+from fimaq.files import atomic_write_bytes
 from fimaq.models import create_fp_model
 
 ARCH = "deit_tiny_patch16_224"
@@ -33,3 +38,17 @@ def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     with torch.no_grad():
         return 100.0 * (model(x).argmax(-1) == y).float().mean().item()
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """The results a previous (possibly stopped) run of a benchmark wrote, or an empty dict."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_results(path: str | Path, results: dict[str, Any]) -> None:
+    """Write ``results`` as JSON, atomically (a stopped run keeps what it had)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=1)
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from _digits import digits_sets, embedded_fp, top1
+from _digits import digits_sets, embedded_fp, load_results, save_results, top1
 from _machine import machine_line
 
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
-from fimaq.files import atomic_write_bytes
 from fimaq.models.swap import quantize_model
 from fimaq.recon import reconstruct_model
 
@@ -39,8 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = load_results(args.out)
     data = digits_sets()
     xv, yv = data["val"]
     calibrated = quantize_model(embedded_fp(), QuantSpec(w_bits=args.bits, a_bits=args.bits))
@@ -63,9 +59,7 @@ def main() -> None:
                 "fisher_seconds": report.fisher_seconds,
             }
             results.setdefault(key, []).append(row)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(results, indent=1)
-            atomic_write_bytes(out, lambda tmp, text=text: Path(tmp).write_text(text))
+            save_results(args.out, results)
             print(f"{key} seed {seed}: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s", flush=True)
     print(f"\n{machine_line()}; W{args.bits}/A{args.bits} {args.loss}, calibrated top-1 {start_top1:.2f}%")
     print("| steps per unit | top-1 (%) mean ± std | seeds | reconstruction s | Fisher refresh s |")
