@@ -37,6 +37,7 @@ FIT_HELP = (
 )
 VALIDATE_HELP = "Top-1/top-5 of the model (float, or quantized with --model.init_from); writes metrics.json."
 LIGHTNING_CHATTER = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:")
+SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # and their *_find_unused_* variants
 TRAINER_FIT_ONLY = {"train_dataloaders", "val_dataloaders", "ckpt_path", "weights_only", "dataloaders"}
 
 
@@ -141,7 +142,14 @@ class FimaqCLI(LightningCLI):
         }
 
     def _pipeline(self, model: QuantModel) -> Pipeline:
-        return Pipeline(model, self.trainer, validate_fp=self.config[self.subcommand].validate_fp)
+        cfg = self.config[self.subcommand]
+        strategy = cfg.trainer.strategy
+        if isinstance(strategy, str) and strategy.startswith(SPAWNING_STRATEGIES):
+            raise FimaqError(
+                f"fimaq runs data parallel with --trainer.strategy ddp (each process runs this command), "
+                f"not {strategy}"
+            )
+        return Pipeline(model, self.trainer, validate_fp=cfg.validate_fp)
 
     # the subcommands, each run by the Pipeline (LightningCLI calls the CLI's method of that name)
     def fit(self, model: QuantModel, datamodule: PTQDataModule, **_: Any) -> dict:

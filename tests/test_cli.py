@@ -153,6 +153,10 @@ def test_calibrate_end_to_end_writes_artifacts(tmp_path, caplog):
             "num_heads",
         ),
         (["--model.pretrained=true"], "without network access give the float weights as a file with"),
+        (
+            ["--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.accelerator=cpu"],
+            "runs data parallel with --trainer.strategy ddp (each process runs this command), not ddp_spawn",
+        ),
     ],
 )
 def test_bad_input_gives_one_error_line(extra, message, capsys):
