@@ -245,13 +245,13 @@ class Pipeline:
         return metrics
 
     def _unit_trainer_kwargs(self) -> dict[str, Any]:
-        """The per-unit Trainers' hardware: the parent's accelerator and devices, and its DDP strategy
-        when data parallel (each unit's Trainer joins the process group already running)."""
-        device = self.trainer.strategy.root_device
+        """The per-unit Trainers' hardware when data parallel: the parent's accelerator, devices and a
+        DDP strategy (each unit's Trainer joins the running process group). One process: none, the
+        driver's default (the model's device) is the parent's device."""
         if self.ranks.world == 1:
-            return {"accelerator": device.type, "devices": [device.index] if device.index is not None else 1}
+            return {}
         return {
-            "accelerator": device.type,
+            "accelerator": self.trainer.strategy.root_device.type,
             "devices": self.trainer.num_devices,
             "num_nodes": self.trainer.num_nodes,
             "strategy": "ddp",

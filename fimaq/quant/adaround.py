@@ -91,6 +91,11 @@ class AdaRoundQuantizer(nn.Module):
         q = torch.clamp(self.floor + self.rounding() + zp, 0, 2**self.bits - 1)
         return dequantize(q, scale, zp).to(weight.dtype)
 
+    def harden(self) -> None:
+        """Switch to hard rounding ``[alpha >= 0]`` for good (``alpha`` stops learning)."""
+        self.soft = False
+        self.alpha.requires_grad_(False)
+
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
         """The weight with hard rounding ``floor(W/s) + [alpha >= 0]``, dequantized."""

@@ -97,8 +97,7 @@ class _Rounding:
         """Switch to hard rounding (folded into the weights once every unit is done)."""
         for layer in self.layers:
             if isinstance(layer.w_quantizer, AdaRoundQuantizer):
-                layer.w_quantizer.soft = False
-                layer.w_quantizer.alpha.requires_grad_(False)
+                layer.w_quantizer.harden()
 
     def __exit__(self, *exc) -> None:
         for layer in self.layers:

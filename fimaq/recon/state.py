@@ -105,5 +105,4 @@ def _hard_adaround(unit: Unit) -> None:
     for layer in unit.weight_layers():
         ada = attach_adaround(layer)
         if ada is not None:
-            ada.soft = False
-            ada.alpha.requires_grad_(False)
+            ada.harden()
