@@ -26,6 +26,7 @@ from fimaq.config import FisherConfig, QuantSpec, ReconConfig
 from fimaq.layers.mode import quant_mode, set_quant_mode
 from fimaq.models import create_fp_model
 from fimaq.models.swap import example_input, quantize_model
+from fimaq.quant.ste import compiled_kernel
 from fimaq.recon import recon_units, reconstruct_model
 from fimaq.recon.cache import capture_unit
 
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="recon.compile: the fused fake-quant kernel")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -132,18 +134,21 @@ def main() -> None:
     plain = plain_step_seconds(net, unit, images, 32)
     refresh_images = images[: args.fisher_samples] if args.fisher_samples else images
     fcfg_one = FisherConfig(rank=args.rank, num_samples=args.fisher_samples)
-    refresh_q = refresh_seconds(net, unit, refresh_images, fcfg_one, True)
+    with compiled_kernel(args.compile):  # (also compiles the kernel before the timed steps)
+        refresh_q = refresh_seconds(net, unit, refresh_images, fcfg_one, True)
     refresh_fp = refresh_seconds(net, unit, refresh_images, fcfg_one, False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    cfg = ReconConfig(iters=args.iters, loss=args.loss)
+    cfg = ReconConfig(iters=args.iters, loss=args.loss, compile=args.compile)
     fcfg = FisherConfig(rank=args.rank, num_samples=args.fisher_samples)
     report = reconstruct_model(net, images, cfg, fcfg, progress=False, units=[args.unit])
     train, refresh = report.train_seconds[args.unit], report.refresh_seconds[args.unit]
-    step = (train - refresh) / args.iters
+    step = report.step_seconds[args.unit]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     where = f"{args.images} images, device {args.device}"
-    print(f"{args.arch} {kwargs} unit {args.unit}, W{args.bits}/A{args.bits}, {where}")
+    print(
+        f"{args.arch} {kwargs} unit {args.unit}, W{args.bits}/A{args.bits}, {where}, compile {args.compile}"
+    )
     print(machine_line())
     print("| measure | value |\n|---|---|")
     print(f"| plain FP forward+backward, batch 32 | {plain * 1e3:.1f} ms |")

@@ -169,6 +169,9 @@ class ReconConfig:
         cache_dtype: ``float32`` | ``bfloat16`` | ``float16`` (cast to float32 per batch).
         error_images: images used for the per-unit output error logged before/after (0 = all).
         seed: seed of minibatch indices, input mixing and QDrop masks (one stream per unit).
+        compile: fuse the fake quantization of the activations (forward and backward) with
+            ``torch.compile`` (needs a C++ compiler on the CPU; compiles for about 10-20 s once, then a
+            few seconds per new shape). Same values; the scales' gradients may differ in the last bits.
     """
 
     iters: int = 20000
@@ -187,6 +190,7 @@ class ReconConfig:
     cache_dtype: CacheDtype = "float32"
     error_images: int = 256
     seed: int = 0
+    compile: bool = False
 
     def validate(self) -> ReconConfig:
         """Check the settings; returns self."""
@@ -198,6 +202,8 @@ class ReconConfig:
         _choice("recon input_mode", self.input_mode, INPUT_MODES)
         _choice("recon cache_dtype", self.cache_dtype, CACHE_DTYPES)
         _fraction("recon drop_prob", self.drop_prob)
+        if not isinstance(self.compile, bool):
+            raise FimaqError(f"recon compile must be true or false, got {self.compile!r}")
         _fraction("recon warmup", self.warmup, closed_right=False)
         for key in ("lr_alpha", "lr_scale", "round_weight", "beta_start", "beta_end"):
             value = getattr(self, key)

@@ -14,13 +14,14 @@ from fimaq.errors import FimaqError
 from fimaq.layers.mode import set_quant_mode
 from fimaq.quant.adaround import (
     AdaRoundQuantizer,
+    RoundingPenalty,
     beta_schedule,
     rectified_sigmoid,
     round_regulariser_on,
 )
 from fimaq.quant.fake_quant import fake_quant
 from fimaq.quant.quantizer import UniformQuantizer
-from fimaq.quant.ste import bernoulli_mask, fake_quant_ste
+from fimaq.quant.ste import bernoulli_mask, compiled_kernel, fake_quant_ste
 from fimaq.recon.losses import (
     FisherStats,
     ReconObjective,
@@ -76,6 +77,18 @@ def test_rectified_sigmoid_and_regulariser():
     assert ada.regulariser(20.0).item() == pytest.approx(w.numel())
 
 
+@pytest.mark.parametrize("beta", [2.0, 7.5, 20.0])
+def test_rounding_penalty_gradient_is_the_hand_derivative(beta):
+    """d/dh (1 - |2h - 1|^beta) = -2 beta sign(2h - 1) |2h - 1|^(beta - 1), and 0 at h = 1/2."""
+    h = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.7, 0.95, 1.0], dtype=torch.float64, requires_grad=True)
+    value = RoundingPenalty.apply(h, beta)
+    (grad,) = torch.autograd.grad(value, h)
+    u = 2 * h.detach() - 1
+    assert value.item() == pytest.approx((1 - u.abs() ** beta).sum().item(), rel=1e-12)
+    expected = -2 * beta * torch.sign(u) * u.abs() ** (beta - 1)
+    assert torch.allclose(grad, expected, rtol=1e-12, atol=0) and grad[3] == 0
+
+
 def test_beta_schedule_endpoints_and_warmup():
     iters, warm = 1000, 0.2
     assert beta_schedule(0, iters, warm, 20, 2) == 20
@@ -88,22 +101,46 @@ def test_beta_schedule_endpoints_and_warmup():
 
 # ----------------------------------------------------------------------------- STE / QDrop
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_fused_ste_matches_autograd_of_the_composed_ops(with_mask):
+@pytest.mark.parametrize(
+    "shapes",
+    [((4, 9, 5), (1, 9, 1), (1,)), ((4, 3, 9, 7), (1, 3, 1, 7), (1, 3, 1, 1))],
+    ids=["per_token_one_zero_point", "per_head_zero_points"],
+)
+def test_fused_ste_matches_autograd_of_the_composed_ops(with_mask, shapes):
+    shape, scale_shape, zp_shape = shapes
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(4, 9, 5, generator=g) * 3).requires_grad_()
-    s = (torch.rand(1, 9, 1, generator=g) + 0.2).requires_grad_()
-    zp = torch.tensor([3.0])
+    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    s = (torch.rand(scale_shape, generator=g) + 0.2).requires_grad_()
+    zp = torch.randint(0, 8, zp_shape, generator=g).float()
     keep = bernoulli_mask(x.shape, 0.5, torch.Generator().manual_seed(1), x.device) if with_mask else None
     ref = fake_quant(x, s, zp, 3, ste=True)
     if keep is not None:
         assert set(keep.unique().tolist()) == {0.0, 1.0}
         ref = torch.where(keep.bool(), ref, x)
     out = fake_quant_ste(x, s, zp, 3, keep)
+    assert (out != x).any() and (ref.detach() != torch.round(x / s) * s).any()  # clamping happens
     upstream = torch.randn(x.shape, generator=g)
     gx_ref, gs_ref = torch.autograd.grad((ref * upstream).sum(), [x, s])
     gx, gs = torch.autograd.grad((out * upstream).sum(), [x, s])
     assert torch.equal(out, ref)
     assert torch.allclose(gx, gx_ref, atol=1e-6) and torch.allclose(gs, gs_ref, atol=1e-5)
+
+
+def test_compiled_ste_kernel_gives_the_eager_values():
+    """recon.compile: the same output and input gradient bit for bit, the scale gradient to rounding."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, 3, 9, 7, generator=g) * 3).requires_grad_()
+    s = (torch.rand(1, 3, 9, 1, generator=g) + 0.2).requires_grad_()
+    zp = torch.tensor([2.0, 4.0, 6.0]).reshape(1, 3, 1, 1)
+    keep = bernoulli_mask(x.shape, 0.5, torch.Generator().manual_seed(1), x.device)
+    upstream = torch.randn(x.shape, generator=g)
+    out = fake_quant_ste(x, s, zp, 3, keep)
+    gx, gs = torch.autograd.grad((out * upstream).sum(), [x, s])
+    with compiled_kernel():
+        out_c = fake_quant_ste(x, s, zp, 3, keep)
+        gx_c, gs_c = torch.autograd.grad((out_c * upstream).sum(), [x, s])
+    assert torch.equal(out_c, out) and torch.equal(gx_c, gx)
+    assert torch.allclose(gs_c, gs, rtol=1e-5, atol=1e-5)
 
 
 def test_bernoulli_mask_rate_and_determinism():
@@ -114,6 +151,9 @@ def test_bernoulli_mask_rate_and_determinism():
     assert abs(a.float().mean().item() - 0.5) < 0.01
     c = bernoulli_mask((200, 300), 0.25, torch.Generator().manual_seed(4), torch.device("cpu"))
     assert abs(c.float().mean().item() - 0.25) < 0.01
+    # the compiled kernel's uint8 masks are the same draws
+    u = bernoulli_mask((200, 300), 0.5, torch.Generator().manual_seed(3), torch.device("cpu"), torch.uint8)
+    assert u.dtype == torch.uint8 and torch.equal(u.float(), a)
 
 
 # ----------------------------------------------------------------------------- losses

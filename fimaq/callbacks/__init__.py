@@ -1,6 +1,8 @@
-"""Lightning callbacks of the reconstruction: when to refresh the Fisher statistics, and the bar."""
+"""Lightning callbacks of the reconstruction: when to refresh the Fisher statistics, the step clock and
+the bar."""
 
+from fimaq.callbacks.clock import StepClock
 from fimaq.callbacks.fisher import FisherRefresh
 from fimaq.callbacks.progress import UnitProgressBar
 
-__all__ = ["FisherRefresh", "UnitProgressBar"]
+__all__ = ["FisherRefresh", "StepClock", "UnitProgressBar"]

@@ -28,6 +28,25 @@ def init_alpha(rest: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
 
 
+class RoundingPenalty(torch.autograd.Function):
+    """``sum(1 - |2h - 1|^beta)`` with its gradient ``-2 beta |u|^beta / u`` (``u = 2h - 1``; 0 at
+    ``u = 0``): one power instead of autograd's two and a few passes fewer over the offsets."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, beta: float) -> torch.Tensor:
+        u = h * 2 - 1
+        p = u.abs().pow_(beta)
+        ctx.save_for_backward(u, p)
+        ctx.beta = beta
+        return (1 - p).sum()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        u, p = ctx.saved_tensors
+        grad = torch.div(p, u).nan_to_num_(0.0)  # |u|^beta / u = sign(u) |u|^(beta - 1); 0/0 at u = 0
+        return grad.mul_(g * (-2 * ctx.beta)), None
+
+
 def beta_schedule(step: int, iters: int, warmup: float, start: float, end: float) -> float:
     """Rounding temperature at 0-based ``step``: ``start`` during the warm-up, then linear to ``end``.
 
@@ -107,7 +126,7 @@ class AdaRoundQuantizer(nn.Module):
         """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1. Reuses ``h(alpha)`` of the
         forward pass of the same step (computed once per step), else computes it."""
         h, self._h = (self._h if self._h is not None else rectified_sigmoid(self.alpha)), None
-        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+        return RoundingPenalty.apply(h, beta)
 
 
 def attach_adaround(layer: nn.Module) -> AdaRoundQuantizer | None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from fimaq.errors import FimaqError
 from fimaq.quant.fake_quant import fake_quant
-from fimaq.quant.ste import fake_quant_ste
+from fimaq.quant.ste import fake_quant_ste, mask_dtype
 
 MIN_BITS, MAX_BITS = 2, 8
 FP_BITS = (None, 32)
@@ -71,5 +71,5 @@ class UniformQuantizer(nn.Module):
             return fake_quant(xf, scale, self.zero_point, self.bits).to(x.dtype)
         keep = None
         if self.qdrop is not None and self.qdrop < 1:
-            keep = self.masks(xf.shape, self.qdrop, xf.device, xf.dtype)
+            keep = self.masks(xf.shape, self.qdrop, xf.device, mask_dtype(xf.dtype))
         return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep).to(x.dtype)

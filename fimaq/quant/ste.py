@@ -8,13 +8,110 @@ Backward (LSQ without gradient scaling):
 ``ds = g * (round(x/s) - x/s)`` inside the range, ``g * (bound - zp)`` outside, 0 where dropped.
 These are exactly the gradients autograd gives for the composed ops with ``round_ste``; the fused
 form needs far fewer passes over memory.
+
+Two kernels compute the forward's three tensors (``x_hat`` and the two local derivatives): the
+default eager one, a few in-place passes; and, inside :func:`compiled_kernel`, the same arithmetic
+fused by ``torch.compile`` into one pass (identical values; the scale's gradient may differ in the
+last bits because the compiled backward sums in its own order).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-from fimaq.quant.fake_quant import clamp_centered
+from fimaq.errors import FimaqError
+
+Derivatives = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _eager_kernel(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int, keep) -> Derivatives:
+    """``(x_hat, dx, ds)`` in three buffers and a few in-place passes. A single zero point (every
+    activation quantizer) on the CPU is clamped against plain numbers, several times faster than
+    against tensors; a per-group one is added, clamped to ``[0, qmax]`` and subtracted (exact: small
+    integers in float)."""
+    v = torch.div(x, scale)
+    r = torch.round(v)
+    if zp.numel() == 1 and zp.device.type == "cpu":
+        z = float(zp.reshape(()))
+        rc = torch.clamp(r, -z, qmax - z)
+    else:
+        rc = torch.add(r, zp).clamp_(0, qmax).sub_(zp)
+    inside = torch.eq(r, rc, out=r)  # 1.0 where the code is not clamped (into r's memory)
+    ds = torch.addcmul(rc, v, inside, value=-1, out=v)  # r - v inside, the bound (minus zp) outside
+    out = rc.mul_(scale)
+    if keep is None:
+        return out, inside, ds
+    out = torch.lerp(x, out, keep, out=out)  # exact: weight 1 gives x_hat, weight 0 gives x
+    ds.mul_(keep)
+    dx = torch.lerp(x.new_ones(()), inside, keep, out=inside)  # 1 where dropped
+    return out, dx, ds
+
+
+def _functional_kernel(
+    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int, keep
+) -> Derivatives:
+    """The same values as :func:`_eager_kernel` without in-place operations (``torch.compile``'s
+    input); ``keep`` may be a 0/1 ``uint8`` mask, and ``dx`` is returned as ``uint8`` (a quarter of
+    the memory traffic)."""
+    v = x / scale
+    r = torch.round(v)
+    rc = torch.clamp(r + zp, 0, qmax) - zp
+    inside = r == rc
+    ds = rc - v * inside
+    out = rc * scale
+    if keep is None:
+        return out, inside.to(torch.uint8), ds
+    kept = keep.to(x.dtype)
+    dx = (inside | (keep == 0)).to(torch.uint8)
+    return torch.lerp(x, out, kept), dx, ds * kept
+
+
+def _functional_backward(
+    g: torch.Tensor, dx: torch.Tensor, ds: torch.Tensor, scale_shape, want_x: bool, want_s: bool
+):
+    """The gradients of ``x`` and the scale from the upstream gradient ``g`` (``None`` where not wanted)."""
+    gx = g * dx.to(g.dtype) if want_x else None
+    gs = (g * ds).sum_to_size(scale_shape) if want_s else None
+    return gx, gs
+
+
+_compiled = None
+_compiled_backward = None
+_use_compiled = False
+
+
+@contextmanager
+def compiled_kernel(enabled: bool = True) -> Iterator[None]:
+    """Use the ``torch.compile``-fused kernel in the block (needs a C++ compiler on the CPU, Triton on
+    a GPU; each new shape compiles once, a few seconds)."""
+    global _compiled, _compiled_backward, _use_compiled
+    if enabled and _compiled is None:
+        _compiled = torch.compile(_functional_kernel, dynamic=True)
+        _compiled_backward = torch.compile(_functional_backward, dynamic=True)
+    previous, _use_compiled = _use_compiled, enabled
+    try:
+        yield
+    finally:
+        _use_compiled = previous
+
+
+def mask_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the QDrop masks of a ``dtype`` input should have: ``uint8`` for the compiled kernel
+    (it converts them in its one pass), else ``dtype``."""
+    return torch.uint8 if _use_compiled else dtype
+
+
+def _run_compiled(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - inductor raises many kinds; one line names the option
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FimaqError(
+            f"recon.compile: torch.compile failed on this machine ({reason[:200]}); run without it"
+        ) from None
 
 
 class FakeQuantSTE(torch.autograd.Function):
@@ -27,27 +124,28 @@ class FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, bits: int, keep):
         zp = zero_point.detach()
-        v = x / scale
-        r = torch.round(v)
-        rc = clamp_centered(r, zp, bits)
-        out = rc * scale
-        inside = torch.eq(r, rc, out=r)  # 1.0 where the code is not clamped (one pass, into r's memory)
-        ds = torch.addcmul(rc, v, inside, value=-1, out=v)  # r - v inside, the bound (minus zp) outside
-        if keep is not None:
-            out = torch.lerp(x, out, keep, out=out)  # exact: weight 1 gives out, weight 0 gives x
-            ds.mul_(keep)
-            dx = inside.sub_(1).mul_(keep).add_(1)  # 1 where inside or dropped
+        args = (x, scale.detach(), zp, 2**bits - 1, keep)
+        layer_use = torch.broadcast_shapes(x.shape, scale.shape, zp.shape) == x.shape
+        ctx.compiled = _use_compiled and layer_use
+        if ctx.compiled:
+            out, dx, ds = _run_compiled(_compiled, *args)
+        elif not layer_use or (keep is not None and keep.dtype != x.dtype):
+            out, dx, ds = _functional_kernel(*args)
         else:
-            dx = inside
+            out, dx, ds = _eager_kernel(*args)
         ctx.save_for_backward(dx, ds)
-        ctx.scale_shape = scale.shape
+        ctx.x_shape, ctx.scale_shape = x.shape, scale.shape
         return out
 
     @staticmethod
     def backward(ctx, g):
         dx, ds = ctx.saved_tensors
-        gx = g * dx if ctx.needs_input_grad[0] else None
-        gs = (g * ds).sum_to_size(ctx.scale_shape) if ctx.needs_input_grad[1] else None
+        want_x, want_s = ctx.needs_input_grad[:2]
+        if ctx.compiled:
+            gx, gs = _run_compiled(_compiled_backward, g, dx, ds, ctx.scale_shape, want_x, want_s)
+        else:
+            gx, gs = _functional_backward(g, dx, ds, ctx.scale_shape, want_x, want_s)
+            gx = gx.sum_to_size(ctx.x_shape) if gx is not None else None
         return gx, gs, None, None, None
 
 
@@ -58,8 +156,9 @@ def fake_quant_ste(
     bits: int,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quantize-dequantize with straight-through gradients to ``x`` and ``scale``; ``keep`` is a float
-    0/1 mask (1 = quantized value, 0 = float value, QDrop) or None."""
+    """Quantize-dequantize with straight-through gradients to ``x`` and ``scale``; ``keep`` is a 0/1
+    mask (1 = quantized value, 0 = float value, QDrop; float, or ``uint8`` for the compiled kernel)
+    or None."""
     return FakeQuantSTE.apply(x, scale, zero_point, bits, keep)
 
 
@@ -82,7 +181,14 @@ def bernoulli_mask(
     )
     byte = words.view(torch.uint8)[:n].reshape(shape)
     threshold = round(p * 256)
+    if dtype == torch.uint8:  # the compiled kernel's masks
+        if threshold > 255:
+            return torch.ones(shape, dtype=dtype, device=device)
+        return torch.lt(byte, threshold).view(torch.uint8)
     out = torch.empty(shape, dtype=dtype, device=device)
     if threshold > 255:  # every byte is below 256 (and 256 is not a uint8 to compare with)
         return out.fill_(1)
-    return torch.lt(byte, threshold, out=out)  # 1.0 where byte < 256 p, in one pass
+    # 1.0 where byte < 256 p: clamp(256 p - byte, 0, 1) on the bytes as floats (exact small integers);
+    # three fast vectorised passes, where a comparison into a float tensor goes through a bool copy
+    out.copy_(byte)
+    return torch.add(out.new_tensor(float(threshold)), out, alpha=-1, out=out).clamp_(0, 1)

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from fimaq.amp import autocast, check_precision
-from fimaq.callbacks import FisherRefresh, UnitProgressBar
+from fimaq.callbacks import FisherRefresh, StepClock, UnitProgressBar
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError, Interrupted, defer_interrupts
 from fimaq.layers.mode import quant_mode, set_quant_mode
 from fimaq.parallel import Ranks
 from fimaq.quant.adaround import AdaRoundQuantizer, attach_adaround, finalize_adaround
+from fimaq.quant.ste import compiled_kernel
 from fimaq.recon.batches import BatchMasks
 from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, soft_targets
 from fimaq.recon.fisher import FisherEstimator
@@ -46,6 +47,7 @@ class ReconReport:
     unit_seconds: dict[str, float] = field(default_factory=dict)
     train_seconds: dict[str, float] = field(default_factory=dict)  # the Trainer's fit, refreshes included
     refresh_seconds: dict[str, float] = field(default_factory=dict)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # mean optimisation step, no refresh
     error_before: dict[str, float] = field(default_factory=dict)
     error_after: dict[str, float] = field(default_factory=dict)
     resumed_units: list[str] = field(default_factory=list)
@@ -350,6 +352,8 @@ def _train(
     callbacks = [UnitProgressBar(description)] if ctx.progress else []
     if fisher:
         callbacks.append(FisherRefresh(ctx.fisher_cfg.refresh_steps(cfg.iters)))
+    clock = StepClock()
+    callbacks.append(clock)  # after FisherRefresh: refreshes are not counted
     trainer = L.Trainer(
         max_steps=cfg.iters,
         logger=logger if logger is not None else False,
@@ -366,7 +370,9 @@ def _train(
     )
     seconds = ctx.fisher.seconds if ctx.fisher is not None else 0.0
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=step_loader(ctx.shard[0], cfg, cfg.seed * 10_007 + i))
+    with compiled_kernel(cfg.compile):
+        trainer.fit(module, train_dataloaders=step_loader(ctx.shard[0], cfg, cfg.seed * 10_007 + i))
     ctx.report.train_seconds[unit.name] = time.perf_counter() - t0
+    ctx.report.step_seconds[unit.name] = clock.mean_seconds
     now = ctx.fisher.seconds if ctx.fisher is not None else 0.0
     ctx.report.refresh_seconds[unit.name] = now - seconds

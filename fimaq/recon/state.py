@@ -22,8 +22,10 @@ STATE_FILE = "recon_state.safetensors"
 
 
 def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: int) -> dict[str, Any]:
-    """The settings a resumed run must share with the run that wrote the state."""
-    return {"recon": dataclasses.asdict(cfg), "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
+    """The settings a resumed run must share with the run that wrote the state (``compile`` changes
+    only how fast the same numbers come)."""
+    recon = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compile"}
+    return {"recon": recon, "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
 
 
 def _read_state(
