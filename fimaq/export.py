@@ -34,9 +34,9 @@ from fimaq.errors import FimaqError
 from fimaq.files import atomic_write_bytes
 from fimaq.layers import QuantConv2d, QuantLinear
 from fimaq.layers.mode import set_quant_mode
-from fimaq.quant.adaround import AdaRoundQuantizer
 from fimaq.quant.fake_quant import dequantize, quantize
 from fimaq.quant.quantizer import UniformQuantizer
+from fimaq.quant.rounding import LearnedRounding
 
 EXPORT_FORMAT = "fimaq-export"
 EXPORT_SCHEMA_VERSION = 1
@@ -51,8 +51,10 @@ def quantizers(net: nn.Module) -> dict[str, UniformQuantizer]:
     """Every quantizer of ``net`` that has a bit-width (FP pass-through quantizers left out), by name."""
     found: dict[str, UniformQuantizer] = {}
     for name, mod in net.named_modules():
-        if isinstance(mod, AdaRoundQuantizer):
-            raise FimaqError(f"{name} still has learned rounding (AdaRound): finish the reconstruction first")
+        if isinstance(mod, LearnedRounding):
+            raise FimaqError(
+                f"{name} still has learned rounding ({type(mod).__name__}): finish the reconstruction first"
+            )
         if isinstance(mod, UniformQuantizer) and mod.bits is not None:
             found[name] = mod
     return found
@@ -133,7 +135,7 @@ def export_quantized(
     """Write a self-contained integer export of a quantized model (atomically).
 
     Args:
-        net: the quantized timm model (quantizers calibrated and on, AdaRound finished).
+        net: the quantized timm model (quantizers calibrated and on, learned rounding finished).
         meta: ``QuantModel.artifact_meta()``: ``arch``, ``model_kwargs``, ``quant`` and ``stage``.
         path: the ``.safetensors`` file to write.
         check_input: images; when given, the written file is loaded back with :func:`load_quantized`

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fimaq.quant.adaround import AdaRoundQuantizer
 from fimaq.quant.quantizer import UniformQuantizer
+from fimaq.quant.rounding import LearnedRounding
 from fimaq.quant.ste import bernoulli_mask
 
 MaskFn = Callable[[torch.Size, float, torch.device, torch.dtype], torch.Tensor]
@@ -99,7 +99,8 @@ def set_quant_mode(
         only: quantize only the quantizers inside these submodules; every other one computes in
             float. ``None``: all of them.
         train: straight-through gradients (to the inputs and the scales) in the enabled quantizers
-            other than AdaRound's base quantizers (AdaRound rounds those weights itself).
+            other than the base quantizers of learned rounding (AdaRound, STE rounding: they round
+            those weights themselves).
         qdrop: with ``train``, the probability that an element keeps its quantized value (QDrop);
             ``None`` or 1 keeps every element quantized.
         masks: the QDrop masks; needed with ``qdrop`` (:func:`generator_masks` for plain seeded ones).
@@ -109,7 +110,7 @@ def set_quant_mode(
         raise ValueError("qdrop needs train=True and a masks function")
     snapshot = Snapshot({}, {})
     chosen = _inside(only) if only is not None else None
-    bases = {m.base for m in model.modules() if isinstance(m, AdaRoundQuantizer)}
+    bases = {m.base for m in model.modules() if isinstance(m, LearnedRounding)}
     for q in model.modules():
         if isinstance(q, UniformQuantizer):
             snapshot.quantizers[q] = QuantizerState.of(q)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fimaq.errors import FimaqError
-from fimaq.quant.fake_quant import dequantize
 from fimaq.quant.quantizer import UniformQuantizer
+from fimaq.quant.rounding import LearnedRounding, attach_rounding, finalize_rounding
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -65,8 +64,8 @@ def round_regulariser_on(step: int, iters: int, warmup: float) -> bool:
     return step + 1 >= warmup * iters
 
 
-class AdaRoundQuantizer(nn.Module):
-    """Weight quantizer with learned rounding; wraps (and keeps) the calibrated uniform quantizer.
+class AdaRoundQuantizer(LearnedRounding):
+    """Weight quantizer with AdaRound's learned rounding; wraps (and keeps) the calibrated quantizer.
 
     Args:
         base: the calibrated per-row weight quantizer (its scale and zero point stay fixed).
@@ -74,21 +73,21 @@ class AdaRoundQuantizer(nn.Module):
     """
 
     def __init__(self, base: UniformQuantizer, weight: torch.Tensor) -> None:
-        super().__init__()
-        if base.bits is None:
-            raise FimaqError("AdaRound needs a quantized weight (w_bits 2..8), got a float layer")
-        self.base = base
+        super().__init__(base, "AdaRound")
         with torch.no_grad():
             scaled = weight.detach().float() / base.scale.detach().float()
             floor = torch.floor(scaled)
             self.register_buffer("floor", floor)
             self.alpha = nn.Parameter(init_alpha(scaled - floor))
-        self.soft = True
         self._h: torch.Tensor | None = None  # h(alpha) of the last forward with gradients (regulariser)
 
     @property
-    def bits(self) -> int:
-        return self.base.bits
+    def learned(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.floor.shape
 
     def rounding(self) -> torch.Tensor:
         """The rounding offsets: ``h(alpha)`` while soft, ``[alpha >= 0]`` once hard."""
@@ -98,29 +97,13 @@ class AdaRoundQuantizer(nn.Module):
             return h
         return (self.alpha >= 0).to(self.floor.dtype)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.base.active:
-            return weight  # quantization switched off: the float weight, as with the plain quantizer
-        if weight.shape != self.floor.shape:
-            raise FimaqError(
-                f"AdaRound built for a weight of shape {tuple(self.floor.shape)}, got {tuple(weight.shape)}"
-            )
-        zp = self.base.zero_point
-        scale = self.base.scale.detach()
-        q = torch.clamp(self.floor + self.rounding() + zp, 0, 2**self.bits - 1)
-        return dequantize(q, scale, zp).to(weight.dtype)
+    def codes(self) -> torch.Tensor:
+        """``floor(W/s) + h(alpha)`` while soft, ``floor(W/s) + [alpha >= 0]`` once hard."""
+        return self.floor + self.rounding()
 
-    def harden(self) -> None:
-        """Switch to hard rounding ``[alpha >= 0]`` for good (``alpha`` stops learning)."""
-        self.soft = False
-        self.alpha.requires_grad_(False)
-
-    @torch.no_grad()
-    def hard_weight(self) -> torch.Tensor:
-        """The weight with hard rounding ``floor(W/s) + [alpha >= 0]``, dequantized."""
-        zp = self.base.zero_point
-        q = torch.clamp(self.floor + (self.alpha >= 0).to(self.floor.dtype) + zp, 0, 2**self.bits - 1)
-        return dequantize(q, self.base.scale.detach(), zp)
+    def hard_codes(self) -> torch.Tensor:
+        """``floor(W/s) + [alpha >= 0]``."""
+        return self.floor + (self.alpha >= 0).to(self.floor.dtype)
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1. Reuses ``h(alpha)`` of the
@@ -129,30 +112,17 @@ class AdaRoundQuantizer(nn.Module):
         return RoundingPenalty.apply(h, beta)
 
 
-def attach_adaround(layer: nn.Module) -> AdaRoundQuantizer | None:
+def attach_adaround(layer: nn.Module) -> LearnedRounding | None:
     """Swap a quantized layer's weight quantizer for an AdaRound quantizer (None if FP weights).
 
     The float weight stays in ``layer.weight`` (switching quantization off gives the float layer)
     until :func:`finalize_adaround` folds the hard-rounded weight into it.
     """
-    base = layer.w_quantizer
-    if isinstance(base, AdaRoundQuantizer):
-        return base
-    if base.bits is None:
-        return None
-    weight = layer.weight.detach().reshape(base.scale.shape[0], -1)
-    layer.w_quantizer = AdaRoundQuantizer(base, weight)
-    return layer.w_quantizer
+    return attach_rounding(layer, AdaRoundQuantizer)
 
 
-@torch.no_grad()
-def finalize_adaround(layer: nn.Module) -> None:
-    """Fold the hard-rounded weight into ``layer.weight`` and restore the uniform quantizer."""
-    ada = layer.w_quantizer
-    if not isinstance(ada, AdaRoundQuantizer):
-        return
-    layer.weight.copy_(ada.hard_weight().reshape_as(layer.weight))
-    layer.w_quantizer = ada.base
+finalize_adaround = finalize_rounding
+"""Fold the hard-rounded weight into ``layer.weight`` and restore the uniform quantizer."""
 
 
 __all__ = [
