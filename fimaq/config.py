@@ -144,7 +144,10 @@ class CalibConfig:
 ReconLoss = Literal["mse", "fisher_diag", "fisher_lr", "fisher_dplr", "fisher_brecq"]
 InputMode = Literal["qdrop", "qinp", "rinp"]
 CacheDtype = Literal["float32", "bfloat16", "float16"]
+Rounding = Literal["adaround", "ste"]
 RECON_LOSSES, INPUT_MODES, CACHE_DTYPES = get_args(ReconLoss), get_args(InputMode), get_args(CacheDtype)
+ROUNDINGS = get_args(Rounding)
+STE_STEPS, ADAROUND_STEPS = 3000, 20000  # the STE schedule at the ImageNet one: ste_iters = 0.15 iters
 
 
 @dataclass
@@ -152,15 +155,21 @@ class ReconConfig:
     """Block-wise reconstruction (docs/algorithm.md, section 3); the defaults are the official constants.
 
     Attributes:
-        iters: optimisation steps per unit.
+        iters: optimisation steps per unit (with ``rounding: ste``, the schedule ``ste_iters`` derives from).
         batch_size: images per step (random indices into the reconstruction cache).
         loss: ``mse`` | ``fisher_diag`` | ``fisher_lr`` | ``fisher_dplr`` | ``fisher_brecq`` (head: KL).
         input_mode: unit input per step: ``qdrop`` (element-wise mix of quantized and FP input),
             ``qinp`` (quantized input), ``rinp`` (FP input).
         drop_prob: probability that an element takes its quantized value (QDrop, input mix).
         learn_act_scales: train the activation scales of the unit (with the STE).
+        rounding: how the weights are rounded: ``adaround`` (learned up/down rounding with a
+            regulariser, the official method) or ``ste`` (a learned offset rounded straight-through,
+            no regulariser, its own shorter schedule ``ste_iters``).
+        ste_iters: optimisation steps per unit with ``rounding: ste``; ``null`` = ``iters * 3000 / 20000``
+            rounded (at least 1): 3000 at the ImageNet schedule of 20000.
         lr_alpha: Adam learning rate of the AdaRound variables (constant).
-        lr_scale: Adam learning rate of the activation scales (cosine to 0 over ``iters``).
+        lr_ste: Adam learning rate of the STE offsets, in quantization steps (constant).
+        lr_scale: Adam learning rate of the activation scales (cosine to 0 over the unit's steps).
         round_weight: weight lambda of the rounding regulariser.
         beta_start: rounding temperature during the warm-up and at its end.
         beta_end: rounding temperature at the last step.
@@ -180,7 +189,10 @@ class ReconConfig:
     input_mode: InputMode = "qdrop"
     drop_prob: float = 0.5
     learn_act_scales: bool = True
+    rounding: Rounding = "adaround"
+    ste_iters: int | None = None
     lr_alpha: float = 1e-3
+    lr_ste: float = 1e-3
     lr_scale: float = 4e-5
     round_weight: float = 0.01
     beta_start: float = 20.0
@@ -195,21 +207,34 @@ class ReconConfig:
     def validate(self) -> ReconConfig:
         """Check the settings; returns self."""
         require_int("recon iters", self.iters, 1)
+        if self.ste_iters is not None:
+            require_int("recon ste_iters", self.ste_iters, 1)
         require_int("recon batch_size", self.batch_size, 1)
         require_int("recon error_images", self.error_images, 0)
         require_int("recon seed", self.seed, 0)
         _choice("recon loss", self.loss, RECON_LOSSES)
         _choice("recon input_mode", self.input_mode, INPUT_MODES)
         _choice("recon cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        _choice("recon rounding", self.rounding, ROUNDINGS)
         _fraction("recon drop_prob", self.drop_prob)
         if not isinstance(self.compile, bool):
             raise FimaqError(f"recon compile must be true or false, got {self.compile!r}")
         _fraction("recon warmup", self.warmup, closed_right=False)
-        for key in ("lr_alpha", "lr_scale", "round_weight", "beta_start", "beta_end"):
+        for key in ("lr_alpha", "lr_ste", "lr_scale", "round_weight", "beta_start", "beta_end"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
                 raise FimaqError(f"recon {key} must be a finite number >= 0, got {value!r}")
         return self
+
+    @property
+    def unit_iters(self) -> int:
+        """The optimisation steps of every unit: ``iters`` with AdaRound, ``ste_iters`` (or its default
+        ``round(iters * 3000 / 20000)``, at least 1) with STE rounding."""
+        if self.rounding != "ste":
+            return self.iters
+        if self.ste_iters is not None:
+            return self.ste_iters
+        return max(1, round(self.iters * STE_STEPS / ADAROUND_STEPS))
 
 
 @dataclass

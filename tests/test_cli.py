@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fimaq.artifacts import read_artifact
 from fimaq.cli import FimaqCLI, main
@@ -326,4 +327,18 @@ def test_mode_strings_list_their_choices(capsys):
     assert capsys.readouterr().err.strip() == (
         "error: model.recon.loss (on the command line): expected one of mse, fisher_diag, fisher_lr, "
         "fisher_dplr, fisher_brecq, got 'bogus'"
+    )
+
+
+def test_the_rounding_choice_parses_and_lists_its_choices(capsys):
+    config = str(ROOT / "configs/digits/w3a3.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", config, "--model.recon.rounding", "ste", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["recon"]
+    assert (printed["rounding"], printed["ste_iters"], printed["iters"]) == ("ste", None, 200)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", config, "--model.recon.rounding=sgd"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: model.recon.rounding (on the command line): expected one of adaround, ste, got 'sgd'"
     )

@@ -28,13 +28,13 @@ from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError, Interrupted, defer_interrupts
 from fimaq.layers.mode import quant_mode, set_quant_mode
 from fimaq.parallel import Ranks
-from fimaq.quant.adaround import AdaRoundQuantizer, attach_adaround, finalize_adaround
+from fimaq.quant.rounding import LearnedRounding, attach_rounding, finalize_rounding
 from fimaq.quant.ste import compiled_kernel
 from fimaq.recon.batches import BatchMasks
 from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, soft_targets
 from fimaq.recon.fisher import FisherEstimator
 from fimaq.recon.module import BlockReconModule, step_loader
-from fimaq.recon.state import STATE_FILE, load_state, recon_fingerprint, write_state
+from fimaq.recon.state import ROUNDING_QUANTIZERS, STATE_FILE, load_state, recon_fingerprint, write_state
 from fimaq.recon.units import Unit, recon_units
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ def _one_device(device: torch.device) -> dict[str, Any]:
 
 
 class _Rounding:
-    """Attaches AdaRound to a unit's weight layers (and learnable activation scales); on error drops
-    the unfinished AdaRound state, and always freezes the scales again."""
+    """Attaches learned rounding (``cfg.rounding``) to a unit's weight layers (and learnable activation
+    scales); on error drops the unfinished rounding state, and always freezes the scales again."""
 
     def __init__(self, unit: Unit, cfg: ReconConfig) -> None:
         self.unit, self.cfg = unit, cfg
@@ -88,8 +88,8 @@ class _Rounding:
 
     def __enter__(self) -> _Rounding:
         for layer in self.layers:
-            attach_adaround(layer)
-        bases = {id(m.base) for m in self.unit.module.modules() if isinstance(m, AdaRoundQuantizer)}
+            attach_rounding(layer, ROUNDING_QUANTIZERS[self.cfg.rounding])
+        bases = {id(m.base) for m in self.unit.module.modules() if isinstance(m, LearnedRounding)}
         for q in self.unit.quantizers():
             if q.bits is not None and id(q) not in bases:  # (the quantizers are switched on later)
                 q.scale.requires_grad_(self.cfg.learn_act_scales)
@@ -98,14 +98,14 @@ class _Rounding:
     def finalize(self) -> None:
         """Switch to hard rounding (folded into the weights once every unit is done)."""
         for layer in self.layers:
-            if isinstance(layer.w_quantizer, AdaRoundQuantizer):
+            if isinstance(layer.w_quantizer, LearnedRounding):
                 layer.w_quantizer.harden()
 
     def __exit__(self, *exc) -> None:
         for layer in self.layers:
-            ada = layer.w_quantizer
-            if isinstance(ada, AdaRoundQuantizer) and ada.soft:
-                layer.w_quantizer = ada.base
+            learned = layer.w_quantizer
+            if isinstance(learned, LearnedRounding) and learned.soft:
+                layer.w_quantizer = learned.base
         for q in self.unit.quantizers():
             q.scale.requires_grad_(False)
         self.unit.module.eval()
@@ -250,7 +250,7 @@ def reconstruct_model(
         quiet.setLevel(level)
         for unit in units:  # fold the hard rounding of every finished unit into its weights
             for layer in unit.weight_layers():
-                finalize_adaround(layer)
+                finalize_rounding(layer)
         mode.restore()
         for p, g in grads.items():
             p.requires_grad_(g)
@@ -314,7 +314,7 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         module = BlockReconModule(
             unit, cache, cfg, ctx.fisher_cfg, fisher if use_fisher else None, brecq, masks, (lo, hi)
         )
-        if not module.adarounds and not module.act_scales:
+        if not module.roundings and not module.act_scales:
             ctx.ranks.info(log, "%s has no quantized weights or inputs: skipped", unit.name)
         else:
             _train(ctx, module, unit, i, description, use_fisher, logger)
@@ -348,14 +348,14 @@ def _train(
     ctx: _Context, module: BlockReconModule, unit: Unit, i: int, description: str, fisher: bool, logger
 ) -> None:
     """Optimise one unit with a fresh Trainer on the parent's accelerator, strategy and devices."""
-    cfg = ctx.cfg
+    cfg, iters = ctx.cfg, ctx.cfg.unit_iters
     callbacks = [UnitProgressBar(description)] if ctx.progress else []
     if fisher:
-        callbacks.append(FisherRefresh(ctx.fisher_cfg.refresh_steps(cfg.iters)))
+        callbacks.append(FisherRefresh(ctx.fisher_cfg.refresh_steps(iters)))
     clock = StepClock()
     callbacks.append(clock)  # after FisherRefresh: refreshes are not counted
     trainer = L.Trainer(
-        max_steps=cfg.iters,
+        max_steps=iters,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         enable_checkpointing=False,
@@ -363,7 +363,7 @@ def _train(
         enable_progress_bar=ctx.progress,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        log_every_n_steps=max(1, min(50, cfg.iters // 20)),
+        log_every_n_steps=max(1, min(50, iters // 20)),
         precision=ctx.precision,
         use_distributed_sampler=False,  # every rank steps through the same global batches
         **ctx.trainer_kwargs,

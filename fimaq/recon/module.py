@@ -1,5 +1,5 @@
-"""BlockReconModule: the LightningModule that reconstructs one unit (AdaRound + learned activation
-scales + QDrop) against its FP output."""
+"""BlockReconModule: the LightningModule that reconstructs one unit (learned rounding, AdaRound or
+STE, + learned activation scales + QDrop) against its FP output."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.quant.adaround import AdaRoundQuantizer, beta_schedule, round_regulariser_on
+from fimaq.quant.rounding import LearnedRounding
+from fimaq.quant.ste_rounding import SteRoundingQuantizer
 from fimaq.recon.batches import BatchMasks, LocalBatch, local_batch
 from fimaq.recon.cache import UnitCache
 from fimaq.recon.fisher import FisherEstimator
@@ -35,16 +37,17 @@ class StepIndices(Dataset):
 
 
 def step_loader(num_images: int, cfg: ReconConfig, seed: int) -> DataLoader:
-    """One batch of indices per optimisation step (no collation, no workers)."""
+    """One batch of indices per optimisation step of a unit (no collation, no workers)."""
     return DataLoader(
-        StepIndices(num_images, cfg.batch_size, cfg.iters, seed), batch_size=None, shuffle=False
+        StepIndices(num_images, cfg.batch_size, cfg.unit_iters, seed), batch_size=None, shuffle=False
     )
 
 
 class BlockReconModule(L.LightningModule):
-    """Reconstruct one unit: minimise its output loss plus the AdaRound regulariser.
+    """Reconstruct one unit: minimise its output loss (plus the AdaRound regulariser with AdaRound).
 
-    The unit's weight quantizers must already be AdaRound quantizers (``attach_adaround``) and its
+    The unit's weight quantizers must already be learned-rounding quantizers (``attach_rounding``,
+    AdaRound or STE rounding; ``cfg.unit_iters`` steps) and its
     activation quantizers in training mode (``fimaq.layers.mode.quant_mode(train=True)``, QDrop
     masks from ``masks``); the driver does both and undoes them.
 
@@ -82,18 +85,19 @@ class BlockReconModule(L.LightningModule):
         self.masks = masks if masks is not None else BatchMasks(None)
         kind = "kl" if unit.is_head else cfg.loss
         self.objective = ReconObjective(kind, fisher_cfg.p1, fisher_cfg.p2)
-        self.adarounds = [m for m in self.unit.modules() if isinstance(m, AdaRoundQuantizer)]
+        self.roundings = [m for m in self.unit.modules() if isinstance(m, LearnedRounding)]
+        self.adarounds = [m for m in self.roundings if isinstance(m, AdaRoundQuantizer)]
         self.act_scales = self._activation_scales() if cfg.learn_act_scales else []
         self.stats: FisherStats | None = None
 
     def _activation_scales(self) -> list[torch.nn.Parameter]:
         from fimaq.quant.quantizer import UniformQuantizer
 
-        ada_bases = {id(a.base) for a in self.adarounds}
+        bases = {id(r.base) for r in self.roundings}
         return [
             m.scale
             for m in self.unit.modules()
-            if isinstance(m, UniformQuantizer) and m.active and id(m) not in ada_bases
+            if isinstance(m, UniformQuantizer) and m.active and id(m) not in bases
         ]
 
     # ----------------------------------------------------------------- fisher
@@ -128,7 +132,7 @@ class BlockReconModule(L.LightningModule):
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.unit.eval()  # dropout/drop-path stay off; the training behaviour is the quantizers' state
-        step, iters = self.global_step, self.cfg.iters
+        step, iters = self.global_step, self.cfg.unit_iters
         world = self.trainer.world_size
         rows: LocalBatch | None = None
         share = None
@@ -144,7 +148,7 @@ class BlockReconModule(L.LightningModule):
         # data parallel: the ranks' mean gradient (the strategy's) is then the global batch's gradient
         weight = world * share if share is not None else 1.0
         beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
-        if self.adarounds and round_regulariser_on(step, iters, self.cfg.warmup):
+        if self.adarounds and round_regulariser_on(step, iters, self.cfg.warmup):  # none with STE
             rnd = self.cfg.round_weight * sum(a.regulariser(beta) for a in self.adarounds)
         else:
             rnd = torch.zeros((), device=self.device)
@@ -155,8 +159,9 @@ class BlockReconModule(L.LightningModule):
                 raise FimaqError(f"unit {self.unit_name}: the reconstruction loss is NaN/Inf at step {step}")
             prefix = f"recon/{self.unit_name}"
             self.log(f"{prefix}/loss", rec.detach(), prog_bar=True)
-            self.log(f"{prefix}/round_loss", torch.as_tensor(rnd).detach())
-            self.log(f"{prefix}/beta", beta)
+            if self.cfg.rounding == "adaround":
+                self.log(f"{prefix}/round_loss", torch.as_tensor(rnd).detach())
+                self.log(f"{prefix}/beta", beta)
         return loss
 
     def configure_optimizers(self):
@@ -166,9 +171,13 @@ class BlockReconModule(L.LightningModule):
         if alphas:
             groups.append({"params": alphas, "lr": self.cfg.lr_alpha})
             lambdas.append(lambda s: 1.0)
+        offsets = [r.v for r in self.roundings if isinstance(r, SteRoundingQuantizer)]
+        if offsets:
+            groups.append({"params": offsets, "lr": self.cfg.lr_ste})
+            lambdas.append(lambda s: 1.0)
         if self.act_scales:
             groups.append({"params": self.act_scales, "lr": self.cfg.lr_scale})
-            iters = self.cfg.iters
+            iters = self.cfg.unit_iters
             lambdas.append(lambda s: 0.5 * (1 + math.cos(math.pi * min(s, iters) / iters)))
         if not groups:
             raise FimaqError(

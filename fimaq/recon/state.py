@@ -12,13 +12,20 @@ from torch import nn
 from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
-from fimaq.quant.adaround import attach_adaround
+from fimaq.quant.adaround import AdaRoundQuantizer
+from fimaq.quant.rounding import LearnedRounding, attach_rounding
+from fimaq.quant.ste_rounding import SteRoundingQuantizer
 from fimaq.recon.units import Unit
 
 if TYPE_CHECKING:
     from fimaq.recon.driver import ReconReport
 
 STATE_FILE = "recon_state.safetensors"
+ROUNDING_QUANTIZERS: dict[str, type[LearnedRounding]] = {
+    "adaround": AdaRoundQuantizer,
+    "ste": SteRoundingQuantizer,
+}
+"""The weight quantizer of each ``ReconConfig.rounding``."""
 
 
 def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: int) -> dict[str, Any]:
@@ -87,8 +94,8 @@ def load_state(
     fingerprint: dict[str, Any],
     report: ReconReport,
 ) -> list[str]:
-    """Load a state written by :func:`write_state` into ``net`` (refused if made with other settings);
-    fills the finished units' reports and returns their names."""
+    """Load a state written by :func:`write_state` into ``net`` (refused if made with other settings,
+    the rounding method among them); fills the finished units' reports and returns their names."""
     state, done, record = _read_state(path, meta, fingerprint)
     for name in (u for u in done if u in record):  # the finished units' reports, in unit order
         before, after, seconds = record[name]
@@ -96,15 +103,15 @@ def load_state(
         report.unit_seconds[name] = seconds
     for unit in units:
         if unit.name in done:
-            _hard_adaround(unit)  # finished units hold float weights + their rounding (alpha)
+            _hard_rounding(unit, fingerprint["recon"]["rounding"])  # float weights + their rounding
     check_state_dict(net.state_dict(), state, f"reconstruction state {path}", "this model")
     net.load_state_dict(state, strict=True)
     report.resumed_units = list(done)
     return done
 
 
-def _hard_adaround(unit: Unit) -> None:
+def _hard_rounding(unit: Unit, rounding: str) -> None:
     for layer in unit.weight_layers():
-        ada = attach_adaround(layer)
-        if ada is not None:
-            ada.harden()
+        learned = attach_rounding(layer, ROUNDING_QUANTIZERS[rounding])
+        if learned is not None:
+            learned.harden()
