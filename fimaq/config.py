@@ -168,7 +168,7 @@ class ReconConfig:
         ste_iters: optimisation steps per unit with ``rounding: ste``; ``null`` = ``iters * 3000 / 20000``
             rounded (at least 1): 3000 at the ImageNet schedule of 20000.
         lr_alpha: Adam learning rate of the AdaRound variables (constant).
-        lr_ste: Adam learning rate of the STE offsets, in quantization steps (constant).
+        lr_ste: Adam learning rate of the STE offsets (constant; the offsets count quantization steps).
         lr_scale: Adam learning rate of the activation scales (cosine to 0 over the unit's steps).
         round_weight: weight lambda of the rounding regulariser.
         beta_start: rounding temperature during the warm-up and at its end.
