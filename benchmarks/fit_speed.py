@@ -1,7 +1,9 @@
 """A whole ``fit`` of the embedded default at W3/A3, timed stage by stage: calibration,
 reconstruction and total seconds, the mean reconstruction step of the blocks against a plain float
 forward+backward of a block (the step/plain ratio), the share of the reconstruction spent in Fisher
-refreshes, and the resulting top-1, with the CPU capability and thread count.
+refreshes, the step of the patch-embedding and head units against their own plain forward+backward
+(what remains is framework overhead), and the resulting top-1, with the CPU capability and thread
+count. ``--compile``: with ``recon.compile``.
 
 The defaults are the digits config's (200 steps per unit, 256 Fisher images); ``--iters`` and
 ``--fisher-samples`` give other schedules.
@@ -43,8 +45,11 @@ def main() -> None:
     calibrate_model(net, xc, CalibConfig(), progress=False)
     calibration = time.perf_counter() - t0
     calibrated = top1(net, xv, yv)
-    block = next(u for u in recon_units(net) if u.name == "blocks.0")
+    units = recon_units(net)
+    block = next(u for u in units if u.name == "blocks.0")
     plain = plain_step_seconds(net, block, xr, 32)
+    ends = [units[0], units[-1]]  # the patch embedding and the head: tiny compute, so the overhead shows
+    plain_ends = {u.name: plain_step_seconds(net, u, xr, 32) for u in ends}
     cfg = ReconConfig(iters=args.iters, loss=args.loss, compile=args.compile)
     t0 = time.perf_counter()
     report = reconstruct_model(net, xr, cfg, FisherConfig(num_samples=args.fisher_samples), progress=False)
@@ -64,6 +69,12 @@ def main() -> None:
     print(f"| plain FP forward+backward of a block, batch 32 | {plain * 1e3:.1f} ms |")
     print(f"| mean reconstruction step of a block (no refresh) | {step * 1e3:.1f} ms |")
     print(f"| step / plain | {step / plain:.2f} |")
+    for u in ends:
+        step_ms, plain_ms = report.step_seconds[u.name] * 1e3, plain_ends[u.name] * 1e3
+        print(
+            f"| {u.name} step / plain forward+backward / difference | {step_ms:.1f} / {plain_ms:.1f} / "
+            f"{step_ms - plain_ms:.1f} ms |"
+        )
     print(f"| Fisher refreshes | {refresh:.1f} s ({100 * refresh / reconstruction:.0f}% of reconstruction) |")
     print(f"| top-1 calibrated / reconstructed | {calibrated:.2f} / {top1(net, xv, yv):.2f} |")
 

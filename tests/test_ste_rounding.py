@@ -231,3 +231,17 @@ def test_ste_resume_after_a_kill_equals_an_uninterrupted_run_and_refuses_adaroun
     message = str(err.value)
     assert "\n" not in message
     assert "belongs to a run with other settings (recon.rounding: 'adaround' there, 'ste' here)" in message
+
+
+def test_a_state_from_before_the_rounding_settings_counts_as_adaround():
+    """Settings added later take their defaults in an older state's fingerprint: an AdaRound state that
+    predates ``rounding`` resumes with the default, and is refused for ``ste`` naming the key."""
+    from fimaq.recon.state import _differences, _with_defaults, recon_fingerprint
+
+    current = recon_fingerprint(ReconConfig(), FisherConfig(), 1024)
+    older = recon_fingerprint(ReconConfig(), FisherConfig(), 1024)
+    for key in ("rounding", "ste_iters", "lr_ste"):
+        del older["recon"][key]
+    assert _differences(_with_defaults(older), current) == []
+    ste = recon_fingerprint(ReconConfig(rounding="ste"), FisherConfig(), 1024)
+    assert _differences(_with_defaults(older), ste) == [("recon.rounding", "adaround", "ste")]

@@ -35,12 +35,25 @@ def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: in
     return {"recon": recon, "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
 
 
+def _with_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A saved fingerprint with the settings it predates filled in with their defaults (a state written
+    before a setting existed ran with its default), so that adding a setting does not orphan states."""
+    out = dict(fingerprint)
+    for key, cls in (("recon", ReconConfig), ("fisher", FisherConfig)):
+        if isinstance(out.get(key), dict):
+            out[key] = {**dataclasses.asdict(cls()), **out[key]}
+            out[key].pop("compile", None)
+    return out
+
+
 def _read_state(
     path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]
 ) -> tuple[dict, list[str], dict[str, list[float]]]:
     state, saved = read_artifact(path)
     expected = {k: v for k, v in {**meta, **fingerprint}.items() if k != "stage"}
-    found = {k: v for k, v in {**saved, **saved.get("fingerprint", {})}.items() if k in expected}
+    found = {
+        k: v for k, v in {**saved, **_with_defaults(saved.get("fingerprint", {}))}.items() if k in expected
+    }
     differ = _differences(found, expected)
     if differ:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differ[:4])
