@@ -141,7 +141,7 @@ class CalibConfig:
         return self
 
 
-ReconLoss = Literal["mse", "fisher_diag", "fisher_lr", "fisher_dplr", "fisher_brecq"]
+ReconLoss = Literal["mse", "fisher_diag", "fisher_lr", "fisher_dplr", "fisher_brecq", "global_local"]
 InputMode = Literal["qdrop", "qinp", "rinp"]
 CacheDtype = Literal["float32", "bfloat16", "float16"]
 Rounding = Literal["adaround", "ste"]
@@ -157,7 +157,11 @@ class ReconConfig:
     Attributes:
         iters: optimisation steps per unit (with ``rounding: ste``, the schedule ``ste_iters`` derives from).
         batch_size: images per step (random indices into the reconstruction cache).
-        loss: ``mse`` | ``fisher_diag`` | ``fisher_lr`` | ``fisher_dplr`` | ``fisher_brecq`` (head: KL).
+        loss: ``mse`` | ``fisher_diag`` | ``fisher_lr`` | ``fisher_dplr`` | ``fisher_brecq`` |
+            ``global_local`` (the unit's output through the frozen float rest of the model to the
+            penultimate features, plus ``local_weight`` times the unit's own output error; ViT/DeiT)
+            (head: KL).
+        local_weight: weight of the unit's own output error in ``global_local``.
         input_mode: unit input per step: ``qdrop`` (element-wise mix of quantized and FP input),
             ``qinp`` (quantized input), ``rinp`` (FP input).
         drop_prob: probability that an element takes its quantized value (QDrop, input mix).
@@ -186,6 +190,7 @@ class ReconConfig:
     iters: int = 20000
     batch_size: int = 32
     loss: ReconLoss = "fisher_dplr"
+    local_weight: float = 1.0
     input_mode: InputMode = "qdrop"
     drop_prob: float = 0.5
     learn_act_scales: bool = True
@@ -220,7 +225,15 @@ class ReconConfig:
         if not isinstance(self.compile, bool):
             raise FimaqError(f"recon compile must be true or false, got {self.compile!r}")
         _fraction("recon warmup", self.warmup, closed_right=False)
-        for key in ("lr_alpha", "lr_ste", "lr_scale", "round_weight", "beta_start", "beta_end"):
+        for key in (
+            "lr_alpha",
+            "lr_ste",
+            "lr_scale",
+            "round_weight",
+            "beta_start",
+            "beta_end",
+            "local_weight",
+        ):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
                 raise FimaqError(f"recon {key} must be a finite number >= 0, got {value!r}")

@@ -320,13 +320,13 @@ def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, yaml_t
 def test_mode_strings_list_their_choices(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.recon.help", "ReconConfig"])
-    assert "{mse,fisher_diag,fisher_lr,fisher_dplr,fisher_brecq}" in capsys.readouterr().out
+    assert "{mse,fisher_diag,fisher_lr,fisher_dplr,fisher_brecq,global_local}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main(["fit", "-c", str(ROOT / "configs/digits/w3a3.yaml"), "--model.recon.loss=bogus"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "error: model.recon.loss (on the command line): expected one of mse, fisher_diag, fisher_lr, "
-        "fisher_dplr, fisher_brecq, got 'bogus'"
+        "fisher_dplr, fisher_brecq, global_local, got 'bogus'"
     )
 
 

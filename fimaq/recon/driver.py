@@ -33,6 +33,7 @@ from fimaq.quant.ste import compiled_kernel
 from fimaq.recon.batches import BatchMasks
 from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, soft_targets
 from fimaq.recon.fisher import FisherEstimator
+from fimaq.recon.global_local import penultimate_targets, suffix
 from fimaq.recon.module import BlockReconModule, step_loader
 from fimaq.recon.state import ROUNDING_QUANTIZERS, STATE_FILE, load_state, recon_fingerprint, write_state
 from fimaq.recon.units import Unit, recon_units
@@ -184,7 +185,7 @@ def reconstruct_model(
     was_training = net.training
     net.eval()
     todo = [u for u in units if u.name not in done and (only is None or u.name in only)]
-    needs_fisher = cfg.loss != "mse" and any(not u.is_head for u in todo)
+    needs_fisher = cfg.loss not in ("mse", "global_local") and any(not u.is_head for u in todo)
     fisher = None
     mode = set_quant_mode(net, enabled=False)  # restored at the end
     if needs_fisher:
@@ -217,6 +218,9 @@ def reconstruct_model(
         ranks,
         {**_one_device(device), **(trainer_kwargs or {})},
     )
+    if cfg.loss == "global_local" and any(not u.is_head for u in todo):
+        with autocast(precision, device):  # the float model's penultimate features, once per run
+            ctx.features = penultimate_targets(net, images, fisher_cfg.batch_size, cache_device)
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
     try:
@@ -279,6 +283,7 @@ class _Context:
     shard: tuple[int, int, int]  # (n_total, lo, hi) of this rank's images
     ranks: Ranks
     trainer_kwargs: dict[str, Any]  # the per-unit Trainers' accelerator, strategy, devices
+    features: torch.Tensor | None = None  # global_local: the float penultimate features per image
 
 
 def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], description: str) -> None:
@@ -311,8 +316,11 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         use_fisher = use_fisher and not unit.is_head
         if use_fisher:
             fisher.start(unit, y_fp, masks)
+        rest = None
+        if ctx.features is not None and not unit.is_head:
+            rest = (suffix(net, unit), ctx.features)
         module = BlockReconModule(
-            unit, cache, cfg, ctx.fisher_cfg, fisher if use_fisher else None, brecq, masks, (lo, hi)
+            unit, cache, cfg, ctx.fisher_cfg, fisher if use_fisher else None, brecq, masks, (lo, hi), rest
         )
         if not module.roundings and not module.act_scales:
             ctx.ranks.info(log, "%s has no quantized weights or inputs: skipped", unit.name)

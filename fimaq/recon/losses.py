@@ -8,6 +8,10 @@ statistics ``G`` (rows ``g_j``), ``Delta`` (rows ``delta_j``) and ``M = (Delta D
 * ``lowrank``: ``mean_b a_b^T M a_b`` with ``a_b = G e_b``;
 * ``dplr``: ``p1 lowrank / lowrank_0 + p2 diag / diag_0`` (values at the last refresh), i.e.
   ``mean_b e_b^T F e_b`` with ``F = p1/lowrank_0 G^T M G + p2/(D diag_0) diag(g_bar)``.
+
+``global_local`` [fimaq]: ``global / global_0 + w * mse / mse_0`` with ``global`` the squared error of
+the penultimate features (the unit's output through the frozen float rest of the model) summed over
+features and averaged over the batch, ``mse`` the unit's own output error, ``w`` = ``local_weight``.
 """
 
 from __future__ import annotations
@@ -101,13 +105,15 @@ class ReconObjective:
     """The per-step reconstruction loss of one unit, with normalisers re-recorded after each refresh.
 
     Args:
-        kind: ``mse`` | ``fisher_diag`` | ``fisher_lr`` | ``fisher_dplr`` | ``fisher_brecq`` | ``kl``.
+        kind: ``mse`` | ``fisher_diag`` | ``fisher_lr`` | ``fisher_dplr`` | ``fisher_brecq`` |
+            ``global_local`` | ``kl``.
         p1: weight of the low-rank term (``fisher_dplr``).
         p2: weight of the diagonal term (``fisher_dplr``).
+        local_weight: weight of the unit's own output error (``global_local``).
     """
 
-    def __init__(self, kind: str, p1: float = 1.0, p2: float = 1.0) -> None:
-        self.kind, self.p1, self.p2 = kind, p1, p2
+    def __init__(self, kind: str, p1: float = 1.0, p2: float = 1.0, local_weight: float = 1.0) -> None:
+        self.kind, self.p1, self.p2, self.local_weight = kind, p1, p2, local_weight
         self.norms: dict[str, torch.Tensor] = {}
         self.share: float | None = None
         self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -136,9 +142,11 @@ class ReconObjective:
         grad: torch.Tensor | None = None,
         share: float | None = None,
         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The loss of this batch; ``share``: this rank's fraction of a data-parallel global batch and
-        ``reduce_sum`` the sum over ranks (normalisers are then recorded on the whole global batch)."""
+        ``reduce_sum`` the sum over ranks (normalisers are then recorded on the whole global batch);
+        ``features``: (penultimate features from the unit's output, the float model's), ``global_local``."""
         self.share, self.reduce_sum = share, reduce_sum
         if pred.dtype in (torch.float16, torch.bfloat16):
             pred = pred.float()  # losses are computed in float32 at least (autocast-friendly)
@@ -147,6 +155,12 @@ class ReconObjective:
             return kl_loss(pred, target)
         if self.kind == "mse":
             return self._normalised("mse", mse_loss(pred, target))
+        if self.kind == "global_local":
+            if features is None:
+                raise FimaqError("loss global_local needs the penultimate features: none were computed")
+            feats, feats_fp = features
+            glob = self._normalised("global", mse_loss(feats.float(), feats_fp.to(torch.float32)))
+            return glob + self.local_weight * self._normalised("mse", mse_loss(pred, target))
         if self.kind == "fisher_brecq":
             return self._normalised("brecq", brecq_loss(pred, target, grad))
         if stats is None:

@@ -17,6 +17,7 @@ from fimaq.quant.ste_rounding import SteRoundingQuantizer
 from fimaq.recon.batches import BatchMasks, LocalBatch, local_batch
 from fimaq.recon.cache import UnitCache
 from fimaq.recon.fisher import FisherEstimator
+from fimaq.recon.global_local import Suffix
 from fimaq.recon.losses import FisherStats, ReconObjective
 from fimaq.recon.units import Unit
 
@@ -63,6 +64,8 @@ class BlockReconModule(L.LightningModule):
             (data parallel; default: all of them). The Trainer's strategy averages the gradients
             over ranks and each rank's loss is weighted by its share of the global batch, so any
             number of ranks optimises the same objective as one process.
+        rest: ``global_local``: the frozen float rest of the model from this unit's output to the
+            penultimate features, and the float model's features of this rank's images.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class BlockReconModule(L.LightningModule):
         brecq_grads: torch.Tensor | None = None,
         masks: BatchMasks | None = None,
         shard: tuple[int, int] | None = None,
+        rest: tuple[Suffix, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.lo, self.hi = shard if shard is not None else (0, cache.x_fp.shape[0])
@@ -84,7 +88,8 @@ class BlockReconModule(L.LightningModule):
         self.brecq_grads = brecq_grads
         self.masks = masks if masks is not None else BatchMasks(None)
         kind = "kl" if unit.is_head else cfg.loss
-        self.objective = ReconObjective(kind, fisher_cfg.p1, fisher_cfg.p2)
+        self.objective = ReconObjective(kind, fisher_cfg.p1, fisher_cfg.p2, cfg.local_weight)
+        self.rest = rest
         self.roundings = [m for m in self.unit.modules() if isinstance(m, LearnedRounding)]
         self.adarounds = [m for m in self.roundings if isinstance(m, AdaRoundQuantizer)]
         self.act_scales = self._activation_scales() if cfg.learn_act_scales else []
@@ -144,7 +149,13 @@ class BlockReconModule(L.LightningModule):
             pred = self.unit(self._inputs(idx))
         target = self.cache.y_fp[idx].to(self.device, torch.float32)
         grad = self.brecq_grads[idx].to(self.device) if self.brecq_grads is not None else None
-        rec = self.objective(pred, target, self.stats, grad, share=share, reduce_sum=self._sum_over_ranks)
+        features = None
+        if self.rest is not None:  # global_local: through the frozen float rest of the model
+            run, features_fp = self.rest
+            features = (run(pred), features_fp[idx].to(self.device))
+        rec = self.objective(
+            pred, target, self.stats, grad, share=share, reduce_sum=self._sum_over_ranks, features=features
+        )
         # data parallel: the ranks' mean gradient (the strategy's) is then the global batch's gradient
         weight = world * share if share is not None else 1.0
         beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
