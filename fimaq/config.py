@@ -12,6 +12,8 @@ from typing import Literal, get_args
 from fimaq.errors import FimaqError, require_int
 from fimaq.quant.quantizer import check_bits
 
+Rotation = Literal["none", "hadamard"]
+
 
 @dataclass
 class QuantSpec:
@@ -31,12 +33,16 @@ class QuantSpec:
         head_a_bits: input bits of the classifier head; ``None`` = ``a_bits`` (as every official config).
         overrides: per-layer exceptions, ``{layer name or pattern: {"w_bits": b, "a_bits": b}}``;
             32 or null = FP.
+        rotation: ``none`` or ``hadamard``: rotate the residual stream and the MLP hidden of a ViT/DeiT
+            by Hadamard matrices before quantizing, LayerNorm affine folded, the float function
+            unchanged (docs/algorithm.md, section 1.1; Swin is refused).
     """
 
     w_bits: int = 4
     a_bits: int = 4
     head_a_bits: int | None = None
     overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    rotation: Rotation = "none"
 
     @staticmethod
     @lru_cache(maxsize=256)
@@ -59,6 +65,7 @@ class QuantSpec:
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         check_bits(self.head_a_bits, "head_a_bits")
+        _choice("quant rotation", self.rotation, get_args(Rotation))
         for name, bits in self.overrides.items():
             self.override_matcher(name)
             unknown = set(bits) - {"w_bits", "a_bits"}

@@ -125,6 +125,8 @@ class QuantModel(L.LightningModule):
                 "a_bits": self.quant.a_bits,
                 "head_a_bits": self.quant.head_a_bits,
                 "overrides": self.quant.overrides,
+                # recorded only when on, so artifacts from before the option still match
+                **({"rotation": self.quant.rotation} if self.quant.rotation != "none" else {}),
             },
             "stage": self.stage,
         }

@@ -103,6 +103,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None
     spec.validate()
     if not any(getattr(registry.entry_of(m), "unit", None) == "block" for m in model.modules()):
         raise FimaqError(f"{type(model).__name__} has no registered transformer block: unsupported model")
+    if spec.rotation == "hadamard":
+        from fimaq.models.rotation import rotate_model
+
+        rotate_model(model)
     shapes = _record_token_counts(model)
     declared = registry.declared_roles(model)
     swapped: list[str] = []
