@@ -21,8 +21,9 @@ validation images follow.
 
 The shipped ``proxy_deit`` came from ``--epochs 30 --eval-every 5 --threads 1`` (644 s on one core of
 a 2-core AMD EPYC while another process held the other core; validation top-1 56.22%). The budget was
-15 minutes: more epochs raise accuracy (49.0% after 20 epochs, 54.0% after 25), but the proxy is
-meant to leave room below FP anyway. Other thread counts may change the last bits of the result.
+15 minutes; validation top-1 was still rising at the end (49.0% at epoch 20, 54.0% at 25, 56.2% at
+30, as the learning rate decays), so a longer schedule would likely score higher. Other thread
+counts may change the last bits of the result.
 
 Example:
     PYTHONPATH=. python scripts/train_proxy.py --epochs 30 --eval-every 5 --threads 1
