@@ -7,8 +7,9 @@ the :class:`fimaq.data.ProxyDataModule` training digits, rendered afresh every e
 digits are never seen): AdamW with a one-cycle learning-rate schedule. The result is written as a
 float32 safetensors state dict with timm key names plus a JSON card next to it.
 
-Warm start: from a random initialisation the loss stays at chance (2.32) for the first ten epochs at
-least (the digit is a small part of a cluttered image), more than the time budget allows. The model
+Warm start: from a random initialisation the loss stayed at chance (2.32) for the first ten epochs
+(measured with an earlier, wider digit placement; the digit is a small part of a cluttered image),
+more than the time budget allows. The model
 therefore starts from the shipped digits DeiT (``--init embedded:digits_deit_tiny``): its embeddings,
 its four blocks (as blocks 0-3), final norm and head are copied; blocks 4 and 5 are initialised as
 usual except for zero output projections (``attn.proj``, ``mlp.fc2``), so the start computes exactly
