@@ -18,6 +18,7 @@ _LAZY = {
     "DigitsDataModule": "fimaq.data",
     "ImageNetDataModule": "fimaq.data",
     "PTQDataModule": "fimaq.data",
+    "ProxyDataModule": "fimaq.data",
     "quantize_model": "fimaq.models.swap",
     "quant_mode": "fimaq.layers.mode",
 }

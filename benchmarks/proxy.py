@@ -1,0 +1,173 @@
+"""The harder proxy (digits composited on photos, 6-block DeiT): FP vs calibration only vs mse vs
+fisher_dplr reconstruction, several seeds each, top-1 on the proxy's validation images and wall time.
+
+``--calib-domain in`` calibrates and reconstructs on the proxy's own training images (the config's
+calibration and reconstruction sets). ``--calib-domain out`` uses images of another distribution
+than the validation set: the plain scikit-learn digits of :class:`fimaq.data.DigitsDataModule` (grey
+ink on black, upsampled to 32x32 and repeated to RGB; the same training digits and permutation, so
+only the rendering differs: no photo, no colour, no placement). Validation is the proxy's either way.
+
+Calibration is deterministic, so it runs once per domain; every reconstruction starts from it.
+Results are appended to a JSON file as they come (a long run can be stopped and resumed). The two
+domains can run at once, one thread each, into two files; ``--report FILE ...`` prints their table.
+Run: python benchmarks/proxy.py [--calib-domain in|out] [--seeds 0 1 2] [--iters N] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from _digits import load_results, save_results
+from _machine import machine_line
+
+from fimaq.artifacts import resolve_checkpoint
+from fimaq.calib import calibrate_model
+from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
+from fimaq.data import DigitsDataModule, ProxyDataModule
+from fimaq.models import create_fp_model
+from fimaq.models.swap import quantize_model
+from fimaq.recon import reconstruct_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "proxy" / "w3a3.yaml"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """What the benchmark takes from a proxy config: model, bits, steps, Fisher and data sizes."""
+    cfg = yaml.safe_load(path.read_text())
+    model, data = cfg["model"], cfg["data"].get("init_args", {})
+    return {
+        "arch": model["arch"],
+        "checkpoint": model["checkpoint_path"],
+        "model_kwargs": model["model_kwargs"],
+        "w_bits": model["quant"]["w_bits"],
+        "a_bits": model["quant"]["a_bits"],
+        "iters": model.get("recon", {}).get("iters", ReconConfig().iters),
+        "fisher_samples": model.get("fisher", {}).get("num_samples", FisherConfig().num_samples),
+        "calib_size": data.get("calib_size", 128),
+        "recon_size": data.get("recon_size", 1024),
+    }
+
+
+def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 300) -> float:
+    """Top-1 accuracy in percent, in chunks."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start : start + batch_size])
+            correct += int((logits.argmax(-1) == y[start : start + batch_size]).sum())
+    return 100.0 * correct / len(x)
+
+
+def calib_sets(domain: str, calib_size: int, recon_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration and reconstruction images of a domain (``in``: the proxy's, ``out``: plain digits)."""
+    module = ProxyDataModule if domain == "in" else DigitsDataModule
+    dm = module(calib_size=calib_size, recon_size=recon_size)
+    dm.setup()
+    return dm.calibration_tensors()[0], dm.reconstruction_tensors()[0]
+
+
+def summary(rows: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """Mean and standard deviation of top-1, mean seconds."""
+    accs = [r["top1"] for r in rows]
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return statistics.mean(accs), std, statistics.mean(r["seconds"] for r in rows)
+
+
+def _key(domain: str, bits: str, method: str, iters: int) -> str:
+    """Where ``results`` keeps the runs of one setting (reconstruction runs per steps per unit)."""
+    return f"{domain}/{bits}/{method}" + ("" if method == "calibration" else f"@{iters}")
+
+
+def print_table(results: dict[str, Any], bits: str, iters: int) -> None:
+    """The markdown table of every domain and method in ``results`` at ``bits`` and ``iters`` steps per
+    unit, with the out-of-domain drop."""
+    print("| calibration data | method | top-1 (%) mean ± std | runs | seconds per run |")
+    print("|---|---|---|---|---|")
+    if "fp" in results:
+        print(f"| - | FP | {results['fp'][0]['top1']:.2f} | 1 | - |")
+    for domain in ("in", "out"):
+        for method in ("calibration", "mse", "fisher_dplr"):
+            rows = results.get(_key(domain, bits, method, iters))
+            if rows:
+                mean, std, secs = summary(rows)
+                name = {"calibration": "calibration only", "fisher_dplr": "`fisher_dplr` (default)"}
+                label = name.get(method, f"`{method}`")
+                print(f"| {domain} | {label} | {mean:.2f} ± {std:.2f} | {len(rows)} | {secs:.0f} |")
+    drops = []
+    for method in ("calibration", "mse", "fisher_dplr"):
+        rows_in = results.get(_key("in", bits, method, iters))
+        rows_out = results.get(_key("out", bits, method, iters))
+        if rows_in and rows_out:
+            drops.append(f"{method} {summary(rows_out)[0] - summary(rows_in)[0]:+.2f}")
+    if drops:
+        print(f"\nout-of-domain minus in-domain (points of top-1): {', '.join(drops)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="proxy config (bits, steps)")
+    parser.add_argument("--calib-domain", choices=["in", "out"], default="in")
+    parser.add_argument("--methods", nargs="+", default=["mse", "fisher_dplr"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iters", type=int, default=None, help="steps per unit (default: the config's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="lightning_logs/bench_proxy.json")
+    parser.add_argument("--report", nargs="+", help="only print the table of these result files")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = read_config(args.config)
+    iters = args.iters if args.iters is not None else cfg["iters"]
+    bits = f"W{cfg['w_bits']}A{cfg['a_bits']}"
+    if args.report:
+        merged: dict[str, Any] = {}
+        for path in args.report:
+            merged.update(load_results(path))
+        print_table(merged, bits, iters)
+        return
+    results = load_results(args.out)
+    val = ProxyDataModule()
+    xv, yv = val.val_tensors()
+    calib, recon_images = calib_sets(args.calib_domain, cfg["calib_size"], cfg["recon_size"])
+    fp = create_fp_model(cfg["arch"], resolve_checkpoint(cfg["checkpoint"]), model_kwargs=cfg["model_kwargs"])
+    if "fp" not in results:
+        results["fp"] = [{"top1": top1(fp, xv, yv), "seconds": 0.0}]
+        save_results(args.out, results)
+    calibrated = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=cfg["w_bits"], a_bits=cfg["a_bits"]))
+    t0 = time.perf_counter()
+    calibrate_model(calibrated, calib, CalibConfig(), progress=False)
+    row = {"top1": top1(calibrated, xv, yv), "seconds": time.perf_counter() - t0}
+    results[f"{args.calib_domain}/{bits}/calibration"] = [row]
+    save_results(args.out, results)
+    print(f"{args.calib_domain}/{bits} calibration: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s")
+    for method in args.methods:
+        key = _key(args.calib_domain, bits, method, iters)
+        done = {r["seed"] for r in results.get(key, [])}
+        for seed in (s for s in args.seeds if s not in done):
+            model = copy.deepcopy(calibrated)
+            recon_cfg = ReconConfig(iters=iters, loss=method, seed=seed)
+            fisher_cfg = FisherConfig(num_samples=cfg["fisher_samples"])
+            report = reconstruct_model(model, recon_images, recon_cfg, fisher_cfg, progress=False)
+            row = {"seed": seed, "top1": top1(model, xv, yv), "seconds": report.total_seconds}
+            results.setdefault(key, []).append(row)
+            save_results(args.out, results)
+            print(f"{key} seed {seed}: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s", flush=True)
+    print(
+        f"\n{machine_line()}; {bits}, {iters} steps per unit, {cfg['fisher_samples']} Fisher images, "
+        f"{len(xv)} validation images (one = {100 / len(xv):.2f} points)"
+    )
+    print_table(results, bits, iters)
+
+
+if __name__ == "__main__":
+    main()
