@@ -1,5 +1,7 @@
 """The harder proxy (digits composited on photos, 6-block DeiT): FP vs calibration only vs mse vs
-fisher_dplr reconstruction, several seeds each, top-1 on the proxy's validation images and wall time.
+fisher_dplr reconstruction, and the options beyond FIMA-Q (``--methods fisher_dplr+rotation
+global_local fisher_dplr+ste ...``), several seeds each, top-1 on the proxy's validation images and
+wall time.
 
 ``--calib-domain in`` calibrates and reconstructs on the proxy's own training images (the config's
 calibration and reconstruction sets). ``--calib-domain out`` uses images of another distribution
@@ -85,7 +87,7 @@ def summary(rows: list[dict[str, Any]]) -> tuple[float, float, float]:
 
 def _key(domain: str, bits: str, method: str, iters: int) -> str:
     """Where ``results`` keeps the runs of one setting (reconstruction runs per steps per unit)."""
-    return f"{domain}/{bits}/{method}" + ("" if method == "calibration" else f"@{iters}")
+    return f"{domain}/{bits}/{method}" + ("" if method.startswith("calibration") else f"@{iters}")
 
 
 def print_table(results: dict[str, Any], bits: str, iters: int) -> None:
@@ -95,8 +97,13 @@ def print_table(results: dict[str, Any], bits: str, iters: int) -> None:
     print("|---|---|---|---|---|")
     if "fp" in results:
         print(f"| - | FP | {results['fp'][0]['top1']:.2f} | 1 | - |")
+    methods = ["calibration", "calibration+rotation", "mse", "fisher_dplr"]
+    for key in results:  # the options' rows after the baselines, in the order they were run
+        method = key.split("/")[-1].split("@")[0]
+        if "/" in key and method not in methods:
+            methods.append(method)
     for domain in ("in", "out"):
-        for method in ("calibration", "mse", "fisher_dplr"):
+        for method in methods:
             rows = results.get(_key(domain, bits, method, iters))
             if rows:
                 mean, std, secs = summary(rows)
@@ -104,7 +111,7 @@ def print_table(results: dict[str, Any], bits: str, iters: int) -> None:
                 label = name.get(method, f"`{method}`")
                 print(f"| {domain} | {label} | {mean:.2f} ± {std:.2f} | {len(rows)} | {secs:.0f} |")
     drops = []
-    for method in ("calibration", "mse", "fisher_dplr"):
+    for method in methods:
         rows_in = results.get(_key("in", bits, method, iters))
         rows_out = results.get(_key("out", bits, method, iters))
         if rows_in and rows_out:
@@ -117,7 +124,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="proxy config (bits, steps)")
     parser.add_argument("--calib-domain", choices=["in", "out"], default="in")
-    parser.add_argument("--methods", nargs="+", default=["mse", "fisher_dplr"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["mse", "fisher_dplr"],
+        help="recon losses, each optionally with +rotation (quant.rotation hadamard) and +ste "
+        "(recon.rounding ste), e.g. fisher_dplr+rotation global_local+rotation+ste",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=None, help="steps per unit (default: the config's)")
     parser.add_argument("--threads", type=int, default=2)
@@ -143,19 +156,33 @@ def main() -> None:
     if "fp" not in results:
         results["fp"] = [{"top1": top1(fp, xv, yv), "seconds": 0.0}]
         save_results(args.out, results)
-    calibrated = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=cfg["w_bits"], a_bits=cfg["a_bits"]))
-    t0 = time.perf_counter()
-    calibrate_model(calibrated, calib, CalibConfig(), progress=False)
-    row = {"top1": top1(calibrated, xv, yv), "seconds": time.perf_counter() - t0}
-    results[f"{args.calib_domain}/{bits}/calibration"] = [row]
-    save_results(args.out, results)
-    print(f"{args.calib_domain}/{bits} calibration: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s")
+    calibrated: dict[str, torch.nn.Module] = {}
+
+    def calibrated_model(rotation: str) -> torch.nn.Module:
+        """Calibrated once per rotation (calibration is deterministic)."""
+        if rotation not in calibrated:
+            spec = QuantSpec(w_bits=cfg["w_bits"], a_bits=cfg["a_bits"], rotation=rotation)
+            net = quantize_model(copy.deepcopy(fp), spec)
+            t0 = time.perf_counter()
+            calibrate_model(net, calib, CalibConfig(), progress=False)
+            row = {"top1": top1(net, xv, yv), "seconds": time.perf_counter() - t0}
+            name = "calibration" + ("+rotation" if rotation != "none" else "")
+            results[f"{args.calib_domain}/{bits}/{name}"] = [row]
+            save_results(args.out, results)
+            print(f"{args.calib_domain}/{bits} {name}: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s")
+            calibrated[rotation] = net
+        return calibrated[rotation]
+
+    if not any("+rotation" in m for m in args.methods):
+        calibrated_model("none")
     for method in args.methods:
+        loss, *options = method.split("+")
         key = _key(args.calib_domain, bits, method, iters)
         done = {r["seed"] for r in results.get(key, [])}
         for seed in (s for s in args.seeds if s not in done):
-            model = copy.deepcopy(calibrated)
-            recon_cfg = ReconConfig(iters=iters, loss=method, seed=seed)
+            model = copy.deepcopy(calibrated_model("hadamard" if "rotation" in options else "none"))
+            rounding = "ste" if "ste" in options else "adaround"
+            recon_cfg = ReconConfig(iters=iters, loss=loss, seed=seed, rounding=rounding)
             fisher_cfg = FisherConfig(num_samples=cfg["fisher_samples"])
             report = reconstruct_model(model, recon_images, recon_cfg, fisher_cfg, progress=False)
             row = {"seed": seed, "top1": top1(model, xv, yv), "seconds": report.total_seconds}
