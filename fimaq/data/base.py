@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 from fimaq.errors import FimaqError
 
@@ -37,3 +39,52 @@ class PTQDataModule(L.LightningDataModule):
         """Reconstruction images (already transformed) and labels; the first rows are the calibration
         images."""
         raise NotImplementedError
+
+
+class InMemoryDataModule(PTQDataModule):
+    """A :class:`PTQDataModule` whose splits are in-memory tensors: the loaders of every split.
+
+    Subclasses set ``batch_size``, ``val_batch_size``, ``num_workers`` and ``seed`` and implement
+    ``train_tensors``, ``val_tensors``, ``calibration_tensors`` and ``reconstruction_tensors``.
+    """
+
+    batch_size: int
+    val_batch_size: int
+    num_workers: int
+    seed: int
+
+    def train_tensors(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def val_tensors(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _loader(self, tensors: tuple[Tensor, Tensor], batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            TensorDataset(*tensors),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) loader over the training split, for training the float model."""
+        return self._loader(self.train_tensors(), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Loader over the validation images, in fixed order."""
+        return self._loader(self.val_tensors(), self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Same as :meth:`val_dataloader` (there is no separate test split)."""
+        return self.val_dataloader()
+
+    def calib_dataloader(self) -> DataLoader:
+        """Loader over the calibration set, not shuffled."""
+        return self._loader(self.calibration_tensors(), self.batch_size, shuffle=False)
+
+    def recon_dataloader(self) -> DataLoader:
+        """Loader over the reconstruction set, not shuffled."""
+        return self._loader(self.reconstruction_tensors(), self.batch_size, shuffle=False)

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
-from fimaq.data.base import PTQDataModule
+from fimaq.data.base import InMemoryDataModule
 from fimaq.errors import FimaqError, require_int
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def _prepare_images(images: np.ndarray, img_size: int, in_chans: int) -> Tensor:
     return x.contiguous().to(torch.float32)
 
 
-class DigitsDataModule(PTQDataModule):
+class DigitsDataModule(InMemoryDataModule):
     """Lightning data module over scikit-learn's ``load_digits`` (1347 train / 450 val images).
 
     Calibration and reconstruction sets are drawn from the training split with one seeded
@@ -170,16 +169,6 @@ class DigitsDataModule(PTQDataModule):
         assert self._calib is not None and self._recon is not None
         return self._train, self._val, self._calib, self._recon
 
-    def _loader(self, tensors: tuple[Tensor, Tensor], batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            TensorDataset(*tensors),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-        )
-
     def train_tensors(self) -> tuple[Tensor, Tensor]:
         """Return the full training split (images, labels) in split order."""
         return self._built()[0]
@@ -195,23 +184,3 @@ class DigitsDataModule(PTQDataModule):
     def reconstruction_tensors(self) -> tuple[Tensor, Tensor]:
         """Return the reconstruction images and labels in permutation order."""
         return self._built()[3]
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) loader over the training split, for training the float model."""
-        return self._loader(self.train_tensors(), self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Loader over the 450 validation images, in fixed order."""
-        return self._loader(self.val_tensors(), self.val_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Same as :meth:`val_dataloader` (digits has no separate test split)."""
-        return self.val_dataloader()
-
-    def calib_dataloader(self) -> DataLoader:
-        """Loader over the calibration set, not shuffled."""
-        return self._loader(self.calibration_tensors(), self.batch_size, shuffle=False)
-
-    def recon_dataloader(self) -> DataLoader:
-        """Loader over the reconstruction set, not shuffled."""
-        return self._loader(self.reconstruction_tensors(), self.batch_size, shuffle=False)

@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
-from fimaq.data.base import PTQDataModule
+from fimaq.data.base import InMemoryDataModule
 from fimaq.data.digits import NUM_CLASSES, NUM_TRAIN, SPLIT_SEED, TEST_FRACTION
 from fimaq.errors import FimaqError, require_int
 
@@ -197,7 +196,7 @@ def composite(
     return ((x - 0.5) / 0.5).contiguous(), boxes
 
 
-class ProxyDataModule(PTQDataModule):
+class ProxyDataModule(InMemoryDataModule):
     """Lightning data module over the composited digits (1347 train / ``450 * val_copies`` val images).
 
     Same interface as :class:`~fimaq.data.DigitsDataModule`: calibration and reconstruction sets are
@@ -341,16 +340,6 @@ class ProxyDataModule(PTQDataModule):
             raise FimaqError(f"split must be 'train' or 'val', got {split!r}")
         return self._boxes[split]
 
-    def _loader(self, tensors: tuple[Tensor, Tensor], batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            TensorDataset(*tensors),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-        )
-
     def train_tensors(self) -> tuple[Tensor, Tensor]:
         """Return the training split (images, labels) in split order."""
         return self._set("train")
@@ -366,23 +355,3 @@ class ProxyDataModule(PTQDataModule):
     def reconstruction_tensors(self) -> tuple[Tensor, Tensor]:
         """Return the reconstruction images and labels in permutation order."""
         return self._set("recon")
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) loader over the training split."""
-        return self._loader(self.train_tensors(), self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Loader over the validation images, in fixed order."""
-        return self._loader(self.val_tensors(), self.val_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Same as :meth:`val_dataloader` (there is no separate test split)."""
-        return self.val_dataloader()
-
-    def calib_dataloader(self) -> DataLoader:
-        """Loader over the calibration set, not shuffled."""
-        return self._loader(self.calibration_tensors(), self.batch_size, shuffle=False)
-
-    def recon_dataloader(self) -> DataLoader:
-        """Loader over the reconstruction set, not shuffled."""
-        return self._loader(self.reconstruction_tensors(), self.batch_size, shuffle=False)
