@@ -22,6 +22,7 @@ from fimaq.quant.adaround import (
 from fimaq.quant.fake_quant import fake_quant
 from fimaq.quant.quantizer import UniformQuantizer
 from fimaq.quant.ste import bernoulli_mask, compiled_kernel, fake_quant_ste
+from fimaq.recon.batches import BatchMasks
 from fimaq.recon.losses import (
     FisherStats,
     ReconObjective,
@@ -124,6 +125,27 @@ def test_fused_ste_matches_autograd_of_the_composed_ops(with_mask, shapes):
     gx, gs = torch.autograd.grad((out * upstream).sum(), [x, s])
     assert torch.equal(out, ref)
     assert torch.allclose(gx, gx_ref, atol=1e-6) and torch.allclose(gs, gs_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("qdrop", [None, 0.5])
+def test_training_quantizer_without_autograd_gives_the_same_values_and_draws(qdrop):
+    """Inside a Fisher refresh the unit runs without autograd: the same output bit for bit from the
+    same QDrop draws, without the derivative buffers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, 6, generator=g) * 3
+    q = UniformQuantizer(3, (1, 1, 1), (1,))
+    q.set_qparams(torch.tensor(0.4), torch.tensor(3.0))
+    outs = []
+    for grad in (True, False):
+        masks = BatchMasks(torch.Generator().manual_seed(5))
+        set_quant_mode(q, enabled=True, train=True, qdrop=qdrop, masks=masks)
+        with torch.set_grad_enabled(grad):
+            outs.append(q(x))
+        outs.append(torch.rand(1, generator=masks.generator))  # the generator advanced equally
+    assert outs[0].requires_grad and not outs[2].requires_grad
+    assert torch.equal(outs[0].detach(), outs[2]) and torch.equal(outs[1], outs[3])
+    quantized = fake_quant(x, q.scale, q.zero_point, 3)
+    assert (outs[2] == quantized).all() if qdrop is None else (outs[2] != quantized).any()
 
 
 def test_compiled_ste_kernel_gives_the_eager_values():
@@ -441,3 +463,72 @@ def test_units_of_swin_and_distilled_deit_reconstruct():
 def test_a_grid_too_small_for_the_zero_points_is_refused():
     with pytest.raises(FimaqError, match="calibration eq_n must be an integer >= 16"):
         CalibConfig(eq_n=8).validate()
+
+
+def _calibrated_swin():
+    from fimaq.calib import calibrate_model
+    from fimaq.models.swap import quantize_model
+
+    net = quantize_model(tiny_model("swin"), QuantSpec(w_bits=3, a_bits=3))
+    images = torch.randn(24, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    calibrate_model(net, images[:8], CalibConfig(num_images=8, eq_n=16, search_rounds=1), progress=False)
+    return net, images
+
+
+@pytest.mark.parametrize(("which", "index"), [("vit", 2), ("swin", 4)])
+def test_refresh_from_the_cached_input_equals_the_whole_model_and_skips_earlier_units(which, index):
+    """blocks.1 of the ViT; layers.1.blocks.0 of the Swin (after a patch merging)."""
+    from fimaq.recon import recon_units
+    from fimaq.recon.batches import BatchMasks
+    from fimaq.recon.cache import capture_unit, soft_targets
+    from fimaq.recon.fisher import FisherEstimator
+
+    net, images = _calibrated_tiny() if which == "vit" else _calibrated_swin()
+    units = recon_units(net)
+    unit, before = units[index], [u.module for u in units[:index]]
+    cfg = FisherConfig(rank=2, batch_size=8)
+    with torch.no_grad():
+        set_quant_mode(net, enabled=False)
+        targets = soft_targets(net, images, cfg.temperature, cfg.batch_size)
+        x_fp, y_fp = capture_unit(net, unit, images, 8, True, torch.device("cpu"), torch.float32)
+    calls = []
+    inner = next(iter(before[-1].children()))  # part of the last earlier unit
+    inner.register_forward_pre_hook(lambda *_: calls.append(1))
+    rows, ran = {}, {}
+    for shortcut in (False, True):
+        masks = BatchMasks(torch.Generator().manual_seed(3))  # the same QDrop draws both times
+        set_quant_mode(net, only=[unit.module], train=True, qdrop=0.5, masks=masks)
+        est = FisherEstimator(net, images, targets, cfg)
+        if shortcut:
+            est.start(unit, y_fp, masks, x_in=x_fp, before=before)
+            assert est.shortcut is not None
+        else:
+            est.start(unit, y_fp, masks)
+        calls.clear()
+        est.refresh()
+        stats = est.refresh()
+        rows[shortcut], ran[shortcut] = (stats.G, stats.Delta), len(calls)
+    assert ran == {False: 2 * images.shape[0] // 8, True: 0}  # earlier units skipped
+    for a, b in zip(rows[False], rows[True], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_a_cached_input_that_does_not_match_the_model_is_not_used():
+    from fimaq.recon import recon_units
+    from fimaq.recon.cache import capture_unit, soft_targets
+    from fimaq.recon.fisher import FisherEstimator
+
+    net, images = _calibrated_tiny()
+    units = recon_units(net)
+    unit = units[2]
+    cfg = FisherConfig(rank=1, batch_size=16)
+    set_quant_mode(net, enabled=False)
+    targets = soft_targets(net, images, cfg.temperature, cfg.batch_size)
+    x_fp, y_fp = capture_unit(net, unit, images, 16, True, torch.device("cpu"), torch.float32)
+    est = FisherEstimator(net, images, targets, cfg)
+    est.start(unit, y_fp, x_in=x_fp * 1.1, before=[u.module for u in units[:2]])
+    assert est.shortcut is None
+    set_quant_mode(net, only=[unit.module])
+    reference = FisherEstimator(net, images, targets, cfg)
+    reference.start(unit, y_fp)
+    torch.testing.assert_close(est.refresh().G, reference.refresh().G)

@@ -72,4 +72,9 @@ class UniformQuantizer(nn.Module):
         keep = None
         if self.qdrop is not None and self.qdrop < 1:
             keep = self.masks(xf.shape, self.qdrop, xf.device, mask_dtype(xf.dtype))
+        if not torch.is_grad_enabled():  # the same values without the derivatives (a Fisher refresh)
+            out = fake_quant(xf, scale, self.zero_point, self.bits)
+            if keep is not None:
+                out = torch.lerp(xf, out, keep.to(xf.dtype), out=out)
+            return out.to(x.dtype)
         return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep).to(x.dtype)

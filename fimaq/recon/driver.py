@@ -315,7 +315,8 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         use_fisher = fisher is not None and cfg.loss in ("fisher_diag", "fisher_lr", "fisher_dplr")
         use_fisher = use_fisher and not unit.is_head
         if use_fisher:
-            fisher.start(unit, y_fp, masks)
+            # earlier units are float during refreshes: their output is the cached float input
+            fisher.start(unit, y_fp, masks, x_in=x_fp, before=[u.module for u in ctx.units[:i]])
         rest = None
         if ctx.features is not None and not unit.is_head:
             rest = (suffix(net, unit), ctx.features)

@@ -59,6 +59,16 @@ def unit_hook(module: nn.Module, hook) -> Iterator[None]:
         handle.remove()
 
 
+@contextmanager
+def unit_pre_hook(module: nn.Module, hook) -> Iterator[None]:
+    """Attach a forward pre-hook for the duration of the block."""
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def first_tensor(args: tuple) -> torch.Tensor:
     for a in args:
         if isinstance(a, torch.Tensor):
