@@ -47,8 +47,11 @@ def centered_codes(
     zero_point = zero_point.detach()
     if out is None:
         return clamp_centered(torch.round(x / scale), zero_point, bits)
-    t = torch.div(x, scale, out=out)
-    return t.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point)
+    t = torch.div(x, scale, out=out).round_()
+    if zero_point.numel() == 1 and zero_point.device.type == "cpu":  # one pass against plain numbers
+        z = float(zero_point.reshape(()))
+        return t.clamp_(-z, 2**bits - 1 - z)
+    return t.add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:

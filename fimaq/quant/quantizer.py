@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fimaq.errors import FimaqError
-from fimaq.quant.fake_quant import fake_quant
+from fimaq.quant.fake_quant import broadcast_buffer, fake_quant
 from fimaq.quant.ste import fake_quant_ste, mask_dtype
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -67,13 +67,15 @@ class UniformQuantizer(nn.Module):
         # float32 arithmetic whatever the input (autocast hands bf16/fp16 activations over)
         xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
         scale = self.scale.to(xf.dtype) if xf.dtype != self.scale.dtype else self.scale
+        grad = torch.is_grad_enabled()
+        buffer = None if grad else broadcast_buffer(xf, scale, self.zero_point)  # in-place passes
         if not self.ste:
-            return fake_quant(xf, scale, self.zero_point, self.bits).to(x.dtype)
+            return fake_quant(xf, scale, self.zero_point, self.bits, out=buffer).to(x.dtype)
         keep = None
         if self.qdrop is not None and self.qdrop < 1:
             keep = self.masks(xf.shape, self.qdrop, xf.device, mask_dtype(xf.dtype))
-        if not torch.is_grad_enabled():  # the same values without the derivatives (a Fisher refresh)
-            out = fake_quant(xf, scale, self.zero_point, self.bits)
+        if buffer is not None:  # the same values without the derivatives (a Fisher refresh)
+            out = fake_quant(xf, scale, self.zero_point, self.bits, out=buffer)
             if keep is not None:
                 out = torch.lerp(xf, out, keep.to(xf.dtype), out=out)
             return out.to(x.dtype)
