@@ -19,7 +19,7 @@ from fimaq.layers.mode import quant_mode
 from fimaq.parallel import Ranks
 from fimaq.recon.batches import BatchMasks, LocalBatch, local_batch, whole_batch
 from fimaq.recon.losses import FisherStats, inverse_gram
-from fimaq.recon.units import StopForward, Unit, first_tensor, unit_hook, unit_pre_hook
+from fimaq.recon.units import StopForward, Unit, first_tensor, unit_hook
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class FisherEstimator:
         with (
             torch.enable_grad(),  # (restores the caller's mode on the way out, whatever happened)
             unit_hook(self.unit.module, hook),
-            unit_pre_hook(self.unit.module, enter),
+            unit_hook(self.unit.module, enter, pre=True),
             masks,
             autocast(self.precision, device),
         ):

@@ -50,19 +50,9 @@ class StopForward(Exception):
 
 
 @contextmanager
-def unit_hook(module: nn.Module, hook) -> Iterator[None]:
-    """Attach a forward hook for the duration of the block."""
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def unit_pre_hook(module: nn.Module, hook) -> Iterator[None]:
-    """Attach a forward pre-hook for the duration of the block."""
-    handle = module.register_forward_pre_hook(hook)
+def unit_hook(module: nn.Module, hook, pre: bool = False) -> Iterator[None]:
+    """Attach a forward hook (``pre``: a forward pre-hook) for the duration of the block."""
+    handle = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
     try:
         yield
     finally:
