@@ -33,18 +33,27 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from _training import (
+    REPO_ROOT,
+    Recipe,
+    add_recipe_args,
+    check_out_path,
+    command_line,
+    elapsed,
+    ensure_repo_importable,
+    evaluate,
+    save_checkpoint,
+    seed_everything,
+    write_card,
+)
+from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ARCH = "deit_tiny_patch16_224"
 MODEL_KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 4, "depth": 6, "num_classes": 10}
 DEFAULT_OUT = REPO_ROOT / "fimaq" / "assets" / "proxy_deit.safetensors"
@@ -66,13 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30, help="training epochs (one rendering each)")
     parser.add_argument("--eval-every", type=int, default=5, help="validate every this many epochs")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .safetensors path")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the init, the shuffle and dropout")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    add_recipe_args(parser, DEFAULT_OUT)
     parser.add_argument(
         "--clutter-start", type=float, default=0.1, help="background texture scale at epoch 1"
     )
@@ -86,32 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--init", default=DEFAULT_INIT, help="checkpoint of the 4-block digits DeiT to start from, or 'none'"
     )
     return parser.parse_args(argv)
-
-
-def _ensure_repo_importable() -> None:
-    """Let the script run from a source checkout without installing the package."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split parameters into a decayed group (weight matrices) and an undecayed one.
-
-    Biases, norm weights, the position embedding and the class token are not decayed.
-
-    Args:
-        model: The model to optimise.
-        weight_decay: Decay of the weight-matrix group.
-
-    Returns:
-        Parameter groups for ``torch.optim.AdamW``.
-    """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
-        plain_weight = param.ndim > 1 and "pos_embed" not in name and "token" not in name
-        (decay if plain_weight else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -143,29 +120,6 @@ def warm_start(model: nn.Module, checkpoint: str) -> None:
     )
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent of ``model`` on a tensor data set.
-
-    Args:
-        model: Classifier returning logits.
-        images: Input batch of shape ``(N, C, H, W)``.
-        labels: Integer class labels of shape ``(N,)``.
-        batch_size: Evaluation chunk size.
-
-    Returns:
-        Top-1 accuracy in ``[0, 100]``.
-    """
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = model(images[start : start + batch_size])
-        correct += int((logits.argmax(dim=1) == labels[start : start + batch_size]).sum())
-    model.train(was_training)
-    return 100.0 * correct / len(images)
-
-
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train the model, write the safetensors file and its JSON card.
 
@@ -175,22 +129,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     Returns:
         The JSON card that was written.
     """
-    _ensure_repo_importable()
+    ensure_repo_importable()
     import fimaq  # noqa: F401  (torchvision shim before timm)
     from fimaq.data import ProxyDataModule
     from fimaq.errors import FimaqError
-    from fimaq.files import atomic_write_bytes
     from fimaq.models import create_fp_model
 
     if args.epochs < 1 or args.eval_every < 1:
         raise FimaqError(
             f"--epochs and --eval-every must be at least 1, got {args.epochs}, {args.eval_every}"
         )
-    if args.out.suffix != ".safetensors":
-        raise FimaqError(f"--out must end in .safetensors, got {args.out}")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    check_out_path(args.out)
+    seed_everything(args)
 
     dm = ProxyDataModule()
     dm.setup()
@@ -203,12 +153,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s %s: %.2fM parameters", ARCH, MODEL_KWARGS, n_params / 1e6)
 
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
-    steps_per_epoch = (num_train + args.batch_size - 1) // args.batch_size
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    recipe = Recipe(model, args, num_train, args.epochs)
     shuffle_gen = torch.Generator().manual_seed(args.seed)
     ramp = max(1.0, args.clutter_epochs * args.epochs)
 
@@ -219,45 +164,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         clutter = min(1.0, args.clutter_start + (1.0 - args.clutter_start) * (epoch - 1) / ramp)
         train_x, train_y = dm.render_train(render_seed(args.seed, epoch), clutter)
         order = torch.randperm(num_train, generator=shuffle_gen)
-        total_loss, seen = 0.0, 0
-        for step in range(steps_per_epoch):
-            idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            logits = model(train_x[idx])
-            loss = criterion(logits, train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(idx)
-            seen += len(idx)
+        loss = recipe.epoch(train_x, train_y, order)
         shown = ""
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             val_top1 = evaluate(model, val_x, val_y)
             shown = f"  val top-1 {val_top1:.2f}%"
         print(
-            f"epoch {epoch:3d}/{args.epochs}  clutter {clutter:.2f}  loss {total_loss / seen:.4f}{shown}  "
-            f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - start_time:.0f}s",
+            f"epoch {epoch:3d}/{args.epochs}  clutter {clutter:.2f}  loss {loss:.4f}{shown}  "
+            f"lr {recipe.lr:.2e}  {elapsed(start_time):.0f}s",
             flush=True,
         )
-    train_seconds = time.perf_counter() - start_time
+    train_seconds = elapsed(start_time)
 
-    model.eval()
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    meta = {"arch": ARCH, "model_kwargs": json.dumps(MODEL_KWARGS)}
-    atomic_write_bytes(args.out, lambda tmp: save_file(state, tmp, metadata=meta))
-
-    reloaded = create_fp_model(ARCH, str(args.out), model_kwargs=MODEL_KWARGS)
-    check_top1 = evaluate(reloaded, val_x, val_y)
-    if abs(check_top1 - val_top1) > 1e-9:
-        raise FimaqError(f"reloaded checkpoint scores {check_top1:.2f}% instead of {val_top1:.2f}%")
-
-    command = "PYTHONPATH=. python " + " ".join(
-        shlex.quote(a) for a in [_relative(sys.argv[0]), *sys.argv[1:]]
-    )
+    save_checkpoint(model, args.out, ARCH, MODEL_KWARGS, (val_x, val_y), val_top1)
     card = {
         "arch": ARCH,
         "model_kwargs": MODEL_KWARGS,
@@ -266,39 +185,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "init": args.init,
         "curriculum": {"clutter_start": args.clutter_start, "clutter_epochs": args.clutter_epochs},
-        "command": command,
+        "command": command_line(),
         "train_seconds": round(train_seconds, 1),
         "threads": args.threads,
-        "optimizer": {
-            "name": "AdamW",
-            "lr": args.lr,
-            "weight_decay": args.weight_decay,
-            "schedule": "OneCycleLR",
-            "batch_size": args.batch_size,
-            "label_smoothing": args.label_smoothing,
-        },
+        "optimizer": recipe.card(args),
         "data": (
             "fimaq.data.ProxyDataModule() defaults: the 1347 training digits rendered afresh each epoch "
             f"(render seed {render_seed(args.seed, 1)} + epoch - 1) / {len(val_y)} val images"
         ),
     }
-    card_path = args.out.with_suffix(".json")
-    text = json.dumps(card, indent=2) + "\n"
-    atomic_write_bytes(card_path, lambda tmp: Path(tmp).write_text(text))
-    print(f"wrote {args.out} and {card_path}: val top-1 {val_top1:.2f}%", flush=True)
+    write_card(args.out, card, val_top1)
     return card
 
 
 def render_seed(seed: int, epoch: int) -> int:
     """The rendering seed of an epoch (far from the data module's own rendering seeds)."""
     return 1000 * (seed + 1) + epoch
-
-
-def _relative(path: str) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return path
 
 
 def main(argv: list[str] | None = None) -> int:
