@@ -532,3 +532,28 @@ def test_a_cached_input_that_does_not_match_the_model_is_not_used():
     reference = FisherEstimator(net, images, targets, cfg)
     reference.start(unit, y_fp)
     torch.testing.assert_close(est.refresh().G, reference.refresh().G)
+
+
+@pytest.mark.parametrize("cols", [slice(None), slice(0, 4)], ids=["all_tokens", "cls_token"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_fused_dplr_terms_equal_the_composed_losses_and_their_gradient(rank, cols):
+    from fimaq.recon.losses import dplr_terms, flat_error
+
+    stats = _stats(rank, 12, cols, seed=rank)
+    g = torch.Generator().manual_seed(20 + rank)
+    target = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    pred = (target + 0.2 * torch.randn(5, 3, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    pred.data[0, 0, 0] = target[0, 0, 0]  # an exact zero error: |e| has gradient 0 there in both
+    w_low, w_diag = 0.7, 1.9
+    low, diag = dplr_terms(pred, target, stats)
+    (fused,) = torch.autograd.grad(w_low * low + w_diag * diag, pred)
+    e = flat_error(pred, target)
+    low_ref, diag_ref = lowrank_loss(e, stats), (e.pow(2) * stats.g_bar).mean()
+    (ref,) = torch.autograd.grad(w_low * low_ref + w_diag * diag_ref, pred)
+    torch.testing.assert_close(low, low_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(diag, diag_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-14)
+    # by hand: the diagonal term's gradient is 2 g_bar d / (B D) everywhere
+    (gd,) = torch.autograd.grad(dplr_terms(pred, target, stats)[1], pred)
+    by_hand = 2 * stats.g_bar.reshape(3, 4) * (pred - target) / pred.numel()
+    torch.testing.assert_close(gd, by_hand.detach(), rtol=1e-12, atol=0)
