@@ -53,6 +53,12 @@ class Ranks:
             raise FimaqError(
                 f"fimaq runs data parallel with --trainer.strategy ddp, not {type(trainer.strategy).__name__}"
             )
+        start = getattr(trainer.strategy, "_start_method", "popen")  # ddp_spawn/fork/notebook: not popen
+        if start != "popen":
+            raise FimaqError(
+                f"fimaq runs data parallel with strategy 'ddp' (every process runs the script), not a "
+                f"strategy that starts its processes by {start} (ddp_spawn, ddp_fork, ddp_notebook)"
+            )
         return cls.launch(
             trainer.strategy.root_device.type,
             trainer.num_devices,

@@ -87,6 +87,21 @@ def _fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_python_trainer_that_spawns_its_processes_is_refused_in_one_line(strategy):
+    """The command line refuses these strategies by name; a Trainer built in Python is refused too,
+    before any process starts."""
+    import lightning as L
+
+    from fimaq.errors import FimaqError
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False
+    )
+    with pytest.raises(FimaqError, match="not a strategy that starts its processes by"):
+        Ranks.of_trainer(trainer)
+
+
 def test_two_processes_match_one_process(tmp_path):
     """Same calibrated qparams and, up to float rounding, the same reconstruction (QDrop masks,
     Fisher refreshes and DPLR loss included) with 2 gloo processes as with 1 process."""
