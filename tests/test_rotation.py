@@ -107,3 +107,16 @@ def test_rotation_composes_with_the_mixed_precision_search():
     spec = QuantSpec(w_bits=3, a_bits=4, rotation="hadamard")
     plan = search_bit_plan(lambda: tiny_model("vit"), spec, images, cfg, calib, "tiny", {}, False)
     assert plan.average_w_bits <= 3.0 + 1e-9 and len(set(v["w_bits"] for v in plan.layers.values())) > 1
+
+
+def test_online_rotation_applies_a_block_diagonal_matrix_block_by_block():
+    q = block_hadamard(48, seed=3)  # 3 blocks of 16
+    rot = OnlineRotation(q)
+    assert rot.block == 16
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rot(x).double(), x.double() @ q, rtol=0, atol=1e-5)
+    dense = q.clone()
+    dense[0, 20] = 0.5  # no longer block-diagonal: one product of all columns
+    full = OnlineRotation(dense)
+    assert full.block == 48
+    torch.testing.assert_close(full(x).double(), x.double() @ dense, rtol=0, atol=1e-5)
