@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from fimaq.errors import FimaqError
+from fimaq.errors import FimaqError, require_int
 
 
 class PTQDataModule(L.LightningDataModule):
@@ -30,6 +30,29 @@ class PTQDataModule(L.LightningDataModule):
             raise FimaqError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
         self.arch = arch
         self.model_kwargs = dict(model_kwargs or {})
+
+    def _keep_settings(
+        self,
+        calib_size: int,
+        recon_size: int,
+        batch_size: int,
+        val_batch_size: int,
+        seed: int,
+        num_workers: int,
+        max_images: int | None = None,
+        note: str = "",
+    ) -> None:
+        """Check and keep the set sizes, batch sizes, seed and workers that fimaq's data modules take
+        (``max_images``: how many training images the calibration and reconstruction sets draw from,
+        ``note`` says which)."""
+        for name, value in (("calib_size", calib_size), ("recon_size", recon_size)):
+            require_int(name, value, 1, max_images, note=note)
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            require_int(name, value, 1)
+        require_int("num_workers", num_workers, 0)
+        self.calib_size, self.recon_size = calib_size, recon_size
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.seed, self.num_workers = seed, num_workers
 
     def calibration_tensors(self) -> tuple[Tensor, Tensor]:
         """Calibration images (already transformed) and labels."""

@@ -92,20 +92,13 @@ class DigitsDataModule(InMemoryDataModule):
         require_int("img_size", img_size, 8)
         if in_chans not in (1, 3):
             raise FimaqError(f"in_chans must be 1 or 3, got {in_chans!r}")
-        for name, value in (("calib_size", calib_size), ("recon_size", recon_size)):
-            require_int(name, value, 1, NUM_TRAIN, note=" (digits train split)")
-        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
-            require_int(name, value, 1)
-        require_int("num_workers", num_workers, 0)
+        split = " (digits train split)"
+        self._keep_settings(
+            calib_size, recon_size, batch_size, val_batch_size, seed, num_workers, NUM_TRAIN, split
+        )
         self.save_hyperparameters()
         self.img_size = img_size
         self.in_chans = in_chans
-        self.calib_size = calib_size
-        self.recon_size = recon_size
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
         self.num_classes = NUM_CLASSES
         self._train: tuple[Tensor, Tensor] | None = None
         self._val: tuple[Tensor, Tensor] | None = None

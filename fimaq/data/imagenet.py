@@ -146,14 +146,7 @@ class ImageNetDataModule(PTQDataModule):
             val_limit: Evaluate on a seeded subset of this many validation images (``None``: all).
         """
         super().__init__(arch, model_kwargs)
-        for name, value in (
-            ("calib_size", calib_size),
-            ("recon_size", recon_size),
-            ("batch_size", batch_size),
-            ("val_batch_size", val_batch_size),
-        ):
-            require_int(name, value, 1)
-        require_int("num_workers", num_workers, 0)
+        self._keep_settings(calib_size, recon_size, batch_size, val_batch_size, seed, num_workers)
         if val_limit is not None:
             require_int("val_limit", val_limit, 1, note=" or null")
         root_path = Path(root).expanduser()
@@ -166,12 +159,6 @@ class ImageNetDataModule(PTQDataModule):
             )
         self.save_hyperparameters()
         self.root = root_path
-        self.calib_size = calib_size
-        self.recon_size = recon_size
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
         self.val_limit = val_limit
         self.data_config = resolve_timm_data_config(arch, self.model_kwargs)
         self._train_set: Any = None
