@@ -60,8 +60,12 @@ def plain_step_seconds(net, unit, images, batch, repeats=20) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def refresh_seconds(net, unit, before, images, fcfg, bits_on: bool, shortcut: bool = True) -> float:
-    """One Fisher refresh over ``images``: with the unit quantized in training mode (QDrop) as during
+def refresh_seconds(
+    net, unit, before, images, fcfg, bits_on: bool, shortcut: bool = True
+) -> tuple[float, float]:
+    """One Fisher refresh over ``images`` and, of it, the seconds of its forward and backward passes
+    (the unit's forward, the rest of the model forward and back to the unit's output, batch by batch;
+    the remainder is the statistics): with the unit quantized in training mode (QDrop) as during
     reconstruction, or (``bits_on=False``) with every quantizer off, which is the float forward and
     backward that a refresh cannot do without. ``shortcut``: start at the unit from its cached input
     (as reconstruction does; ``before`` are the earlier units), else run the whole model."""
@@ -88,12 +92,23 @@ def refresh_seconds(net, unit, before, images, fcfg, bits_on: bool, shortcut: bo
     inverse = fisher_module.inverse_gram
     if not bits_on:  # all float: the output error is 0 and its Gram singular; its (tiny) inverse is skipped
         fisher_module.inverse_gram = lambda delta, ridge: (torch.eye(delta.shape[0], dtype=delta.dtype), 1.0)
+    passes = fisher._output_grads
+    spent = [0.0]
+
+    def timed(part):
+        t = time.perf_counter()
+        out = passes(part)
+        spent[0] += time.perf_counter() - t
+        return out
+
+    fisher._output_grads = timed
     try:
         with quant_mode(net, **(mode or {"enabled": False})):
             fisher.refresh()  # warm-up
+            spent[0] = 0.0
             t0 = time.perf_counter()
             fisher.refresh()
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, spent[0]
     finally:
         fisher_module.inverse_gram = inverse
         for layer, base in bases:
@@ -141,9 +156,9 @@ def main() -> None:
     refresh_images = images[: args.fisher_samples] if args.fisher_samples else images
     fcfg_one = FisherConfig(rank=args.rank, num_samples=args.fisher_samples)
     with compiled_kernel(args.compile):  # (also compiles the kernel before the timed steps)
-        refresh_q = refresh_seconds(net, unit, before, refresh_images, fcfg_one, True)
-        refresh_whole = refresh_seconds(net, unit, before, refresh_images, fcfg_one, True, shortcut=False)
-    refresh_fp = refresh_seconds(net, unit, before, refresh_images, fcfg_one, False)
+        refresh_q, passes_q = refresh_seconds(net, unit, before, refresh_images, fcfg_one, True)
+        refresh_whole, _ = refresh_seconds(net, unit, before, refresh_images, fcfg_one, True, shortcut=False)
+    refresh_fp, _ = refresh_seconds(net, unit, before, refresh_images, fcfg_one, False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     cfg = ReconConfig(iters=args.iters, loss=args.loss, compile=args.compile)
@@ -167,6 +182,10 @@ def main() -> None:
     print(
         f"| one refresh over {n_ref} images: unit quantized (QDrop) / the same passes in float | "
         f"{refresh_q:.2f} s / {refresh_fp:.2f} s = {refresh_q / refresh_fp:.2f} |"
+    )
+    print(
+        f"| of which its forward+backward passes / the statistics | {passes_q:.2f} s / "
+        f"{refresh_q - passes_q:.3f} s (refresh / passes {refresh_q / passes_q:.3f}) |"
     )
     print(
         f"| the same refresh running the whole model (earlier units too) | {refresh_whole:.2f} s "
