@@ -120,6 +120,16 @@ class FimaqCLI(LightningCLI):
                 init_args=Namespace(save_dir=str(root), name="", version=version, default_hp_metric=False),
             )
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        """As Lightning's, and the list of subcommands in ``--help`` shows fimaq's one-line description
+        of ``fit`` and ``validate`` (Lightning lists its Trainer methods' docstrings)."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        action = getattr(self.parser, "_subcommands_action", None)
+        for choice in getattr(action, "_choices_actions", []):
+            description = subparser_kwargs.get(choice.dest, {}).get("description")
+            if description:
+                choice.help = description
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--validate_fp",

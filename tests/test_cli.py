@@ -276,7 +276,12 @@ def test_help_describes_fimaq_and_offers_no_optimizer(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
-    assert "fimaq: post-training quantization of timm ViT/DeiT/Swin" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fimaq: post-training quantization of timm ViT/DeiT/Swin" in out
+    listing = " ".join(out.split("Available subcommands:")[1].split())  # the lines re-wrapped
+    assert "fit The whole PTQ: calibrate, reconstruct every unit" in listing
+    assert "validate Top-1/top-5 of the model" in listing
+    assert "Runs the full optimization routine" not in out  # Lightning's Trainer.fit docstring
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     out = capsys.readouterr().out
