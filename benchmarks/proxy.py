@@ -39,7 +39,7 @@ from fimaq.models.swap import quantize_model
 from fimaq.recon import reconstruct_model
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "proxy" / "w3a3.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "proxy" / "w2a3.yaml"
 
 
 def read_config(path: Path) -> dict[str, Any]:

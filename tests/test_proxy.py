@@ -23,7 +23,7 @@ from fimaq.recon import reconstruct_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(fimaq.__file__).resolve().parent / "assets"
-CONFIG = ROOT / "configs" / "proxy" / "w3a3.yaml"
+CONFIG = ROOT / "configs" / "proxy" / "w2a3.yaml"
 ARCH = "deit_tiny_patch16_224"
 KWARGS = {"img_size": 32, "patch_size": 4, "depth": 6, "num_classes": 10}
 FP_FLOOR = 50.0  # top-1 (%) of the shipped model on the first 300 validation images; measured 57.0
@@ -162,7 +162,7 @@ def test_proxy_calibration_and_reconstruction_run(proxy: ProxyDataModule, fp_mod
     with torch.no_grad():
         logits = model.eval()(x[:200])
     assert torch.isfinite(logits).all()
-    assert _top1(model, x[:200], y[:200]) > 25.0  # measured 34.5
+    assert _top1(model, x[:200], y[:200]) > 18.0  # measured 26.0 at W2/A3 (chance: 10)
 
 
 def test_proxy_clutter_scales_the_background_texture() -> None:
