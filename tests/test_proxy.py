@@ -124,11 +124,12 @@ def test_proxy_bad_args(kwargs: dict, match: str) -> None:
 # ----------------------------------------------------------------------------------------------- model
 
 
-def test_proxy_model_card_and_config_agree() -> None:
+@pytest.mark.parametrize("config", [CONFIG, CONFIG.with_name("w3a3.yaml")], ids=lambda p: p.stem)
+def test_proxy_model_card_and_config_agree(config: Path) -> None:
     card = json.loads((ASSETS / "proxy_deit.json").read_text())
     assert card["arch"] == ARCH and card["model_kwargs"] == KWARGS
     assert (ASSETS / "proxy_deit.safetensors").stat().st_size < 12 * 2**20
-    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg = yaml.safe_load(config.read_text())
     assert cfg["model"]["checkpoint_path"] == "embedded:proxy_deit"
     assert cfg["model"]["arch"] == ARCH and cfg["model"]["model_kwargs"] == KWARGS
     assert cfg["data"]["class_path"] == "fimaq.data.ProxyDataModule"
