@@ -2,6 +2,7 @@
 gives one clear line."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,8 @@ def test_every_yaml_parses_with_every_subcommand(config, subcommand):
         args=[subcommand, "-c", str(config)],
     )
     cfg = cli.config[subcommand]
-    bits = int(config.stem.split("_")[-1][1])
-    assert cfg.model.quant.w_bits == bits and cfg.model.quant.a_bits == bits
+    w_bits, a_bits = re.fullmatch(r"w(\d)a(\d)", config.stem.split("_")[-1]).groups()  # e.g. w2a3
+    assert cfg.model.quant.w_bits == int(w_bits) and cfg.model.quant.a_bits == int(a_bits)
     assert cfg.trainer.default_root_dir.endswith(config.stem)
 
 
