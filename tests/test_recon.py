@@ -21,8 +21,8 @@ from fimaq.quant.adaround import (
 )
 from fimaq.quant.fake_quant import fake_quant
 from fimaq.quant.quantizer import UniformQuantizer
-from fimaq.quant.ste import bernoulli_mask, compiled_kernel, fake_quant_ste
-from fimaq.recon.batches import BatchMasks
+from fimaq.quant.ste import bernoulli_mask, compiled_kernel, dense_order, fake_quant_ste
+from fimaq.recon.batches import BatchMasks, local_batch
 from fimaq.recon.losses import (
     FisherStats,
     ReconObjective,
@@ -127,12 +127,15 @@ def test_fused_ste_matches_autograd_of_the_composed_ops(with_mask, shapes):
     assert torch.allclose(gx, gx_ref, atol=1e-6) and torch.allclose(gs, gs_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("qdrop", [None, 0.5])
-def test_training_quantizer_without_autograd_gives_the_same_values_and_draws(qdrop):
+def test_training_quantizer_without_autograd_gives_the_same_values_and_draws(qdrop, transposed):
     """Inside a Fisher refresh the unit runs without autograd: the same output bit for bit from the
-    same QDrop draws, without the derivative buffers."""
+    same QDrop draws, without the derivative buffers (also for a transposed view, whose buffers
+    follow its layout)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 9, 6, generator=g) * 3
+    x = x.transpose(1, 2) if transposed else x
     q = UniformQuantizer(3, (1, 1, 1), (1,))
     q.set_qparams(torch.tensor(0.4), torch.tensor(3.0))
     outs = []
@@ -163,6 +166,43 @@ def test_compiled_ste_kernel_gives_the_eager_values():
         gx_c, gs_c = torch.autograd.grad((out_c * upstream).sum(), [x, s])
     assert torch.equal(out_c, out) and torch.equal(gx_c, gx)
     assert torch.allclose(gs_c, gs, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_and_kernel_follow_a_permuted_operand():
+    """An attention operand such as ``k^T`` is a permuted view: its QDrop mask is laid out like it in
+    memory, with the same draw for every element, and the quantizer's output and gradients are the
+    same bit for bit as with a contiguous mask (also for a data-parallel rank's rows)."""
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(4, 7, 3 * 2 * 5, generator=g) * 3).requires_grad_()
+    kt = qkv.reshape(4, 7, 3, 2, 5).permute(2, 0, 3, 1, 4)[1].transpose(-2, -1)  # (4, 2, 5, 7)
+    order = dense_order(kt)
+    assert order == (0, 3, 1, 2)
+    cpu = torch.device("cpu")
+    ordered = bernoulli_mask(kt.shape, 0.5, torch.Generator().manual_seed(1), cpu, order=order)
+    flat = bernoulli_mask(kt.shape, 0.5, torch.Generator().manual_seed(1), cpu)
+    assert torch.equal(ordered, flat) and flat.is_contiguous() and not ordered.is_contiguous()
+    assert sorted(range(4), key=lambda d: -ordered.stride(d)) == list(order)
+    u = bernoulli_mask(kt.shape, 0.5, torch.Generator().manual_seed(1), cpu, torch.uint8, order=order)
+    assert torch.equal(u.float(), flat) and u.stride() == ordered.stride()
+    s = (torch.rand(1, 2, 1, 7, generator=g) + 0.2).requires_grad_()
+    zp = torch.tensor([2.0, 5.0]).reshape(1, 2, 1, 1)
+    upstream = torch.randn(kt.shape, generator=g)
+    results = []
+    for keep in (flat, ordered):
+        out = fake_quant_ste(kt, s, zp, 3, keep)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), [qkv, s])))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    # a rank whose shard holds images 1 and 2, here at places 1 and 3 of the global batch
+    rows = local_batch(torch.tensor([5, 1, 7, 2]), 0, 3)
+    assert rows.positions.tolist() == [1, 3]
+    part = kt[:2]
+    drawn = []
+    for o in (None, dense_order(part)):
+        masks = BatchMasks(torch.Generator().manual_seed(1))
+        with masks.of(rows):
+            drawn.append(masks(part.shape, 0.5, cpu, order=o))
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], flat[[1, 3]])
 
 
 def test_bernoulli_mask_rate_and_determinism():

@@ -32,15 +32,22 @@ from fimaq.quant.quantizer import UniformQuantizer
 from fimaq.quant.rounding import LearnedRounding
 from fimaq.quant.ste import bernoulli_mask
 
-MaskFn = Callable[[torch.Size, float, torch.device, torch.dtype], torch.Tensor]
-"""``masks(shape, p, device, dtype)``: a float 0/1 QDrop mask, 1 (keep quantized) with probability p."""
+MaskFn = Callable[..., torch.Tensor]
+"""``masks(shape, p, device, dtype, order=None)``: a float 0/1 QDrop mask, 1 (keep quantized) with
+probability p, laid out in memory in ``order`` (:func:`fimaq.quant.ste.dense_order`)."""
 
 
 def generator_masks(generator: torch.Generator | None) -> MaskFn:
     """QDrop masks drawn from ``generator`` (:func:`fimaq.quant.ste.bernoulli_mask`)."""
 
-    def masks(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return bernoulli_mask(shape, p, generator, device, dtype)
+    def masks(
+        shape: torch.Size,
+        p: float,
+        device: torch.device,
+        dtype: torch.dtype,
+        order: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        return bernoulli_mask(shape, p, generator, device, dtype, order)
 
     return masks
 

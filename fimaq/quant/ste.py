@@ -114,6 +114,13 @@ def _run_compiled(fn, *args):
         ) from None
 
 
+def broadcasts_to(small: torch.Size, shape: torch.Size) -> bool:
+    """Whether ``small`` broadcasts to ``shape`` without changing it (``torch.broadcast_shapes`` costs
+    a hundred microseconds of Python per call)."""
+    lead = len(shape) - len(small)
+    return lead >= 0 and all(s == 1 or s == t for s, t in zip(small, shape[lead:], strict=True))
+
+
 class FakeQuantSTE(torch.autograd.Function):
     """``fake_quant_ste(x, scale, zero_point, bits, keep)``; ``keep`` = float 0/1 QDrop mask or None.
 
@@ -125,7 +132,7 @@ class FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, bits: int, keep):
         zp = zero_point.detach()
         args = (x, scale.detach(), zp, 2**bits - 1, keep)
-        layer_use = torch.broadcast_shapes(x.shape, scale.shape, zp.shape) == x.shape
+        layer_use = broadcasts_to(scale.shape, x.shape) and broadcasts_to(zp.shape, x.shape)
         ctx.compiled = _use_compiled and layer_use
         if ctx.compiled:
             out, dx, ds = _run_compiled(_compiled, *args)
@@ -135,6 +142,8 @@ class FakeQuantSTE(torch.autograd.Function):
             out, dx, ds = _eager_kernel(*args)
         ctx.save_for_backward(dx, ds)
         ctx.x_shape, ctx.scale_shape = x.shape, scale.shape
+        # the eager kernel's derivatives are float buffers of x's shape that only this backward reads
+        ctx.in_place = not ctx.compiled and dx.dtype == x.dtype and dx.shape == x.shape
         return out
 
     @staticmethod
@@ -143,6 +152,11 @@ class FakeQuantSTE(torch.autograd.Function):
         want_x, want_s = ctx.needs_input_grad[:2]
         if ctx.compiled:
             gx, gs = _run_compiled(_compiled_backward, g, dx, ds, ctx.scale_shape, want_x, want_s)
+        elif ctx.in_place and g.shape == dx.shape and g.stride() == ds.stride():
+            # into the saved buffers (no fresh allocations), where the product's layout and so the
+            # order of the scale gradient's sum are the same as out of place
+            gs = ds.mul_(g).sum_to_size(ctx.scale_shape) if want_s else None
+            gx = dx.mul_(g) if want_x else None
         else:
             gx, gs = _functional_backward(g, dx, ds, ctx.scale_shape, want_x, want_s)
             gx = gx.sum_to_size(ctx.x_shape) if gx is not None else None
@@ -162,33 +176,77 @@ def fake_quant_ste(
     return FakeQuantSTE.apply(x, scale, zero_point, bits, keep)
 
 
-def bernoulli_mask(
-    shape: torch.Size | tuple[int, ...],
-    p: float,
-    generator: torch.Generator | None,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """A 0/1 float mask that is 1 with probability ``p`` (in steps of 1/256), from random bytes.
+def dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The order of ``x``'s dimensions in memory, outermost first (by stride; size-1 dimensions keep
+    their place), or None when ``x`` is contiguous. A permuted view such as ``k.transpose(-2, -1)``
+    has an order other than ``0, 1, ..., n-1``; elementwise work is fastest when every operand is
+    laid out in the same order."""
+    if x.is_contiguous():
+        return None
+    big = iter(sorted((d for d in range(x.dim()) if x.shape[d] > 1), key=lambda d: -x.stride(d)))
+    order = [d if x.shape[d] == 1 else next(big) for d in range(x.dim())]
+    return None if order == list(range(x.dim())) else tuple(order)
 
-    One 64-bit draw gives eight bytes, so this costs an eighth of the generator calls of ``rand``.
-    """
+
+def empty_in_order(
+    shape: torch.Size | tuple[int, ...], order: tuple[int, ...] | None, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """An empty tensor of ``shape`` whose memory runs through the dimensions in ``order``
+    (:func:`dense_order`; None: contiguous)."""
+    if order is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return torch.empty([shape[d] for d in order], dtype=dtype, device=device).permute(inverse)
+
+
+def random_bytes(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """Uniform random bytes of ``shape`` (contiguous ``uint8``); one 64-bit draw gives eight bytes, an
+    eighth of the generator calls of ``rand``."""
     n = 1
     for s in shape:
         n *= int(s)
     words = torch.randint(
         -(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, generator=generator, device=device
     )
-    byte = words.view(torch.uint8)[:n].reshape(shape)
+    return words.view(torch.uint8)[:n].reshape(shape)
+
+
+def mask_from_bytes(
+    byte: torch.Tensor, p: float, dtype: torch.dtype = torch.float32, order: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """The 0/1 mask ``byte < 256 p`` (1 with probability ``p`` in steps of 1/256) as ``dtype``, laid out
+    in memory in ``order`` (:func:`dense_order` of the tensor it will be combined with)."""
+    shape, device = byte.shape, byte.device
     threshold = round(p * 256)
     if dtype == torch.uint8:  # the compiled kernel's masks
         if threshold > 255:
-            return torch.ones(shape, dtype=dtype, device=device)
-        return torch.lt(byte, threshold).view(torch.uint8)
-    out = torch.empty(shape, dtype=dtype, device=device)
+            return empty_in_order(shape, order, dtype, device).fill_(1)
+        below = torch.lt(byte, threshold)
+        if order is not None:
+            below = empty_in_order(shape, order, torch.bool, device).copy_(below)
+        return below.view(torch.uint8)
+    out = empty_in_order(shape, order, dtype, device)
     if threshold > 255:  # every byte is below 256 (and 256 is not a uint8 to compare with)
         return out.fill_(1)
     # 1.0 where byte < 256 p: clamp(256 p - byte, 0, 1) on the bytes as floats (exact small integers);
     # three fast vectorised passes, where a comparison into a float tensor goes through a bool copy
     out.copy_(byte)
     return torch.add(out.new_tensor(float(threshold)), out, alpha=-1, out=out).clamp_(0, 1)
+
+
+def bernoulli_mask(
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    order: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """A 0/1 mask that is 1 with probability ``p`` (in steps of 1/256), from random bytes
+    (:func:`random_bytes`, :func:`mask_from_bytes`). ``order`` changes only where the values lie in
+    memory, never which element gets which value."""
+    return mask_from_bytes(random_bytes(shape, generator, device), p, dtype, order)

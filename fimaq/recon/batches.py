@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fimaq.quant.ste import bernoulli_mask
+from fimaq.quant.ste import bernoulli_mask, mask_from_bytes, random_bytes
 
 
 @dataclass
@@ -85,13 +85,18 @@ class BatchMasks:
             self.rows = previous
 
     def __call__(
-        self, shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32
+        self,
+        shape: torch.Size,
+        p: float,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        order: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         if self.rows is None:
-            return bernoulli_mask(shape, p, self.generator, device, dtype)
+            return bernoulli_mask(shape, p, self.generator, device, dtype, order)
         count = self.rows.positions.numel()
         k = shape[0] // count
-        full = bernoulli_mask((self.rows.total * k, *shape[1:]), p, self.generator, device, dtype)
+        full = random_bytes((self.rows.total * k, *shape[1:]), self.generator, device)
         pos = self.rows.positions.to(device)
         idx = (pos[:, None] * k + torch.arange(k, device=device)).flatten()
-        return full.index_select(0, idx)
+        return mask_from_bytes(full.index_select(0, idx), p, dtype, order)
