@@ -11,17 +11,21 @@ Run: python benchmarks/recon_speed.py [--unit blocks.0] [--iters 300] [--threads
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import resource
+import statistics
 import time
 
 import torch
 from _machine import machine_line
 
 import fimaq  # noqa: F401
+import fimaq.recon.driver as driver
 from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib.minmax import minmax_calibrate
+from fimaq.callbacks import StepClock
 from fimaq.config import FisherConfig, QuantSpec, ReconConfig
 from fimaq.layers.mode import quant_mode, set_quant_mode
 from fimaq.models import create_fp_model
@@ -58,6 +62,55 @@ def plain_step_seconds(net, unit, images, batch, repeats=20) -> float:
         p.requires_grad_(False)
     set_quant_mode(net, enabled=True)
     return (time.perf_counter() - t0) / repeats
+
+
+class InterleavedClock(StepClock):
+    """The reconstruction's step clock, also keeping every step's time, and timing a plain float
+    forward+backward of the same unit (a float copy, its own batch) before every ``every``-th step, so
+    that both are sampled over the same minutes of a shared machine (its pace drifts by 10-15%)."""
+
+    every = 4
+    last: InterleavedClock | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+        self.plain_times: list[float] = []
+        InterleavedClock.last = self
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if PLAIN is not None and batch_idx % self.every == 0:
+            t0 = time.perf_counter()
+            PLAIN()
+            self.plain_times.append(time.perf_counter() - t0)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        t0 = self.started
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.times.append(time.perf_counter() - t0)
+
+
+PLAIN = None  # the plain step InterleavedClock times
+
+
+def plain_step_fn(net, unit, images, batch):
+    """A plain float forward+backward of a float copy of the unit (weights with gradients)."""
+    with quant_mode(net, enabled=False):
+        x, _ = capture_unit(net, unit, images[:batch], batch, False, images.device, torch.float32)
+        module = copy.deepcopy(unit.module)
+    params = list(module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+
+    def step():
+        module(x).float().pow(2).mean().backward()
+        for p in params:
+            p.grad = None
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
 
 
 def refresh_seconds(
@@ -163,9 +216,17 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     cfg = ReconConfig(iters=args.iters, loss=args.loss, compile=args.compile)
     fcfg = FisherConfig(rank=args.rank, num_samples=args.fisher_samples)
+    global PLAIN
+    PLAIN = plain_step_fn(net, unit, images, 32)
+    for _ in range(3):
+        PLAIN()  # warm-up
+    driver.StepClock = InterleavedClock
     report = reconstruct_model(net, images, cfg, fcfg, progress=False, units=[args.unit])
     train, refresh = report.train_seconds[args.unit], report.refresh_seconds[args.unit]
     step = report.step_seconds[args.unit]
+    clock = InterleavedClock.last
+    step_median = statistics.median(clock.times[3:])
+    plain_median = statistics.median(clock.plain_times[1:])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     where = f"{args.images} images, device {args.device}"
     print(
@@ -176,6 +237,11 @@ def main() -> None:
     print(f"| plain FP forward+backward, batch 32 | {plain * 1e3:.1f} ms |")
     print(f"| reconstruction step (no refresh), batch 32 | {step * 1e3:.1f} ms |")
     print(f"| step / plain | {step / plain:.2f} |")
+    print(
+        f"| the same interleaved (plain before every {InterleavedClock.every}th step), medians: "
+        f"step / plain | {step_median * 1e3:.1f} / {plain_median * 1e3:.1f} ms = "
+        f"{step_median / plain_median:.2f} |"
+    )
     print(f"| {args.iters} steps + {min(args.rank, args.iters)} Fisher refreshes | {train:.1f} s |")
     print(f"| Fisher refreshes | {refresh:.1f} s ({100 * refresh / train:.0f}% of the unit's training) |")
     n_ref = refresh_images.shape[0]
