@@ -6,6 +6,7 @@ import torch
 from fimaq.errors import FimaqError
 from fimaq.layers.mode import set_quant_mode
 from fimaq.quant import UniformQuantizer, check_bits, fake_quant, grids, matmul_sweep, search
+from fimaq.quant.fake_quant import clamp_codes
 
 
 def test_fake_quant_hand_computed_grid():
@@ -26,6 +27,27 @@ def test_fake_quant_matches_torch_per_channel():
     # torch multiplies by 1/scale, we divide: only exact .5 ties may round apart (one step)
     assert (ours - ref).abs().le(scale.view(-1, 1) * 1.0001).all()
     assert (ours == ref).float().mean() > 0.999
+
+
+@pytest.mark.parametrize(
+    "zp_shape", [(1,), (1, 3, 1, 1), (1, 1, 5, 1), (2, 3, 1, 1)], ids=["one", "per_head", "per_row", "2d"]
+)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_clamp_codes_equals_clamping_to_tensor_bounds(zp_shape, in_place):
+    """Every path (one zero point, one per index of a dimension, the general one) and ``out`` = the
+    input give ``clamp(r, -zp, qmax - zp)``, also on a transposed view."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(-12, 13, (2, 3, 5, 4), generator=g).float().transpose(2, 3)
+    zp = torch.randint(0, 8, zp_shape, generator=g).float()
+    zp = zp.transpose(2, 3) if zp.dim() == 4 else zp
+    expected = torch.clamp(r, -zp, 7 - zp)
+    if in_place:
+        t = r.clone()
+        out = clamp_codes(t, zp, 7, out=t)
+        assert out.data_ptr() == t.data_ptr()
+    else:
+        out = clamp_codes(r, zp, 7)
+    assert torch.equal(out, expected) and (expected != r).any()
 
 
 def test_ste_gradients():

@@ -65,6 +65,31 @@ def test_hard_rounding_is_floor_plus_indicator_of_alpha():
     assert torch.equal(fake_quant(ada.hard_weight(), s, zp, q.bits), ada.hard_weight())
 
 
+@pytest.mark.parametrize("regulariser", [False, True])
+def test_fused_soft_weight_is_autograd_of_the_composed_ops_bit_for_bit(regulariser):
+    """The soft weight and the gradient to alpha (through the weight and, after the warm-up, the
+    rounding regulariser) equal autograd's on the written-out formula exactly, with saturated codes
+    and offsets clamped at 0 and 1."""
+    w, q = _weight_quantizer(rows=8, cols=40, seed=3)
+    ada = AdaRoundQuantizer(q, w)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        ada.alpha.add_(torch.randn(ada.alpha.shape, generator=g) * 3)  # some h at 0 or 1
+    upstream = torch.randn(w.shape, generator=g)
+    s, zp, qmax = q.scale.detach(), q.zero_point, 2**q.bits - 1
+    h = rectified_sigmoid(ada.alpha)
+    ref = (torch.clamp(ada.floor + h + zp, 0, qmax) - zp) * s
+    loss_ref = (ref * upstream).sum() + (RoundingPenalty.apply(h, 7.5) if regulariser else 0)
+    (grad_ref,) = torch.autograd.grad(loss_ref, ada.alpha)
+    out = ada(w)
+    loss = (out * upstream).sum() + (ada.regulariser(7.5) if regulariser else 0)
+    (grad,) = torch.autograd.grad(loss, ada.alpha)
+    assert ((h == 0) | (h == 1)).any() and ((h > 0) & (h < 1)).any()
+    assert (torch.floor(w / s) + zp > qmax).any() or (torch.floor(w / s) + zp < 0).any()
+    assert torch.equal(out, ref) and torch.equal(grad, grad_ref) and grad.abs().sum() > 0
+    assert torch.equal(loss, loss_ref)
+
+
 def test_rectified_sigmoid_and_regulariser():
     alpha = torch.tensor([-100.0, 0.0, 100.0])
     assert torch.equal(rectified_sigmoid(alpha), torch.tensor([0.0, 0.5, 1.0]))

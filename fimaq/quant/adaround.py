@@ -27,6 +27,38 @@ def init_alpha(rest: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
 
 
+class SoftWeight(torch.autograd.Function):
+    """``(W_soft, h)`` from ``alpha``: the soft weight ``(clamp(floor + h + zp, 0, qmax) - zp) * s`` and
+    the offsets ``h = h(alpha)`` (for the rounding regulariser), in a few in-place passes.
+
+    The backward takes both upstream gradients and repeats autograd's arithmetic for the composed
+    ops operation for operation (``g * s``, the two clamps' masks, the sum at ``h``, ``* (zeta -
+    gamma)``, the sigmoid's derivative), so the gradient is the same bit for bit; it only skips
+    autograd's boolean masks and selections (a clamp's backward is four passes, here one).
+    """
+
+    @staticmethod
+    def forward(ctx, alpha, floor, zp, scale, qmax: int):
+        sig = torch.sigmoid(alpha)
+        y = torch.mul(sig, ZETA - GAMMA).add_(GAMMA)
+        h = torch.clamp(y, 0, 1)
+        inner = torch.eq(h, y, out=y)  # 1.0 where 0 <= y <= 1: where the clamp passes gradients
+        c = torch.add(floor, h).add_(zp)
+        q = torch.clamp(c, 0, qmax)
+        outer = torch.eq(q, c, out=c)
+        ctx.save_for_backward(sig, inner, outer, scale)
+        return q.sub_(zp).mul_(scale), h
+
+    @staticmethod
+    def backward(ctx, g_weight, g_h):
+        sig, inner, outer, scale = ctx.saved_tensors
+        t = torch.mul(g_weight, scale).mul_(outer)
+        if g_h is not None:
+            t.add_(g_h)
+        t.mul_(inner).mul_(ZETA - GAMMA)
+        return torch.ops.aten.sigmoid_backward.grad_input(t, sig, grad_input=t), None, None, None, None
+
+
 class RoundingPenalty(torch.autograd.Function):
     """``sum(1 - |2h - 1|^beta)`` with its gradient ``-2 beta |u|^beta / u`` (``u = 2h - 1``; 0 at
     ``u = 0``): one power instead of autograd's two and a few passes fewer over the offsets."""
@@ -104,6 +136,17 @@ class AdaRoundQuantizer(LearnedRounding):
     def hard_codes(self) -> torch.Tensor:
         """``floor(W/s) + [alpha >= 0]``."""
         return self.floor + (self.alpha >= 0).to(self.floor.dtype)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not (self.soft and self.base.active and torch.is_grad_enabled() and self.alpha.requires_grad):
+            return super().forward(weight)
+        if weight.shape != self.shape:
+            return super().forward(weight)  # (the shape error)
+        base = self.base
+        w, self._h = SoftWeight.apply(
+            self.alpha, self.floor, base.zero_point.detach(), base.scale.detach(), 2**self.bits - 1
+        )
+        return w.to(weight.dtype)
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1. Reuses ``h(alpha)`` of the

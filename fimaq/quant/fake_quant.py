@@ -24,6 +24,34 @@ def clamp_centered(rounded: torch.Tensor, zero_point: torch.Tensor, bits: int) -
     return torch.clamp(rounded, -zero_point, 2**bits - 1 - zero_point)
 
 
+def clamp_codes(
+    rounded: torch.Tensor, zero_point: torch.Tensor, qmax: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`clamp_centered` of rounded values (integers in float) into ``out`` (a new tensor laid out
+    like ``rounded`` when None; may be ``rounded`` itself), in as few passes as the zero points allow.
+
+    On the CPU a single zero point, or one per index of a single dimension (an attention operand's
+    per-head ones), is clamped against plain numbers: one pass, several times faster than clamping
+    against tensors. Otherwise the zero point is added, the codes clamped to ``[0, qmax]`` and the
+    zero point subtracted (three passes; exact, small integers in float).
+    """
+    zero_point = zero_point.detach()
+    groups = [d for d in range(zero_point.dim()) if zero_point.shape[d] > 1]
+    cpu = zero_point.device.type == "cpu"
+    if cpu and zero_point.numel() == 1:
+        z = float(zero_point.reshape(()))
+        return torch.clamp(rounded, -z, qmax - z, out=out)
+    if cpu and len(groups) == 1 and zero_point.dim() == rounded.dim() and zero_point.numel() <= 64:
+        d = groups[0]
+        out = torch.empty_like(rounded) if out is None else out
+        for i, z in enumerate(zero_point.reshape(-1).tolist()):
+            torch.clamp(rounded.select(d, i), -z, qmax - z, out=out.select(d, i))
+        return out
+    if out is None:
+        return torch.add(rounded, zero_point).clamp_(0, qmax).sub_(zero_point)
+    return torch.add(rounded, zero_point, out=out).clamp_(0, qmax).sub_(zero_point)
+
+
 def broadcast_buffer(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
     """An empty tensor of ``x``'s dtype in the broadcast shape of ``x`` and ``params``, for ``out=``."""
     shape = torch.broadcast_shapes(x.shape, *(p.shape for p in params))
@@ -48,10 +76,7 @@ def centered_codes(
     if out is None:
         return clamp_centered(torch.round(x / scale), zero_point, bits)
     t = torch.div(x, scale, out=out).round_()
-    if zero_point.numel() == 1 and zero_point.device.type == "cpu":  # one pass against plain numbers
-        z = float(zero_point.reshape(()))
-        return t.clamp_(-z, 2**bits - 1 - z)
-    return t.add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point)
+    return clamp_codes(t, zero_point, 2**bits - 1, out=t)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:

@@ -23,22 +23,17 @@ from contextlib import contextmanager
 import torch
 
 from fimaq.errors import FimaqError
+from fimaq.quant.fake_quant import clamp_codes
 
 Derivatives = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _eager_kernel(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int, keep) -> Derivatives:
-    """``(x_hat, dx, ds)`` in three buffers and a few in-place passes. A single zero point (every
-    activation quantizer) on the CPU is clamped against plain numbers, several times faster than
-    against tensors; a per-group one is added, clamped to ``[0, qmax]`` and subtracted (exact: small
-    integers in float)."""
+    """``(x_hat, dx, ds)`` in three buffers and a few in-place passes (the codes clamped as
+    :func:`fimaq.quant.fake_quant.clamp_codes` does)."""
     v = torch.div(x, scale)
     r = torch.round(v)
-    if zp.numel() == 1 and zp.device.type == "cpu":
-        z = float(zp.reshape(()))
-        rc = torch.clamp(r, -z, qmax - z)
-    else:
-        rc = torch.add(r, zp).clamp_(0, qmax).sub_(zp)
+    rc = clamp_codes(r, zp, qmax)
     inside = torch.eq(r, rc, out=r)  # 1.0 where the code is not clamped (into r's memory)
     ds = torch.addcmul(rc, v, inside, value=-1, out=v)  # r - v inside, the bound (minus zp) outside
     out = rc.mul_(scale)
