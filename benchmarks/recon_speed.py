@@ -240,7 +240,7 @@ def main() -> None:
     print(
         f"| the same interleaved (plain before every {InterleavedClock.every}th step), medians: "
         f"step / plain | {step_median * 1e3:.1f} / {plain_median * 1e3:.1f} ms = "
-        f"{step_median / plain_median:.2f} |"
+        f"{step_median / plain_median:.2f} (difference {(step_median - plain_median) * 1e3:.2f} ms) |"
     )
     print(f"| {args.iters} steps + {min(args.rank, args.iters)} Fisher refreshes | {train:.1f} s |")
     print(f"| Fisher refreshes | {refresh:.1f} s ({100 * refresh / train:.0f}% of the unit's training) |")

@@ -97,7 +97,10 @@ class DplrTerms(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, pred, target, G, M, g_bar, cols):
         b = pred.shape[0]
-        d = torch.sub(pred, target).reshape(b, -1)
+        # into a contiguous buffer: the patch embedding's output is a transposed view, and the
+        # difference in its layout would cost a copy to flatten
+        d = torch.sub(pred, target, out=torch.empty(pred.shape, dtype=pred.dtype, device=pred.device))
+        d = d.reshape(b, -1)
         Gc = G[:, cols].to(d.dtype)
         e = d[:, cols].abs()
         a = e @ Gc.T  # (B, j)

@@ -22,6 +22,12 @@ from fimaq.recon.losses import FisherStats, ReconObjective
 from fimaq.recon.units import Unit
 
 
+def rows_of(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` for a 1-d index on dim 0: ``index_select`` copies whole rows, several times faster
+    on the CPU than advanced indexing's element-by-element gather (same values)."""
+    return t.index_select(0, idx.to(t.device))
+
+
 class StepIndices(Dataset):
     """Item ``step`` = the minibatch indices of that step: ``randperm(n)[:batch]`` from a generator
     seeded with ``(seed, step)``, so any step can be replayed on its own."""
@@ -122,11 +128,11 @@ class BlockReconModule(L.LightningModule):
     # ----------------------------------------------------------------- step
     def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
         dev = self.device
-        x_fp = self.cache.x_fp[idx].to(dev, torch.float32)
+        x_fp = rows_of(self.cache.x_fp, idx).to(dev, torch.float32)
         mode = self.cfg.input_mode
         if mode == "rinp":
             return x_fp
-        x_q = self.cache.x_q[idx].to(dev, torch.float32)
+        x_q = rows_of(self.cache.x_q, idx).to(dev, torch.float32)
         if mode == "qinp":
             return x_q
         keep = self.masks(x_q.shape, self.cfg.drop_prob, dev)
@@ -147,12 +153,12 @@ class BlockReconModule(L.LightningModule):
         idx = idx.to(self.cache.x_fp.device)
         with self.masks.of(rows):
             pred = self.unit(self._inputs(idx))
-        target = self.cache.y_fp[idx].to(self.device, torch.float32)
-        grad = self.brecq_grads[idx].to(self.device) if self.brecq_grads is not None else None
+        target = rows_of(self.cache.y_fp, idx).to(self.device, torch.float32)
+        grad = rows_of(self.brecq_grads, idx).to(self.device) if self.brecq_grads is not None else None
         features = None
         if self.rest is not None:  # global_local: through the frozen float rest of the model
             run, features_fp = self.rest
-            features = (run(pred), features_fp[idx].to(self.device))
+            features = (run(pred), rows_of(features_fp, idx).to(self.device))
         rec = self.objective(
             pred, target, self.stats, grad, share=share, reduce_sum=self._sum_over_ranks, features=features
         )
