@@ -142,7 +142,8 @@ class BlockReconModule(L.LightningModule):
         return self.trainer.strategy.reduce(t, reduce_op="sum")
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        self.unit.eval()  # dropout/drop-path stay off; the training behaviour is the quantizers' state
+        if self.unit.training:  # (Lightning switches the module to training mode at each epoch start)
+            self.unit.eval()  # dropout/drop-path stay off; the training behaviour is the quantizers' state
         step, iters = self.global_step, self.cfg.unit_iters
         world = self.trainer.world_size
         rows: LocalBatch | None = None
