@@ -138,10 +138,9 @@ class AdaRoundQuantizer(LearnedRounding):
         return self.floor + (self.alpha >= 0).to(self.floor.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not (self.soft and self.base.active and torch.is_grad_enabled() and self.alpha.requires_grad):
+        learning = self.soft and self.base.active and torch.is_grad_enabled() and self.alpha.requires_grad
+        if not learning or weight.shape != self.shape:  # (a wrong shape: the base class's error)
             return super().forward(weight)
-        if weight.shape != self.shape:
-            return super().forward(weight)  # (the shape error)
         base = self.base
         w, self._h = SoftWeight.apply(
             self.alpha, self.floor, base.zero_point.detach(), base.scale.detach(), 2**self.bits - 1
