@@ -27,7 +27,7 @@ from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib.minmax import minmax_calibrate
 from fimaq.callbacks import StepClock
 from fimaq.config import FisherConfig, QuantSpec, ReconConfig
-from fimaq.layers.mode import quant_mode, set_quant_mode
+from fimaq.layers.mode import quant_mode
 from fimaq.models import create_fp_model
 from fimaq.models.swap import example_input, quantize_model
 from fimaq.quant.ste import compiled_kernel
@@ -35,67 +35,9 @@ from fimaq.recon import recon_units, reconstruct_model
 from fimaq.recon.cache import capture_unit
 
 
-def plain_step_seconds(net, unit, images, batch, repeats=20) -> float:
-    """One float forward+backward of the unit (weights with gradients), batch ``batch``."""
-    set_quant_mode(net, enabled=False)
-    x, _ = capture_unit(net, unit, images[:batch], batch, False, images.device, torch.float32)
-    params = list(unit.module.parameters())
-    for p in params:
-        p.requires_grad_(True)
-
-    def step():
-        out = unit.module(x)
-        out.float().pow(2).mean().backward()
-        for p in params:
-            p.grad = None
-
-    for _ in range(3):
-        step()
-    if images.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if images.device.type == "cuda":
-        torch.cuda.synchronize()
-    for p in params:
-        p.requires_grad_(False)
-    set_quant_mode(net, enabled=True)
-    return (time.perf_counter() - t0) / repeats
-
-
-class InterleavedClock(StepClock):
-    """The reconstruction's step clock, also keeping every step's time, and timing a plain float
-    forward+backward of the same unit (a float copy, its own batch) before every ``every``-th step, so
-    that both are sampled over the same minutes of a shared machine (its pace drifts by 10-15%)."""
-
-    every = 4
-    last: InterleavedClock | None = None
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-        self.plain_times: list[float] = []
-        InterleavedClock.last = self
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if PLAIN is not None and batch_idx % self.every == 0:
-            t0 = time.perf_counter()
-            PLAIN()
-            self.plain_times.append(time.perf_counter() - t0)
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        t0 = self.started
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.times.append(time.perf_counter() - t0)
-
-
-PLAIN = None  # the plain step InterleavedClock times
-
-
 def plain_step_fn(net, unit, images, batch):
-    """A plain float forward+backward of a float copy of the unit (weights with gradients)."""
+    """A plain float forward+backward of a float copy of the unit (weights with gradients), batch
+    ``batch``; the model itself is left as it was."""
     with quant_mode(net, enabled=False):
         x, _ = capture_unit(net, unit, images[:batch], batch, False, images.device, torch.float32)
         module = copy.deepcopy(unit.module)
@@ -111,6 +53,43 @@ def plain_step_fn(net, unit, images, batch):
             torch.cuda.synchronize()
 
     return step
+
+
+def plain_step_seconds(net, unit, images, batch, repeats=20) -> float:
+    """The mean seconds of :func:`plain_step_fn` over ``repeats`` runs after three warm-up runs."""
+    step = plain_step_fn(net, unit, images, batch)
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) / repeats
+
+
+class InterleavedClock(StepClock):
+    """The reconstruction's step clock, also keeping every step's time, and timing ``plain`` (a plain
+    float forward+backward of the same unit) before every ``every``-th step, so that both are sampled
+    over the same minutes of a shared machine (its pace drifts by 10-15%)."""
+
+    every = 4
+
+    def __init__(self, plain) -> None:
+        super().__init__()
+        self.plain = plain
+        self.times: list[float] = []
+        self.plain_times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx % self.every == 0:
+            t0 = time.perf_counter()
+            self.plain()
+            self.plain_times.append(time.perf_counter() - t0)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        t0 = self.started
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.times.append(time.perf_counter() - t0)
 
 
 def refresh_seconds(
@@ -216,15 +195,20 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     cfg = ReconConfig(iters=args.iters, loss=args.loss, compile=args.compile)
     fcfg = FisherConfig(rank=args.rank, num_samples=args.fisher_samples)
-    global PLAIN
-    PLAIN = plain_step_fn(net, unit, images, 32)
+    plain_step = plain_step_fn(net, unit, images, 32)
     for _ in range(3):
-        PLAIN()  # warm-up
-    driver.StepClock = InterleavedClock
+        plain_step()  # warm-up
+    clocks: list[InterleavedClock] = []
+
+    def new_clock() -> InterleavedClock:  # the driver's clock for the unit
+        clocks.append(InterleavedClock(plain_step))
+        return clocks[-1]
+
+    driver.StepClock = new_clock
     report = reconstruct_model(net, images, cfg, fcfg, progress=False, units=[args.unit])
     train, refresh = report.train_seconds[args.unit], report.refresh_seconds[args.unit]
     step = report.step_seconds[args.unit]
-    clock = InterleavedClock.last
+    clock = clocks[-1]
     step_median = statistics.median(clock.times[3:])
     plain_median = statistics.median(clock.plain_times[1:])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

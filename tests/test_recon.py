@@ -19,9 +19,9 @@ from fimaq.quant.adaround import (
     rectified_sigmoid,
     round_regulariser_on,
 )
-from fimaq.quant.fake_quant import fake_quant
+from fimaq.quant.fake_quant import dense_order, fake_quant
 from fimaq.quant.quantizer import UniformQuantizer
-from fimaq.quant.ste import bernoulli_mask, compiled_kernel, dense_order, fake_quant_ste
+from fimaq.quant.ste import bernoulli_mask, compiled_kernel, fake_quant_ste
 from fimaq.recon.batches import BatchMasks, local_batch
 from fimaq.recon.losses import (
     FisherStats,

@@ -34,7 +34,7 @@ from fimaq.quant.ste import bernoulli_mask
 
 MaskFn = Callable[..., torch.Tensor]
 """``masks(shape, p, device, dtype, order=None)``: a float 0/1 QDrop mask, 1 (keep quantized) with
-probability p, laid out in memory in ``order`` (:func:`fimaq.quant.ste.dense_order`)."""
+probability p, laid out in memory in ``order`` (:func:`fimaq.quant.fake_quant.dense_order`)."""
 
 
 def generator_masks(generator: torch.Generator | None) -> MaskFn:

@@ -52,8 +52,43 @@ def clamp_codes(
     return torch.add(rounded, zero_point, out=out).clamp_(0, qmax).sub_(zero_point)
 
 
+def broadcasts_to(small: torch.Size, shape: torch.Size) -> bool:
+    """Whether ``small`` broadcasts to ``shape`` without changing it (``torch.broadcast_shapes`` costs
+    a hundred microseconds of Python per call)."""
+    lead = len(shape) - len(small)
+    return lead >= 0 and all(s == 1 or s == t for s, t in zip(small, shape[lead:], strict=True))
+
+
+def dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The order of ``x``'s dimensions in memory, outermost first (by stride; size-1 dimensions keep
+    their place), or None when ``x`` is contiguous. A permuted view such as ``k.transpose(-2, -1)``
+    has an order other than ``0, 1, ..., n-1``; elementwise work is fastest when every operand is
+    laid out in the same order."""
+    if x.is_contiguous():
+        return None
+    big = iter(sorted((d for d in range(x.dim()) if x.shape[d] > 1), key=lambda d: -x.stride(d)))
+    order = [d if x.shape[d] == 1 else next(big) for d in range(x.dim())]
+    return None if order == list(range(x.dim())) else tuple(order)
+
+
+def empty_in_order(
+    shape: torch.Size | tuple[int, ...], order: tuple[int, ...] | None, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """An empty tensor of ``shape`` whose memory runs through the dimensions in ``order``
+    (:func:`dense_order`; None: contiguous)."""
+    if order is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return torch.empty([shape[d] for d in order], dtype=dtype, device=device).permute(inverse)
+
+
 def broadcast_buffer(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-    """An empty tensor of ``x``'s dtype in the broadcast shape of ``x`` and ``params``, for ``out=``."""
+    """An empty tensor of ``x``'s dtype in the broadcast shape of ``x`` and ``params``, for ``out=``;
+    laid out in memory like ``x`` when that shape is ``x``'s (:func:`dense_order`)."""
+    if all(broadcasts_to(p.shape, x.shape) for p in params):
+        return empty_in_order(x.shape, dense_order(x), x.dtype, x.device)
     shape = torch.broadcast_shapes(x.shape, *(p.shape for p in params))
     return torch.empty(shape, dtype=x.dtype, device=x.device)
 

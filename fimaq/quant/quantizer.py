@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from fimaq.errors import FimaqError
-from fimaq.quant.fake_quant import broadcast_buffer, fake_quant
-from fimaq.quant.ste import broadcasts_to, dense_order, empty_in_order, fake_quant_ste, mask_dtype
+from fimaq.quant.fake_quant import broadcast_buffer, dense_order, fake_quant
+from fimaq.quant.ste import fake_quant_ste, mask_dtype
 
 MIN_BITS, MAX_BITS = 2, 8
 FP_BITS = (None, 32)
@@ -68,20 +68,14 @@ class UniformQuantizer(nn.Module):
         xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
         scale = self.scale.to(xf.dtype) if xf.dtype != self.scale.dtype else self.scale
         grad = torch.is_grad_enabled()
-        # a permuted view (an attention operand) gets its masks and buffers laid out like it in memory:
-        # elementwise passes over operands in different orders cost several times more
-        order = dense_order(xf)
-        buffer = None
-        if not grad:  # in-place passes into one buffer
-            if broadcasts_to(scale.shape, xf.shape) and broadcasts_to(self.zero_point.shape, xf.shape):
-                buffer = empty_in_order(xf.shape, order, xf.dtype, xf.device)
-            else:
-                buffer = broadcast_buffer(xf, scale, self.zero_point)
+        buffer = None if grad else broadcast_buffer(xf, scale, self.zero_point)  # in-place passes
         if not self.ste:
             return fake_quant(xf, scale, self.zero_point, self.bits, out=buffer).to(x.dtype)
         keep = None
         if self.qdrop is not None and self.qdrop < 1:
-            keep = self.masks(xf.shape, self.qdrop, xf.device, mask_dtype(xf.dtype), order=order)
+            # laid out like x (an attention operand is a permuted view): elementwise passes over
+            # operands in different memory orders cost several times more
+            keep = self.masks(xf.shape, self.qdrop, xf.device, mask_dtype(xf.dtype), order=dense_order(xf))
         if buffer is not None:  # the same values without the derivatives (a Fisher refresh)
             out = fake_quant(xf, scale, self.zero_point, self.bits, out=buffer)
             if keep is not None:

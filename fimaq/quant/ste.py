@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from fimaq.errors import FimaqError
-from fimaq.quant.fake_quant import clamp_codes
+from fimaq.quant.fake_quant import broadcasts_to, clamp_codes, empty_in_order
 
 Derivatives = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -109,13 +109,6 @@ def _run_compiled(fn, *args):
         ) from None
 
 
-def broadcasts_to(small: torch.Size, shape: torch.Size) -> bool:
-    """Whether ``small`` broadcasts to ``shape`` without changing it (``torch.broadcast_shapes`` costs
-    a hundred microseconds of Python per call)."""
-    lead = len(shape) - len(small)
-    return lead >= 0 and all(s == 1 or s == t for s, t in zip(small, shape[lead:], strict=True))
-
-
 class FakeQuantSTE(torch.autograd.Function):
     """``fake_quant_ste(x, scale, zero_point, bits, keep)``; ``keep`` = float 0/1 QDrop mask or None.
 
@@ -169,31 +162,6 @@ def fake_quant_ste(
     mask (1 = quantized value, 0 = float value, QDrop; float, or ``uint8`` for the compiled kernel)
     or None."""
     return FakeQuantSTE.apply(x, scale, zero_point, bits, keep)
-
-
-def dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
-    """The order of ``x``'s dimensions in memory, outermost first (by stride; size-1 dimensions keep
-    their place), or None when ``x`` is contiguous. A permuted view such as ``k.transpose(-2, -1)``
-    has an order other than ``0, 1, ..., n-1``; elementwise work is fastest when every operand is
-    laid out in the same order."""
-    if x.is_contiguous():
-        return None
-    big = iter(sorted((d for d in range(x.dim()) if x.shape[d] > 1), key=lambda d: -x.stride(d)))
-    order = [d if x.shape[d] == 1 else next(big) for d in range(x.dim())]
-    return None if order == list(range(x.dim())) else tuple(order)
-
-
-def empty_in_order(
-    shape: torch.Size | tuple[int, ...], order: tuple[int, ...] | None, dtype: torch.dtype, device
-) -> torch.Tensor:
-    """An empty tensor of ``shape`` whose memory runs through the dimensions in ``order``
-    (:func:`dense_order`; None: contiguous)."""
-    if order is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    inverse = [0] * len(order)
-    for i, d in enumerate(order):
-        inverse[d] = i
-    return torch.empty([shape[d] for d in order], dtype=dtype, device=device).permute(inverse)
 
 
 def random_bytes(
