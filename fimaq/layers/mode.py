@@ -34,7 +34,8 @@ from fimaq.quant.ste import bernoulli_mask
 
 MaskFn = Callable[..., torch.Tensor]
 """``masks(shape, p, device, dtype, order=None)``: a float 0/1 QDrop mask, 1 (keep quantized) with
-probability p, laid out in memory in ``order`` (:func:`fimaq.quant.fake_quant.dense_order`)."""
+probability p, laid out in memory in ``order`` (:func:`fimaq.quant.fake_quant.dense_order`); with
+``dtype`` None the random bytes it comes from (:func:`fimaq.quant.ste.mask_from_bytes`)."""
 
 
 def generator_masks(generator: torch.Generator | None) -> MaskFn:
@@ -44,7 +45,7 @@ def generator_masks(generator: torch.Generator | None) -> MaskFn:
         shape: torch.Size,
         p: float,
         device: torch.device,
-        dtype: torch.dtype,
+        dtype: torch.dtype | None,
         order: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         return bernoulli_mask(shape, p, generator, device, dtype, order)

@@ -9,7 +9,7 @@ from torch import nn
 
 from fimaq.errors import FimaqError
 from fimaq.quant.fake_quant import broadcast_buffer, dense_order, fake_quant
-from fimaq.quant.ste import fake_quant_ste, mask_dtype
+from fimaq.quant.ste import fake_quant_drop, fake_quant_ste, mask_dtype
 
 MIN_BITS, MAX_BITS = 2, 8
 FP_BITS = (None, 32)
@@ -68,17 +68,17 @@ class UniformQuantizer(nn.Module):
         xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
         scale = self.scale.to(xf.dtype) if xf.dtype != self.scale.dtype else self.scale
         grad = torch.is_grad_enabled()
-        buffer = None if grad else broadcast_buffer(xf, scale, self.zero_point)  # in-place passes
         if not self.ste:
+            buffer = None if grad else broadcast_buffer(xf, scale, self.zero_point)  # in-place passes
             return fake_quant(xf, scale, self.zero_point, self.bits, out=buffer).to(x.dtype)
-        keep = None
+        keep = p = None
         if self.qdrop is not None and self.qdrop < 1:
-            # laid out like x (an attention operand is a permuted view): elementwise passes over
-            # operands in different memory orders cost several times more
-            keep = self.masks(xf.shape, self.qdrop, xf.device, mask_dtype(xf.dtype), order=dense_order(xf))
-        if buffer is not None:  # the same values without the derivatives (a Fisher refresh)
-            out = fake_quant(xf, scale, self.zero_point, self.bits, out=buffer)
-            if keep is not None:
-                out = torch.lerp(xf, out, keep.to(xf.dtype), out=out)
-            return out.to(x.dtype)
-        return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep).to(x.dtype)
+            # raw bytes for the native kernel; else a mask laid out like x (an attention operand is a
+            # permuted view): elementwise passes over operands in different memory orders cost more
+            dtype = mask_dtype(xf, scale, self.zero_point)
+            keep = self.masks(xf.shape, self.qdrop, xf.device, dtype, order=dense_order(xf))
+            p = self.qdrop if dtype is None else None  # the bytes' threshold
+        if not grad:  # the same values without the derivatives (a Fisher refresh)
+            buffer = broadcast_buffer(xf, scale, self.zero_point)
+            return fake_quant_drop(xf, scale, self.zero_point, self.bits, keep, p, out=buffer).to(x.dtype)
+        return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep, p).to(x.dtype)

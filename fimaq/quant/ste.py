@@ -9,10 +9,11 @@ Backward (LSQ without gradient scaling):
 These are exactly the gradients autograd gives for the composed ops with ``round_ste``; the fused
 form needs far fewer passes over memory.
 
-Two kernels compute the forward's three tensors (``x_hat`` and the two local derivatives): the
-default eager one, a few in-place passes; and, inside :func:`compiled_kernel`, the same arithmetic
-fused by ``torch.compile`` into one pass (identical values; the scale's gradient may differ in the
-last bits because the compiled backward sums in its own order).
+Three kernels compute the forward's three tensors (``x_hat`` and the two local derivatives): on the
+CPU the C++ one of :mod:`fimaq.quant.native` (one pass over memory, reading the QDrop draws as raw
+bytes), else the eager one (a few in-place passes; the same values bit for bit); and, inside
+:func:`compiled_kernel`, the same arithmetic fused by ``torch.compile`` (identical values; the
+scale's gradient may differ in the last bits because the compiled backward sums in its own order).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from contextlib import contextmanager
 import torch
 
 from fimaq.errors import FimaqError
-from fimaq.quant.fake_quant import broadcasts_to, clamp_codes, empty_in_order
+from fimaq.quant import native
+from fimaq.quant.fake_quant import broadcasts_to, clamp_codes, dense_order, empty_in_order, fake_quant
 
 Derivatives = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -93,10 +95,51 @@ def compiled_kernel(enabled: bool = True) -> Iterator[None]:
         _use_compiled = previous
 
 
-def mask_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the QDrop masks of a ``dtype`` input should have: ``uint8`` for the compiled kernel
-    (it converts them in its one pass), else ``dtype``."""
-    return torch.uint8 if _use_compiled else dtype
+def mask_dtype(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.dtype | None:
+    """The dtype the QDrop masks for quantizing ``x`` should have: ``uint8`` 0/1 for the compiled
+    kernel (it converts them in its one pass), None (the raw random bytes, see :func:`mask_from_bytes`)
+    where the native kernel applies, else ``x``'s dtype."""
+    if _use_compiled:
+        return torch.uint8
+    return None if native.applies(x, scale, zero_point) else x.dtype
+
+
+def _native_kernel(x: torch.Tensor, scale, zp, qmax: int, keep, p, derivatives: bool = True, out=None):
+    """``(x_hat, dx, ds)`` (or ``x_hat`` alone, into ``out`` when given) from the native kernel, in
+    buffers laid out like ``x``; ``keep``: raw bytes (``p``) or None."""
+    order = dense_order(x)
+    bufs = [empty_in_order(x.shape, order, x.dtype, x.device) for _ in range(3 if derivatives else 1)]
+    if out is not None and not derivatives:
+        bufs = [out]
+    threshold = _threshold(p) if keep is not None else 0
+    native.fake_quant(x, scale, zp, qmax, keep, threshold, *bufs)
+    return tuple(bufs) if derivatives else bufs[0]
+
+
+def _threshold(p: float) -> int:
+    return round(p * 256)
+
+
+def fake_quant_drop(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, keep, p: float | None, out=None
+) -> torch.Tensor:
+    """The forward values of :func:`fake_quant_ste` without autograd or derivatives (a Fisher
+    refresh's pass): the same values bit for bit from the same QDrop draws. ``out``: a buffer of
+    ``x``'s shape laid out like it (:func:`fimaq.quant.fake_quant.broadcast_buffer`) or None."""
+    zp = zero_point.detach()
+    if _is_raw(keep, p) or keep is None:
+        if not _use_compiled and native.applies(x, scale, zp):
+            return _native_kernel(x, scale.detach(), zp, 2**bits - 1, keep, p, derivatives=False, out=out)
+        if keep is not None:
+            keep = mask_from_bytes(keep, p, x.dtype, dense_order(x))
+    out = fake_quant(x, scale, zp, bits, out=out)
+    if keep is not None:
+        out = torch.lerp(x, out, keep.to(x.dtype), out=out)
+    return out
+
+
+def _is_raw(keep, p) -> bool:
+    return keep is not None and p is not None and keep.dtype == torch.uint8
 
 
 def _run_compiled(fn, *args):
@@ -110,18 +153,26 @@ def _run_compiled(fn, *args):
 
 
 class FakeQuantSTE(torch.autograd.Function):
-    """``fake_quant_ste(x, scale, zero_point, bits, keep)``; ``keep`` = float 0/1 QDrop mask or None.
+    """``fake_quant_ste(x, scale, zero_point, bits, keep, p)``; ``keep`` = float 0/1 QDrop mask, the
+    compiled kernel's ``uint8`` 0/1 one, raw bytes with ``p`` (:func:`mask_from_bytes`), or None.
 
     Masks are float tensors and selections are ``lerp``/multiplications: on CPU, boolean masks and
     ``torch.where`` cost several times more memory passes than float arithmetic.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, bits: int, keep):
+    def forward(ctx, x, scale, zero_point, bits: int, keep, p):
         zp = zero_point.detach()
-        args = (x, scale.detach(), zp, 2**bits - 1, keep)
         layer_use = broadcasts_to(scale.shape, x.shape) and broadcasts_to(zp.shape, x.shape)
         ctx.compiled = _use_compiled and layer_use
+        if (_is_raw(keep, p) or keep is None) and not ctx.compiled and native.applies(x, scale, zp):
+            out, dx, ds = _native_kernel(x, scale.detach(), zp, 2**bits - 1, keep, p)
+            ctx.save_for_backward(dx, ds)
+            ctx.x_shape, ctx.scale_shape, ctx.in_place = x.shape, scale.shape, True
+            return out
+        if _is_raw(keep, p):
+            keep = mask_from_bytes(keep, p, torch.uint8 if ctx.compiled else x.dtype, dense_order(x))
+        args = (x, scale.detach(), zp, 2**bits - 1, keep)
         if ctx.compiled:
             out, dx, ds = _run_compiled(_compiled, *args)
         elif not layer_use or (keep is not None and keep.dtype != x.dtype):
@@ -148,7 +199,7 @@ class FakeQuantSTE(torch.autograd.Function):
         else:
             gx, gs = _functional_backward(g, dx, ds, ctx.scale_shape, want_x, want_s)
             gx = gx.sum_to_size(ctx.x_shape) if gx is not None else None
-        return gx, gs, None, None, None
+        return gx, gs, None, None, None, None
 
 
 def fake_quant_ste(
@@ -157,11 +208,12 @@ def fake_quant_ste(
     zero_point: torch.Tensor,
     bits: int,
     keep: torch.Tensor | None = None,
+    p: float | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize with straight-through gradients to ``x`` and ``scale``; ``keep`` is a 0/1
-    mask (1 = quantized value, 0 = float value, QDrop; float, or ``uint8`` for the compiled kernel)
-    or None."""
-    return FakeQuantSTE.apply(x, scale, zero_point, bits, keep)
+    mask (1 = quantized value, 0 = float value, QDrop; float, or ``uint8`` for the compiled kernel),
+    the raw random bytes of one (``uint8`` with ``p``: 1 where ``byte < 256 p``), or None."""
+    return FakeQuantSTE.apply(x, scale, zero_point, bits, keep, p)
 
 
 def random_bytes(
@@ -179,12 +231,18 @@ def random_bytes(
 
 
 def mask_from_bytes(
-    byte: torch.Tensor, p: float, dtype: torch.dtype = torch.float32, order: tuple[int, ...] | None = None
+    byte: torch.Tensor,
+    p: float,
+    dtype: torch.dtype | None = torch.float32,
+    order: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """The 0/1 mask ``byte < 256 p`` (1 with probability ``p`` in steps of 1/256) as ``dtype``, laid out
-    in memory in ``order`` (:func:`dense_order` of the tensor it will be combined with)."""
+    in memory in ``order`` (:func:`dense_order` of the tensor it will be combined with); with
+    ``dtype`` None the bytes themselves (what the native kernel reads)."""
+    if dtype is None:
+        return byte
     shape, device = byte.shape, byte.device
-    threshold = round(p * 256)
+    threshold = _threshold(p)
     if dtype == torch.uint8:  # the compiled kernel's masks
         if threshold > 255:
             return empty_in_order(shape, order, dtype, device).fill_(1)
@@ -206,10 +264,10 @@ def bernoulli_mask(
     p: float,
     generator: torch.Generator | None,
     device: torch.device,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     order: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """A 0/1 mask that is 1 with probability ``p`` (in steps of 1/256), from random bytes
-    (:func:`random_bytes`, :func:`mask_from_bytes`). ``order`` changes only where the values lie in
-    memory, never which element gets which value."""
+    (:func:`random_bytes`, :func:`mask_from_bytes`; ``dtype`` None: the bytes). ``order`` changes
+    only where the values lie in memory, never which element gets which value."""
     return mask_from_bytes(random_bytes(shape, generator, device), p, dtype, order)

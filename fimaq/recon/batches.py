@@ -89,7 +89,7 @@ class BatchMasks:
         shape: torch.Size,
         p: float,
         device: torch.device,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         order: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         if self.rows is None:

@@ -1,0 +1,236 @@
+// Fused fake quantization with straight-through derivatives and QDrop, one pass over memory.
+//
+// For every element, in the order of the eager kernel's operations (fimaq/quant/ste.py), so that
+// every value is the same bit for bit:
+//   v = x / s;  r = rint(v) (half to even);  rc = clamp(r, -zp, qmax - zp);  inside = (r == rc)
+//   out = rc * s;  ds = rc - v * inside;  dx = inside
+// and with a QDrop byte b (kept where b < threshold, w = 1 or 0), as torch.lerp computes them:
+//   out = lerp(x, out, w);  ds = ds * w;  dx = lerp(1, inside, w)
+// dx and ds may be null (no derivatives: a pass without autograd). Operands are strided
+// n-dimensional arrays with dimensions ordered outermost first; out, dx and ds share strides.
+// No fast-math, no contraction: every operation is rounded as its eager counterpart.
+
+#include <cmath>
+#include <cstdint>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int kMaxDims = 8;
+
+struct Args {
+    const float* x;
+    const float* scale;
+    const float* zp;
+    const uint8_t* bytes;
+    float* out;
+    float* dx;
+    float* ds;
+    float qmax;
+    int threshold;
+    int nd;
+    int64_t shape[kMaxDims];
+    int64_t sx[kMaxDims], ss[kMaxDims], sz[kMaxDims], sb[kMaxDims], so[kMaxDims];
+};
+
+inline float lerp(float a, float b, float w) {
+    // torch.lerp's formula (exact here: w is 0 or 1); both sides computed, then one selected
+    const float low = a + w * (b - a);
+    const float high = b - (b - a) * (1.0f - w);
+    return std::fabs(w) < 0.5f ? low : high;
+}
+
+inline float clamp(float r, float lo, float hi) {
+    // as torch.clamp: a NaN stays NaN
+    return r < lo ? lo : (r > hi ? hi : r);
+}
+
+template <bool Mask, bool Derivatives>
+inline void element(float xv, float s, float z, float qmax, bool kept, float* out, float* dx, float* ds) {
+    const float v = xv / s;
+    const float r = std::rint(v);
+    const float rc = clamp(r, -z, qmax - z);
+    const float inside = r == rc ? 1.0f : 0.0f;
+    const float q = rc * s;
+    if (!Mask) {
+        *out = q;
+        if (Derivatives) {
+            *dx = inside;
+            *ds = rc - v * inside;
+        }
+        return;
+    }
+    const float w = kept ? 1.0f : 0.0f;
+    *out = lerp(xv, q, w);
+    if (Derivatives) {
+        *dx = lerp(1.0f, inside, w);
+        *ds = (rc - v * inside) * w;
+    }
+}
+
+// n contiguous elements of x and the outputs, with a contiguous run of bytes (Mask), one zero point
+// and one scale (ScaleRun false) or a contiguous run of scales (true); vectorised.
+template <bool Mask, bool Derivatives, bool ScaleRun>
+void contiguous(const float* __restrict x, const float* __restrict sp, float z, const uint8_t* __restrict b,
+                int thr, float qmax, float* __restrict out, float* __restrict dx, float* __restrict ds,
+                int64_t n) {
+    const float s0 = *sp;
+    for (int64_t i = 0; i < n; ++i) {
+        float o, d = 0.0f, e = 0.0f;
+        element<Mask, Derivatives>(x[i], ScaleRun ? sp[i] : s0, z, qmax, Mask && b[i] < thr, &o, &d, &e);
+        out[i] = o;
+        if (Derivatives) {
+            dx[i] = d;
+            ds[i] = e;
+        }
+    }
+}
+
+template <bool Mask, bool Derivatives, bool ScaleRun>
+void gathered(const float* x, const float* sp, float z, const uint8_t* b, int64_t sb, int thr, float qmax,
+              float* out, float* dx, float* ds, int64_t n) {
+    if (!Mask || sb == 1) {
+        contiguous<Mask, Derivatives, ScaleRun>(x, sp, z, b, thr, qmax, out, dx, ds, n);
+        return;
+    }
+    // bytes strided (a permuted operand: x in its memory order, the bytes in the logical one):
+    // gathered into a small contiguous block first, so that the arithmetic stays vectorised
+    constexpr int64_t kBlock = 512;
+    uint8_t block[kBlock];
+    for (int64_t i = 0; i < n; i += kBlock) {
+        const int64_t m = n - i < kBlock ? n - i : kBlock;
+        for (int64_t j = 0; j < m; ++j) block[j] = b[(i + j) * sb];
+        contiguous<Mask, Derivatives, ScaleRun>(x + i, ScaleRun ? sp + i : sp, z, block, thr, qmax, out + i,
+                                                Derivatives ? dx + i : nullptr, Derivatives ? ds + i : nullptr,
+                                                m);
+    }
+}
+
+// One run along the innermost dimension: n elements from the given offsets.
+template <bool Mask, bool Derivatives>
+void run(const Args& a, int64_t ox, int64_t os, int64_t oz, int64_t ob, int64_t oo, int64_t n) {
+    const int last = a.nd - 1;
+    const int64_t sx = a.sx[last], ss = a.ss[last], sz = a.sz[last], sb = a.sb[last], so = a.so[last];
+    const float* x = a.x + ox;
+    const float* sp = a.scale + os;
+    const float* zp = a.zp + oz;
+    const uint8_t* b = Mask ? a.bytes + ob : nullptr;
+    float* out = a.out + oo;
+    float* dx = Derivatives ? a.dx + oo : nullptr;
+    float* ds = Derivatives ? a.ds + oo : nullptr;
+    const float qmax = a.qmax;
+    const int thr = a.threshold;
+    if (sx == 1 && so == 1 && sz == 0 && (ss == 0 || ss == 1)) {
+        if (ss == 0) gathered<Mask, Derivatives, false>(x, sp, *zp, b, sb, thr, qmax, out, dx, ds, n);
+        else gathered<Mask, Derivatives, true>(x, sp, *zp, b, sb, thr, qmax, out, dx, ds, n);
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        float o, d = 0.0f, e = 0.0f;
+        element<Mask, Derivatives>(x[i * sx], sp[i * ss], zp[i * sz], qmax, Mask && b[i * sb] < thr, &o, &d, &e);
+        out[i * so] = o;
+        if (Derivatives) {
+            dx[i * so] = d;
+            ds[i * so] = e;
+        }
+    }
+}
+
+// Elements [begin, end) of the array in its dimension order.
+template <bool Mask, bool Derivatives>
+void range(const Args& a, int64_t begin, int64_t end) {
+    int64_t idx[kMaxDims];
+    int64_t rest = begin;
+    for (int d = a.nd - 1; d >= 0; --d) {
+        idx[d] = rest % a.shape[d];
+        rest /= a.shape[d];
+    }
+    const int last = a.nd - 1;
+    int64_t pos = begin;
+    while (pos < end) {
+        int64_t ox = 0, os = 0, oz = 0, ob = 0, oo = 0;
+        for (int d = 0; d < a.nd; ++d) {
+            ox += idx[d] * a.sx[d];
+            os += idx[d] * a.ss[d];
+            oz += idx[d] * a.sz[d];
+            ob += idx[d] * a.sb[d];
+            oo += idx[d] * a.so[d];
+        }
+        int64_t n = a.shape[last] - idx[last];
+        if (n > end - pos) n = end - pos;
+        run<Mask, Derivatives>(a, ox, os, oz, ob, oo, n);
+        pos += n;
+        idx[last] += n;
+        for (int d = last; d > 0 && idx[d] == a.shape[d]; --d) {
+            idx[d] = 0;
+            ++idx[d - 1];
+        }
+    }
+}
+
+template <bool Mask, bool Derivatives>
+void parallel(const Args& a, int64_t numel, int threads) {
+    // ATen's grain: no threads below 32768 elements
+    if (threads <= 1 || numel < 32768) {
+        range<Mask, Derivatives>(a, 0, numel);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
+#else
+        const int64_t t = 0, k = 1;
+#endif
+        const int64_t chunk = (numel + k - 1) / k;
+        const int64_t begin = t * chunk;
+        const int64_t end = begin + chunk < numel ? begin + chunk : numel;
+        if (begin < end) range<Mask, Derivatives>(a, begin, end);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int fimaq_fake_quant_version() { return 1; }
+
+// Shapes and strides (in elements) with dimensions ordered outermost first.
+int fimaq_fake_quant(const float* x, const float* scale, const float* zp, const uint8_t* bytes,
+                     float* out, float* dx, float* ds, float qmax, int threshold, int nd,
+                     const int64_t* shape, const int64_t* sx, const int64_t* ss, const int64_t* sz,
+                     const int64_t* sb, const int64_t* so, int threads) {
+    if (nd < 1 || nd > kMaxDims || (dx == nullptr) != (ds == nullptr)) return 1;
+    Args a;
+    a.x = x;
+    a.scale = scale;
+    a.zp = zp;
+    a.bytes = bytes;
+    a.out = out;
+    a.dx = dx;
+    a.ds = ds;
+    a.qmax = qmax;
+    a.threshold = threshold;
+    a.nd = nd;
+    int64_t numel = 1;
+    for (int d = 0; d < nd; ++d) {
+        a.shape[d] = shape[d];
+        a.sx[d] = sx[d];
+        a.ss[d] = ss[d];
+        a.sz[d] = sz[d];
+        a.sb[d] = bytes ? sb[d] : 0;
+        a.so[d] = so[d];
+        numel *= shape[d];
+    }
+    if (numel == 0) return 0;
+    const bool mask = bytes != nullptr, derivatives = dx != nullptr;
+    if (mask && derivatives) parallel<true, true>(a, numel, threads);
+    else if (mask) parallel<true, false>(a, numel, threads);
+    else if (derivatives) parallel<false, true>(a, numel, threads);
+    else parallel<false, false>(a, numel, threads);
+    return 0;
+}
+
+}  // extern "C"

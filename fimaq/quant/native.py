@@ -1,0 +1,206 @@
+"""The fused fake-quantization kernel in C++ (``native.cpp``): output, both straight-through
+derivatives and the QDrop selection in one pass over memory, with the same values bit for bit as
+the eager kernel of :mod:`fimaq.quant.ste`.
+
+On the CPU eager PyTorch makes one pass over memory per operation, about ten per quantizer; the
+fused pass reads the input and the QDrop bytes once and writes the three results once. The library
+is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``/``g++``; about a
+second) into ``$FIMAQ_CACHE`` (default ``~/.cache/fimaq``) and loaded with ``ctypes``; it runs on
+torch's OpenMP threads (``torch.get_num_threads()``). Without a compiler, or with
+``FIMAQ_NATIVE=0``, everything runs the eager kernel: the same values, more passes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.cpp")
+MAX_DIMS = 8
+# no contraction into FMA, no fast-math: each operation rounded as its eager counterpart. Without
+# errno and traps the compiler may select between computed values (branch-free, vectorised).
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
+_FLAGS += ["-fno-math-errno", "-fno-trapping-math"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_enabled = os.environ.get("FIMAQ_NATIVE", "1") != "0"
+
+
+def _arch_flags() -> list[str]:
+    """Vector instructions as wide as torch's own kernels use here (``ATEN_CPU_CAPABILITY`` included);
+    no FMA (no contraction either): the values are the same whatever the width."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
+    if capability == "AVX2":
+        return ["-mavx2"]
+    return ["-msse4.1"]  # rounding in vector registers; every x86-64 CPU that runs torch has it
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FIMAQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fimaq")
+    return Path(root)
+
+
+def _build() -> Path | None:
+    cxx = _compiler()
+    if cxx is None or not SOURCE.is_file():
+        return None
+    flags = _FLAGS + _arch_flags()
+    identity = SOURCE.read_bytes() + " ".join([cxx, *flags, sys.platform]).encode()
+    key = hashlib.sha256(identity).hexdigest()[:16]
+    for root in (_cache_dir(), Path(tempfile.gettempdir()) / "fimaq-cache"):
+        target = root / f"fake_quant_{key}.so"
+        if target.is_file():
+            return target
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+            os.close(fd)
+        except OSError:
+            continue
+        try:
+            subprocess.run(
+                [cxx, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=300
+            )
+            os.replace(tmp, target)  # atomic: processes building at once all load a whole file
+            return target
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", None) or str(exc)
+            log.info("fimaq: the fused fake-quant kernel did not compile (%s); eager passes", detail[:300])
+            return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None where it cannot be (or is switched off)."""
+    global _lib, _tried
+    if not _enabled:
+        return None
+    if not _tried:
+        _tried = True
+        path = _build()
+        if path is not None:
+            try:
+                lib = ctypes.CDLL(str(path))
+                fn = lib.fimaq_fake_quant
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+                fn.argtypes += [ctypes.POINTER(ctypes.c_int64)] * 6 + [ctypes.c_int]
+                _lib = lib
+            except (OSError, AttributeError) as exc:
+                log.info("fimaq: the fused fake-quant kernel did not load (%s); using eager passes", exc)
+    return _lib
+
+
+@contextmanager
+def enabled(on: bool = True) -> Iterator[None]:
+    """Use (or, with False, do not use) the native kernel inside the block."""
+    global _enabled
+    previous, _enabled = _enabled, on
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def applies(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> bool:
+    """Whether the kernel can quantize ``x``: float32 on the CPU, scale and zero point float32 of
+    shapes that broadcast to ``x``'s, at most eight dimensions, and the library available."""
+    if not (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and 0 < x.dim() <= MAX_DIMS):
+        return False
+    if scale.dtype != torch.float32 or zp.dtype != torch.float32 or scale.device != x.device:
+        return False
+    for p in (scale, zp):
+        lead = x.dim() - p.dim()
+        if lead < 0 or any(s != 1 and s != t for s, t in zip(p.shape, x.shape[lead:], strict=True)):
+            return False
+    return library() is not None
+
+
+def _strides(t: torch.Tensor, ndim: int, shape: torch.Size) -> list[int]:
+    """``t``'s strides broadcast to ``shape`` (0 along broadcast dimensions)."""
+    lead = ndim - t.dim()
+    out = [0] * lead
+    for d in range(t.dim()):
+        out.append(0 if t.shape[d] == 1 and shape[lead + d] != 1 else t.stride(d))
+    return out
+
+
+def _array(values: list[int]):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zp: torch.Tensor,
+    qmax: int,
+    keep: torch.Tensor | None,
+    threshold: int,
+    out: torch.Tensor,
+    dx: torch.Tensor | None = None,
+    ds: torch.Tensor | None = None,
+) -> None:
+    """Fill ``out`` (and ``dx``, ``ds``: both or neither) for ``x`` (see ``native.cpp``); ``keep``
+    holds QDrop bytes (``uint8`` of ``x``'s shape, the element keeps its quantized value where
+    ``byte < threshold``) or is None. ``out``, ``dx``, ``ds`` share one layout; callers check
+    :func:`applies`."""
+    lib = library()
+    shape = x.shape
+    nd = x.dim()
+    # walk the dimensions in the outputs' memory order (outermost first)
+    order = sorted(range(nd), key=lambda d: (-out.stride(d), d))
+    pick = lambda v: _array([v[d] for d in order])  # noqa: E731
+    scale = scale.detach()
+    zp = zp.detach()
+    if keep is not None:
+        assert keep.dtype == torch.uint8 and keep.shape == shape
+    status = lib.fimaq_fake_quant(
+        x.data_ptr(),
+        scale.data_ptr(),
+        zp.data_ptr(),
+        keep.data_ptr() if keep is not None else None,
+        out.data_ptr(),
+        dx.data_ptr() if dx is not None else None,
+        ds.data_ptr() if ds is not None else None,
+        float(qmax),
+        int(threshold),
+        nd,
+        pick(list(shape)),
+        pick(list(x.stride())),
+        pick(_strides(scale, nd, shape)),
+        pick(_strides(zp, nd, shape)),
+        pick(list(keep.stride()) if keep is not None else [0] * nd),
+        pick(list(out.stride())),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"fimaq native fake_quant failed (status {status})")

@@ -1,0 +1,126 @@
+"""The native fused fake-quant kernel: the same values bit for bit as the eager passes (output, both
+straight-through derivatives, the gradients, QDrop selections), on every operand layout a block
+hands it, on one and two threads; and the fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fimaq.layers.mode import set_quant_mode
+from fimaq.quant import native
+from fimaq.quant.quantizer import UniformQuantizer
+from fimaq.quant.ste import fake_quant_drop, fake_quant_ste, random_bytes
+from fimaq.recon.batches import BatchMasks
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: the eager kernel runs")
+
+
+def _operands(kind: str, g: torch.Generator):
+    """(x, scale, zero point) as a block's quantizers see them."""
+    if kind == "linear_input":  # per-token scale, one zero point
+        x = torch.randn(4, 9, 40, generator=g) * 3
+        return x, torch.rand(1, 9, 1, generator=g) + 0.2, torch.tensor([3.0])
+    qkv = torch.randn(4, 9, 3 * 2 * 40, generator=g) * 3
+    q, k, v = qkv.reshape(4, 9, 3, 2, 40).permute(2, 0, 3, 1, 4)  # strided views, as in attention
+    heads = torch.tensor([2.0, 5.0]).reshape(1, 2, 1, 1)
+    if kind == "q":  # per-row scale of the first product's left operand
+        return q, torch.rand(1, 2, 9, 1, generator=g) + 0.2, heads
+    if kind == "k_transposed":  # per-column scale, the operand a transposed view
+        return k.transpose(-2, -1), torch.rand(1, 2, 1, 9, generator=g) + 0.2, heads
+    if kind == "v":  # the scale varies along the innermost dimension in memory
+        return v, torch.rand(1, 2, 1, 40, generator=g) + 0.2, heads
+    # exact ties (x / s = n + 1/2), rounded half to even, and many clamped codes
+    x = (torch.randint(-12, 12, (3, 50, 30), generator=g).float() + 0.5) * 0.25
+    return x, torch.tensor(0.25), torch.tensor(3.0)
+
+
+KINDS = ["linear_input", "q", "k_transposed", "v", "ties"]
+
+
+def _run(x, s, zp, keep, p, upstream):
+    x = x.detach().requires_grad_()
+    s = s.detach().requires_grad_()
+    out = fake_quant_ste(x, s, zp, 3, keep, p)
+    gx, gs = torch.autograd.grad((out * upstream).sum(), [x, s])
+    return out.detach(), gx, gs
+
+
+@needs_native
+@pytest.mark.parametrize("p", [None, 0.5, 1.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_kernel_gives_the_eager_values_bit_for_bit(kind, p):
+    g = torch.Generator().manual_seed(0)
+    x, s, zp = _operands(kind, g)
+    assert native.applies(x, s, zp)
+    keep = random_bytes(x.shape, torch.Generator().manual_seed(1), x.device) if p is not None else None
+    upstream = torch.randn(x.shape, generator=g)
+    got = _run(x, s, zp, keep, p, upstream)
+    with native.enabled(False):
+        assert not native.applies(x, s, zp)
+        want = _run(x, s, zp, keep, p, upstream)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert got[0].stride() == want[0].stride()  # laid out like x, as the eager buffers
+    # the kernel did quantize: codes were clamped, and QDrop kept some float values
+    assert (got[0] != torch.round(x / s) * s).any()
+    if p == 0.5:
+        assert (got[0] == x).any() and (got[0] != x).any()
+    # no autograd (a Fisher refresh): the same values from the same bytes
+    assert torch.equal(fake_quant_drop(x, s, zp, 3, keep, p), want[0])
+
+
+@needs_native
+def test_native_kernel_on_two_threads_and_large_operands():
+    """Above ATen's grain (32768 elements) the kernel splits the work across threads; the values do
+    not depend on the split."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 65, 384, generator=g)[:, :, 64:320] * 2  # not contiguous, 133120 elements
+    s, zp = torch.rand(1, 65, 1, generator=g) + 0.1, torch.tensor([4.0])
+    keep = random_bytes(x.shape, g, x.device)
+    upstream = torch.randn(x.shape, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_run(x, s, zp, keep, 0.25, upstream))
+        with native.enabled(False):
+            results.append(_run(x, s, zp, keep, 0.25, upstream))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("grad", [True, False])
+def test_quantizer_draws_the_same_masks_with_and_without_the_native_kernel(grad):
+    """Through a training quantizer with QDrop: the native kernel reads the raw bytes, the eager one
+    a float mask made from them; the generator advances the same and the output is the same."""
+    x = torch.randn(4, 2, 9, 40, generator=torch.Generator().manual_seed(0)).transpose(-2, -1) * 3
+    q = UniformQuantizer(3, (1, 2, 1, 9), (1, 2, 1, 1))
+    q.set_qparams(torch.rand(1, 2, 1, 9) + 0.2, torch.tensor([2.0, 5.0]).reshape(1, 2, 1, 1))
+    outs = []
+    for on in (True, False):
+        masks = BatchMasks(torch.Generator().manual_seed(5))
+        set_quant_mode(q, enabled=True, train=True, qdrop=0.5, masks=masks)
+        with native.enabled(on), torch.set_grad_enabled(grad):
+            outs.append(q(x).detach())
+        outs.append(torch.rand(3, generator=masks.generator))
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
+def test_without_a_compiler_the_eager_kernel_runs(monkeypatch, tmp_path):
+    """No C++ compiler: no library, ``applies`` is False, and quantizing still works."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("FIMAQ_CACHE", str(tmp_path))
+    x, s, zp = _operands("q", torch.Generator().manual_seed(0))
+    assert native.library() is None and not native.applies(x, s, zp)
+    keep = random_bytes(x.shape, torch.Generator().manual_seed(1), x.device)
+    out = fake_quant_ste(x, s, zp, 3, keep, 0.5)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not list(tmp_path.iterdir())
