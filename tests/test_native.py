@@ -49,12 +49,17 @@ def _run(x, s, zp, keep, p, upstream):
 @needs_native
 @pytest.mark.parametrize("p", [None, 0.5, 1.0])
 @pytest.mark.parametrize("kind", KINDS)
-def test_native_kernel_gives_the_eager_values_bit_for_bit(kind, p):
+@pytest.mark.parametrize("upstream_layout", ["contiguous", "transposed"])
+def test_native_kernel_gives_the_eager_values_bit_for_bit(kind, p, upstream_layout):
+    """The same output, input gradient and scale gradient bit for bit; the upstream gradient in the
+    layout of the saved derivatives or another (one pass, or the products apart)."""
     g = torch.Generator().manual_seed(0)
     x, s, zp = _operands(kind, g)
     assert native.applies(x, s, zp)
     keep = random_bytes(x.shape, torch.Generator().manual_seed(1), x.device) if p is not None else None
     upstream = torch.randn(x.shape, generator=g)
+    if upstream_layout == "transposed":
+        upstream = upstream.transpose(0, -1).contiguous().transpose(0, -1)
     got = _run(x, s, zp, keep, p, upstream)
     with native.enabled(False):
         assert not native.applies(x, s, zp)

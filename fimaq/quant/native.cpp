@@ -5,9 +5,10 @@
 //   v = x / s;  r = rint(v) (half to even);  rc = clamp(r, -zp, qmax - zp);  inside = (r == rc)
 //   out = rc * s;  ds = rc - v * inside;  dx = inside
 // and with a QDrop byte b (kept where b < threshold, w = 1 or 0), as torch.lerp computes them:
-//   out = lerp(x, out, w);  ds = ds * w;  dx = lerp(1, inside, w)
+//   out = lerp(x, out, w);  ds = ds * w;  dx = lerp(1, inside, w) = (w ? inside : 1)
 // dx and ds may be null (no derivatives: a pass without autograd). Operands are strided
 // n-dimensional arrays with dimensions ordered outermost first; out, dx and ds share strides.
+// The backward pass (fimaq_fake_quant_backward) multiplies the upstream gradient by both.
 // No fast-math, no contraction: every operation is rounded as its eager counterpart.
 
 #include <cmath>
@@ -20,6 +21,14 @@ namespace {
 
 constexpr int kMaxDims = 8;
 
+// A walk over an n-dimensional index space (dimensions outermost first) with the strides, in
+// elements, of up to five arrays.
+struct Walk {
+    int nd;
+    int64_t shape[kMaxDims];
+    int64_t stride[5][kMaxDims];
+};
+
 struct Args {
     const float* x;
     const float* scale;
@@ -30,9 +39,7 @@ struct Args {
     float* ds;
     float qmax;
     int threshold;
-    int nd;
-    int64_t shape[kMaxDims];
-    int64_t sx[kMaxDims], ss[kMaxDims], sz[kMaxDims], sb[kMaxDims], so[kMaxDims];
+    Walk walk;  // arrays: x, scale, zero point, bytes, outputs
 };
 
 inline float lerp(float a, float b, float w) {
@@ -110,9 +117,11 @@ void gathered(const float* x, const float* sp, float z, const uint8_t* b, int64_
 
 // One run along the innermost dimension: n elements from the given offsets.
 template <bool Mask, bool Derivatives>
-void run(const Args& a, int64_t ox, int64_t os, int64_t oz, int64_t ob, int64_t oo, int64_t n) {
-    const int last = a.nd - 1;
-    const int64_t sx = a.sx[last], ss = a.ss[last], sz = a.sz[last], sb = a.sb[last], so = a.so[last];
+void run(const Args& a, const int64_t* off, int64_t n) {
+    const int last = a.walk.nd - 1;
+    const int64_t(&st)[5][kMaxDims] = a.walk.stride;
+    const int64_t sx = st[0][last], ss = st[1][last], sz = st[2][last], sb = st[3][last], so = st[4][last];
+    const int64_t ox = off[0], os = off[1], oz = off[2], ob = off[3], oo = off[4];
     const float* x = a.x + ox;
     const float* sp = a.scale + os;
     const float* zp = a.zp + oz;
@@ -138,43 +147,43 @@ void run(const Args& a, int64_t ox, int64_t os, int64_t oz, int64_t ob, int64_t 
     }
 }
 
-// Elements [begin, end) of the array in its dimension order.
-template <bool Mask, bool Derivatives>
-void range(const Args& a, int64_t begin, int64_t end) {
+// Elements [begin, end) of the walk, in runs along the innermost dimension: f(offsets, n).
+template <typename F>
+void walk_range(const Walk& w, int arrays, int64_t begin, int64_t end, F f) {
     int64_t idx[kMaxDims];
     int64_t rest = begin;
-    for (int d = a.nd - 1; d >= 0; --d) {
-        idx[d] = rest % a.shape[d];
-        rest /= a.shape[d];
+    for (int d = w.nd - 1; d >= 0; --d) {
+        idx[d] = rest % w.shape[d];
+        rest /= w.shape[d];
     }
-    const int last = a.nd - 1;
+    const int last = w.nd - 1;
     int64_t pos = begin;
     while (pos < end) {
-        int64_t ox = 0, os = 0, oz = 0, ob = 0, oo = 0;
-        for (int d = 0; d < a.nd; ++d) {
-            ox += idx[d] * a.sx[d];
-            os += idx[d] * a.ss[d];
-            oz += idx[d] * a.sz[d];
-            ob += idx[d] * a.sb[d];
-            oo += idx[d] * a.so[d];
+        int64_t off[5] = {0, 0, 0, 0, 0};
+        for (int k = 0; k < arrays; ++k) {
+            for (int d = 0; d < w.nd; ++d) off[k] += idx[d] * w.stride[k][d];
         }
-        int64_t n = a.shape[last] - idx[last];
+        int64_t n = w.shape[last] - idx[last];
         if (n > end - pos) n = end - pos;
-        run<Mask, Derivatives>(a, ox, os, oz, ob, oo, n);
+        f(off, n);
         pos += n;
         idx[last] += n;
-        for (int d = last; d > 0 && idx[d] == a.shape[d]; --d) {
+        for (int d = last; d > 0 && idx[d] == w.shape[d]; --d) {
             idx[d] = 0;
             ++idx[d - 1];
         }
     }
 }
 
-template <bool Mask, bool Derivatives>
-void parallel(const Args& a, int64_t numel, int threads) {
-    // ATen's grain: no threads below 32768 elements
+// The whole walk on up to `threads` threads, split into contiguous ranges of its elements (ATen's
+// grain: no threads below 32768 elements).
+template <typename F>
+void walk_all(const Walk& w, int arrays, int threads, F f) {
+    int64_t numel = 1;
+    for (int d = 0; d < w.nd; ++d) numel *= w.shape[d];
+    if (numel == 0) return;
     if (threads <= 1 || numel < 32768) {
-        range<Mask, Derivatives>(a, 0, numel);
+        walk_range(w, arrays, 0, numel, f);
         return;
     }
 #pragma omp parallel num_threads(threads)
@@ -187,22 +196,37 @@ void parallel(const Args& a, int64_t numel, int threads) {
         const int64_t chunk = (numel + k - 1) / k;
         const int64_t begin = t * chunk;
         const int64_t end = begin + chunk < numel ? begin + chunk : numel;
-        if (begin < end) range<Mask, Derivatives>(a, begin, end);
+        if (begin < end) walk_range(w, arrays, begin, end, f);
     }
+}
+
+bool make_walk(Walk& w, int nd, const int64_t* shape, const int64_t* const* strides, int arrays) {
+    if (nd < 1 || nd > kMaxDims) return false;
+    w.nd = nd;
+    for (int d = 0; d < nd; ++d) {
+        w.shape[d] = shape[d];
+        for (int k = 0; k < arrays; ++k) w.stride[k][d] = strides[k] ? strides[k][d] : 0;
+    }
+    return true;
+}
+
+template <bool Mask, bool Derivatives>
+void forward(const Args& a, int threads) {
+    walk_all(a.walk, 5, threads, [&a](const int64_t* off, int64_t n) { run<Mask, Derivatives>(a, off, n); });
 }
 
 }  // namespace
 
 extern "C" {
 
-int fimaq_fake_quant_version() { return 1; }
+int fimaq_fake_quant_version() { return 2; }
 
 // Shapes and strides (in elements) with dimensions ordered outermost first.
 int fimaq_fake_quant(const float* x, const float* scale, const float* zp, const uint8_t* bytes,
                      float* out, float* dx, float* ds, float qmax, int threshold, int nd,
                      const int64_t* shape, const int64_t* sx, const int64_t* ss, const int64_t* sz,
                      const int64_t* sb, const int64_t* so, int threads) {
-    if (nd < 1 || nd > kMaxDims || (dx == nullptr) != (ds == nullptr)) return 1;
+    if ((dx == nullptr) != (ds == nullptr)) return 1;
     Args a;
     a.x = x;
     a.scale = scale;
@@ -213,23 +237,41 @@ int fimaq_fake_quant(const float* x, const float* scale, const float* zp, const 
     a.ds = ds;
     a.qmax = qmax;
     a.threshold = threshold;
-    a.nd = nd;
-    int64_t numel = 1;
-    for (int d = 0; d < nd; ++d) {
-        a.shape[d] = shape[d];
-        a.sx[d] = sx[d];
-        a.ss[d] = ss[d];
-        a.sz[d] = sz[d];
-        a.sb[d] = bytes ? sb[d] : 0;
-        a.so[d] = so[d];
-        numel *= shape[d];
-    }
-    if (numel == 0) return 0;
+    const int64_t* strides[5] = {sx, ss, sz, bytes ? sb : nullptr, so};
+    if (!make_walk(a.walk, nd, shape, strides, 5)) return 1;
     const bool mask = bytes != nullptr, derivatives = dx != nullptr;
-    if (mask && derivatives) parallel<true, true>(a, numel, threads);
-    else if (mask) parallel<true, false>(a, numel, threads);
-    else if (derivatives) parallel<false, true>(a, numel, threads);
-    else parallel<false, false>(a, numel, threads);
+    if (mask && derivatives) forward<true, true>(a, threads);
+    else if (mask) forward<true, false>(a, threads);
+    else if (derivatives) forward<false, true>(a, threads);
+    else forward<false, false>(a, threads);
+    return 0;
+}
+
+// The backward pass, in place, over n elements of one dense layout shared by the three arrays:
+// dx = dx * g and ds = ds * g (either may be null: not wanted); the caller sums ds over the
+// broadcast dimensions (torch's reduction order).
+int fimaq_fake_quant_backward(const float* g, float* dx, float* ds, int64_t n, int threads) {
+    if (n < 0) return 1;
+    Walk w;
+    const int64_t one = 1;
+    const int64_t* strides[1] = {&one};
+    make_walk(w, 1, &n, strides, 1);
+    walk_all(w, 1, threads, [=](const int64_t* off, int64_t m) {
+        const float* __restrict gp = g + off[0];
+        float* __restrict xp = dx ? dx + off[0] : nullptr;
+        float* __restrict sp = ds ? ds + off[0] : nullptr;
+        if (xp && sp) {
+            for (int64_t i = 0; i < m; ++i) {
+                const float gi = gp[i];
+                xp[i] = xp[i] * gi;
+                sp[i] = sp[i] * gi;
+            }
+        } else if (xp) {
+            for (int64_t i = 0; i < m; ++i) xp[i] = xp[i] * gp[i];
+        } else if (sp) {
+            for (int64_t i = 0; i < m; ++i) sp[i] = sp[i] * gp[i];
+        }
+    });
     return 0;
 }
 

@@ -114,6 +114,9 @@ def library() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
                 fn.argtypes += [ctypes.POINTER(ctypes.c_int64)] * 6 + [ctypes.c_int]
+                back = lib.fimaq_fake_quant_backward
+                back.restype = ctypes.c_int
+                back.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
                 _lib = lib
             except (OSError, AttributeError) as exc:
                 log.info("fimaq: the fused fake-quant kernel did not load (%s); using eager passes", exc)
@@ -171,7 +174,7 @@ def fake_quant(
 ) -> None:
     """Fill ``out`` (and ``dx``, ``ds``: both or neither) for ``x`` (see ``native.cpp``); ``keep``
     holds QDrop bytes (``uint8`` of ``x``'s shape, the element keeps its quantized value where
-    ``byte < threshold``) or is None. ``out``, ``dx``, ``ds`` share one layout; callers check
+    ``byte < threshold``) or is None. ``out``, ``dx`` and ``ds`` share one layout; callers check
     :func:`applies`."""
     lib = library()
     shape = x.shape
@@ -204,3 +207,31 @@ def fake_quant(
     )
     if status != 0:
         raise RuntimeError(f"fimaq native fake_quant failed (status {status})")
+
+
+def backward_applies(g: torch.Tensor, ds: torch.Tensor) -> bool:
+    """Whether :func:`backward` can take ``g``: float32 on the CPU, laid out like the saved ``ds``
+    (a dense buffer of the forward's)."""
+    return (
+        g.dtype == torch.float32
+        and g.device.type == "cpu"
+        and g.shape == ds.shape
+        and g.stride() == ds.stride()
+    )
+
+
+def backward(
+    g: torch.Tensor, dx: torch.Tensor, ds: torch.Tensor, want_x: bool, want_s: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(g * dx, g * ds)`` in one pass into the saved buffers (``None`` where not wanted). Callers
+    check :func:`backward_applies`."""
+    status = library().fimaq_fake_quant_backward(
+        g.data_ptr(),
+        dx.data_ptr() if want_x else None,
+        ds.data_ptr() if want_s else None,
+        g.numel(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"fimaq native fake_quant backward failed (status {status})")
+    return (dx if want_x else None), (ds if want_s else None)

@@ -108,9 +108,10 @@ def _native_kernel(x: torch.Tensor, scale, zp, qmax: int, keep, p, derivatives: 
     """``(x_hat, dx, ds)`` (or ``x_hat`` alone, into ``out`` when given) from the native kernel, in
     buffers laid out like ``x``; ``keep``: raw bytes (``p``) or None."""
     order = dense_order(x)
-    bufs = [empty_in_order(x.shape, order, x.dtype, x.device) for _ in range(3 if derivatives else 1)]
-    if out is not None and not derivatives:
-        bufs = [out]
+    if derivatives:
+        bufs = [empty_in_order(x.shape, order, x.dtype, x.device) for _ in range(3)]
+    else:
+        bufs = [out if out is not None else empty_in_order(x.shape, order, x.dtype, x.device)]
     threshold = _threshold(p) if keep is not None else 0
     native.fake_quant(x, scale, zp, qmax, keep, threshold, *bufs)
     return tuple(bufs) if derivatives else bufs[0]
@@ -168,8 +169,9 @@ class FakeQuantSTE(torch.autograd.Function):
         if (_is_raw(keep, p) or keep is None) and not ctx.compiled and native.applies(x, scale, zp):
             out, dx, ds = _native_kernel(x, scale.detach(), zp, 2**bits - 1, keep, p)
             ctx.save_for_backward(dx, ds)
-            ctx.x_shape, ctx.scale_shape, ctx.in_place = x.shape, scale.shape, True
+            ctx.x_shape, ctx.scale_shape, ctx.in_place, ctx.native = x.shape, scale.shape, True, True
             return out
+        ctx.native = False
         if _is_raw(keep, p):
             keep = mask_from_bytes(keep, p, torch.uint8 if ctx.compiled else x.dtype, dense_order(x))
         args = (x, scale.detach(), zp, 2**bits - 1, keep)
@@ -189,7 +191,12 @@ class FakeQuantSTE(torch.autograd.Function):
     def backward(ctx, g):
         dx, ds = ctx.saved_tensors
         want_x, want_s = ctx.needs_input_grad[:2]
-        if ctx.compiled:
+        if ctx.native and native.backward_applies(g, ds):
+            # one pass into the saved buffers; the scale's gradient summed by torch from the same
+            # product in the same layout as the eager passes
+            gx, gs = native.backward(g, dx, ds, want_x, want_s)
+            gs = gs.sum_to_size(ctx.scale_shape) if gs is not None else None
+        elif ctx.compiled:
             gx, gs = _run_compiled(_compiled_backward, g, dx, ds, ctx.scale_shape, want_x, want_s)
         elif ctx.in_place and g.shape == dx.shape and g.stride() == ds.stride():
             # into the saved buffers (no fresh allocations), where the product's layout and so the
