@@ -148,17 +148,33 @@ def applies(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> bool:
     return library() is not None
 
 
-def _strides(t: torch.Tensor, ndim: int, shape: torch.Size) -> list[int]:
-    """``t``'s strides broadcast to ``shape`` (0 along broadcast dimensions)."""
-    lead = ndim - t.dim()
-    out = [0] * lead
-    for d in range(t.dim()):
-        out.append(0 if t.shape[d] == 1 and shape[lead + d] != 1 else t.stride(d))
-    return out
+def _strides(t: torch.Tensor, x: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides broadcast to ``x``'s shape (0 along broadcast dimensions)."""
+    lead = x.dim() - t.dim()
+    shape = x.shape
+    return (0,) * lead + tuple(
+        0 if t.shape[d] == 1 and shape[lead + d] != 1 else t.stride(d) for d in range(t.dim())
+    )
 
 
-def _array(values: list[int]):
-    return (ctypes.c_int64 * len(values))(*values)
+_walks: dict[tuple, tuple] = {}
+
+
+def _walk(shape, out_strides, *operand_strides):
+    """The shape and each operand's strides (None: absent, zeros) as ``ctypes`` arrays, dimensions in
+    the outputs' memory order (outermost first); the shape, then the operands, then the outputs'.
+    Cached: a block asks for the same few layouts every step."""
+    key = (tuple(shape), tuple(out_strides), operand_strides)
+    walk = _walks.get(key)
+    if walk is None:
+        nd = len(shape)
+        order = sorted(range(nd), key=lambda d: (-out_strides[d], d))
+        lists = [shape, *(st if st is not None else (0,) * nd for st in operand_strides), out_strides]
+        walk = tuple((ctypes.c_int64 * nd)(*[int(v[d]) for d in order]) for v in lists)
+        if len(_walks) > 4096:
+            _walks.clear()
+        _walks[key] = walk
+    return walk
 
 
 def fake_quant(
@@ -176,17 +192,13 @@ def fake_quant(
     holds QDrop bytes (``uint8`` of ``x``'s shape, the element keeps its quantized value where
     ``byte < threshold``) or is None. ``out``, ``dx`` and ``ds`` share one layout; callers check
     :func:`applies`."""
-    lib = library()
-    shape = x.shape
-    nd = x.dim()
-    # walk the dimensions in the outputs' memory order (outermost first)
-    order = sorted(range(nd), key=lambda d: (-out.stride(d), d))
-    pick = lambda v: _array([v[d] for d in order])  # noqa: E731
     scale = scale.detach()
     zp = zp.detach()
     if keep is not None:
-        assert keep.dtype == torch.uint8 and keep.shape == shape
-    status = lib.fimaq_fake_quant(
+        assert keep.dtype == torch.uint8 and keep.shape == x.shape
+    bytes_strides = tuple(keep.stride()) if keep is not None else None
+    walk = _walk(x.shape, out.stride(), x.stride(), _strides(scale, x), _strides(zp, x), bytes_strides)
+    status = library().fimaq_fake_quant(
         x.data_ptr(),
         scale.data_ptr(),
         zp.data_ptr(),
@@ -196,13 +208,8 @@ def fake_quant(
         ds.data_ptr() if ds is not None else None,
         float(qmax),
         int(threshold),
-        nd,
-        pick(list(shape)),
-        pick(list(x.stride())),
-        pick(_strides(scale, nd, shape)),
-        pick(_strides(zp, nd, shape)),
-        pick(list(keep.stride()) if keep is not None else [0] * nd),
-        pick(list(out.stride())),
+        x.dim(),
+        *walk,
         torch.get_num_threads(),
     )
     if status != 0:
