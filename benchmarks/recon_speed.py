@@ -30,6 +30,7 @@ from fimaq.config import FisherConfig, QuantSpec, ReconConfig
 from fimaq.layers.mode import quant_mode
 from fimaq.models import create_fp_model
 from fimaq.models.swap import example_input, quantize_model
+from fimaq.quant import native
 from fimaq.quant.ste import compiled_kernel
 from fimaq.recon import recon_units, reconstruct_model
 from fimaq.recon.cache import capture_unit
@@ -73,23 +74,32 @@ class InterleavedClock(StepClock):
 
     every = 4
 
-    def __init__(self, plain) -> None:
+    def __init__(self, plain, alternate_native: bool = False) -> None:
         super().__init__()
         self.plain = plain
         self.times: list[float] = []
         self.plain_times: list[float] = []
+        # with alternate_native, every other run of `every` steps goes without the native kernels
+        # (the same values): both kinds of step sampled over the same minutes, after plain passes alike
+        self.alternate_native = alternate_native
+        self.eager_times: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch_idx % self.every == 0:
             t0 = time.perf_counter()
             self.plain()
             self.plain_times.append(time.perf_counter() - t0)
+        if self.alternate_native:
+            native._enabled = (batch_idx // self.every) % 2 == 0
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         t0 = self.started
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.times.append(time.perf_counter() - t0)
+        eager = self.alternate_native and not native._enabled
+        (self.eager_times if eager else self.times).append(time.perf_counter() - t0)
+        if self.alternate_native:
+            native._enabled = True
 
 
 def refresh_seconds(
@@ -164,6 +174,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="recon.compile: the fused fake-quant kernel")
+    parser.add_argument(
+        "--native-ab",
+        action="store_true",
+        help="every other step without the native kernels (medians of both)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -201,7 +216,7 @@ def main() -> None:
     clocks: list[InterleavedClock] = []
 
     def new_clock() -> InterleavedClock:  # the driver's clock for the unit
-        clocks.append(InterleavedClock(plain_step))
+        clocks.append(InterleavedClock(plain_step, args.native_ab))
         return clocks[-1]
 
     driver.StepClock = new_clock
@@ -214,7 +229,8 @@ def main() -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     where = f"{args.images} images, device {args.device}"
     print(
-        f"{args.arch} {kwargs} unit {args.unit}, W{args.bits}/A{args.bits}, {where}, compile {args.compile}"
+        f"{args.arch} {kwargs} unit {args.unit}, W{args.bits}/A{args.bits}, {where}, compile {args.compile}, "
+        f"native kernels {native.library() is not None and native._enabled}"
     )
     print(machine_line())
     print("| measure | value |\n|---|---|")
@@ -226,6 +242,14 @@ def main() -> None:
         f"step / plain | {step_median * 1e3:.1f} / {plain_median * 1e3:.1f} ms = "
         f"{step_median / plain_median:.2f} (difference {(step_median - plain_median) * 1e3:.2f} ms) |"
     )
+    if args.native_ab:
+        eager_median = statistics.median(clock.eager_times[2:])
+        print(
+            f"| the same, every other {InterleavedClock.every} steps without the native kernels, medians: "
+            f"step / plain | "
+            f"{eager_median * 1e3:.1f} / {plain_median * 1e3:.1f} ms = {eager_median / plain_median:.2f} "
+            f"(native {step_median * 1e3:.1f} ms, {100 * (1 - step_median / eager_median):.0f}% less) |"
+        )
     print(f"| {args.iters} steps + {min(args.rank, args.iters)} Fisher refreshes | {train:.1f} s |")
     print(f"| Fisher refreshes | {refresh:.1f} s ({100 * refresh / train:.0f}% of the unit's training) |")
     n_ref = refresh_images.shape[0]

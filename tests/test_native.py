@@ -129,3 +129,53 @@ def test_without_a_compiler_the_eager_kernel_runs(monkeypatch, tmp_path):
     out = fake_quant_ste(x, s, zp, 3, keep, 0.5)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert not list(tmp_path.iterdir())
+
+
+@needs_native
+@pytest.mark.parametrize("with_h_grad", [True, False])
+def test_soft_weight_kernels_give_the_eager_values_bit_for_bit(with_h_grad):
+    """AdaRound's soft weight and ``h`` (forward) and the gradient of ``alpha`` (backward): the same
+    bits as the eager passes, with offsets clipped at 0 and 1 and codes clamped at both ends."""
+    from fimaq.quant.adaround import SoftWeight
+
+    g = torch.Generator().manual_seed(4)
+    rows, cols = 48, 1000  # above the threads' grain
+    alpha = (torch.randn(rows, cols, generator=g) * 4).requires_grad_()
+    floor = torch.randint(-3, 9, (rows, cols), generator=g).float()
+    zp = torch.randint(0, 8, (rows, 1), generator=g).float()
+    scale = torch.rand(rows, 1, generator=g) + 0.05
+    upstream = torch.randn(rows, cols, generator=g)
+    upstream_h = torch.randn(rows, cols, generator=g)
+    results = []
+    for on in (True, False):
+        with native.enabled(on):
+            w, h = SoftWeight.apply(alpha, floor, zp, scale, 7)
+            loss = (w * upstream).sum() + ((h * upstream_h).sum() if with_h_grad else 0)
+            (ga,) = torch.autograd.grad(loss, [alpha])
+        results.append((w.detach(), h.detach(), ga))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    w, h, _ = results[0]
+    assert (h == 0).any() and (h == 1).any() and ((h > 0) & (h < 1)).any()
+    codes = torch.round(w / scale + zp)
+    assert (codes == 0).any() and (codes == 7).any()
+
+
+@needs_native
+def test_rounding_penalty_kernels_give_the_eager_values_bit_for_bit():
+    """The rounding regulariser and its gradient, offsets at 0, 1/2 (u = 0: the 0/0 of the gradient)
+    and 1 included."""
+    from fimaq.quant.adaround import RoundingPenalty
+
+    g = torch.Generator().manual_seed(6)
+    h = torch.rand(300, 200, generator=g)
+    h[0, :3] = torch.tensor([0.0, 0.5, 1.0])
+    results = []
+    for on in (True, False):
+        hh = h.clone().requires_grad_()
+        with native.enabled(on):
+            value = RoundingPenalty.apply(hh, 7.3)
+            (grad,) = torch.autograd.grad(value * 0.37, [hh])
+        results.append((value.detach(), grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][1][0, 1] == 0 and torch.isfinite(results[0][1]).all()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fimaq.quant import native
 from fimaq.quant.quantizer import UniformQuantizer
 from fimaq.quant.rounding import LearnedRounding, attach_rounding, finalize_rounding
 
@@ -40,6 +41,14 @@ class SoftWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, floor, zp, scale, qmax: int):
         sig = torch.sigmoid(alpha)
+        ctx.native = native.soft_weight_applies(sig, floor, zp, scale) and zp.shape == scale.shape == (
+            len(floor),
+            1,
+        )
+        if ctx.native:  # the passes below fused into one (the same values)
+            w, h, inner, outer = native.soft_weight(sig, floor, zp, scale, ZETA - GAMMA, GAMMA, qmax)
+            ctx.save_for_backward(sig, inner, outer, scale)
+            return w, h
         y = torch.mul(sig, ZETA - GAMMA).add_(GAMMA)
         h = torch.clamp(y, 0, 1)
         inner = torch.eq(h, y, out=y)  # 1.0 where 0 <= y <= 1: where the clamp passes gradients
@@ -52,6 +61,14 @@ class SoftWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_weight, g_h):
         sig, inner, outer, scale = ctx.saved_tensors
+        if ctx.native and native.soft_weight_applies(g_weight, *([g_h] if g_h is not None else [])):
+            return (
+                native.soft_weight_backward(g_weight, g_h, scale, outer, inner, sig, ZETA - GAMMA),
+                None,
+                None,
+                None,
+                None,
+            )
         t = torch.mul(g_weight, scale).mul_(outer)
         if g_h is not None:
             t.add_(g_h)
@@ -65,8 +82,12 @@ class RoundingPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, beta: float) -> torch.Tensor:
-        u = h * 2 - 1
-        p = u.abs().pow_(beta)
+        if native.soft_weight_applies(h):  # u and |u| in one pass (the same values)
+            u, p = native.penalty_prepare(h)
+            p = p.pow_(beta)
+        else:
+            u = h * 2 - 1
+            p = u.abs().pow_(beta)
         ctx.save_for_backward(u, p)
         ctx.beta = beta
         return (1 - p).sum()
@@ -74,8 +95,11 @@ class RoundingPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         u, p = ctx.saved_tensors
+        c = g * (-2 * ctx.beta)
+        if native.soft_weight_applies(p, u, c):
+            return native.penalty_grad(p, u, c), None
         grad = torch.div(p, u).nan_to_num_(0.0)  # |u|^beta / u = sign(u) |u|^(beta - 1); 0/0 at u = 0
-        return grad.mul_(g * (-2 * ctx.beta)), None
+        return grad.mul_(c), None
 
 
 def beta_schedule(step: int, iters: int, warmup: float, start: float, end: float) -> float:

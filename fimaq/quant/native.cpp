@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -215,6 +216,26 @@ void forward(const Args& a, int threads) {
     walk_all(a.walk, 5, threads, [&a](const int64_t* off, int64_t n) { run<Mask, Derivatives>(a, off, n); });
 }
 
+// Rows [0, rows) of a contiguous (rows, cols) array on up to `threads` threads (ATen's grain).
+template <typename F>
+void rows_all(int64_t rows, int64_t cols, int threads, F f) {
+    const int k = threads > 1 && rows * cols >= 32768 ? threads : 1;
+#pragma omp parallel for num_threads(k) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) f(r);
+}
+
+// Elements [0, n) of flat arrays in contiguous ranges on up to `threads` threads: f(begin, end).
+template <typename F>
+void flat_all(int64_t n, int threads, F f) {
+    const int k = threads > 1 && n >= 32768 ? threads : 1;
+#pragma omp parallel for num_threads(k) schedule(static)
+    for (int c = 0; c < k; ++c) {
+        const int64_t chunk = (n + k - 1) / k;
+        const int64_t begin = c * chunk, end = begin + chunk < n ? begin + chunk : n;
+        if (begin < end) f(begin, end);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -270,6 +291,97 @@ int fimaq_fake_quant_backward(const float* g, float* dx, float* ds, int64_t n, i
             for (int64_t i = 0; i < m; ++i) xp[i] = xp[i] * gp[i];
         } else if (sp) {
             for (int64_t i = 0; i < m; ++i) sp[i] = sp[i] * gp[i];
+        }
+    });
+    return 0;
+}
+
+// AdaRound's soft weight from sig = sigmoid(alpha) (torch's), every array a contiguous
+// (rows, cols) one but zp and scale (one per row), in the eager SoftWeight's operations:
+//   y = sig * c1 + c2;  h = clamp(y, 0, 1);  inner = (h == y);  c = floor + h + zp;
+//   q = clamp(c, 0, qmax);  outer = (q == c);  w = (q - zp) * s
+int fimaq_soft_weight(const float* sig, const float* floor, const float* zp, const float* scale, float* w,
+                      float* h, float* inner, float* outer, float c1, float c2, float qmax, int64_t rows,
+                      int64_t cols, int threads) {
+    if (rows < 0 || cols < 0) return 1;
+    rows_all(rows, cols, threads, [=](int64_t r) {
+        const int64_t o = r * cols;
+        const float z = zp[r], s = scale[r];
+        const float* __restrict sp = sig + o;
+        const float* __restrict fp = floor + o;
+        float* __restrict wp = w + o;
+        float* __restrict hp = h + o;
+        float* __restrict ip = inner + o;
+        float* __restrict op = outer + o;
+        for (int64_t i = 0; i < cols; ++i) {
+            const float t = sp[i] * c1;
+            const float y = t + c2;
+            const float hv = clamp(y, 0.0f, 1.0f);
+            const float c = (fp[i] + hv) + z;
+            const float q = clamp(c, 0.0f, qmax);
+            hp[i] = hv;
+            ip[i] = hv == y ? 1.0f : 0.0f;
+            op[i] = q == c ? 1.0f : 0.0f;
+            wp[i] = (q - z) * s;
+        }
+    });
+    return 0;
+}
+
+// Its backward: out = sigmoid_backward(((g * s) * outer + gh) * inner * c1, sig) with torch's
+// sigmoid_backward a * (1 - b) * b; gh may be null.
+int fimaq_soft_weight_backward(const float* g, const float* gh, const float* scale, const float* outer,
+                               const float* inner, const float* sig, float* out, float c1, int64_t rows,
+                               int64_t cols, int threads) {
+    if (rows < 0 || cols < 0) return 1;
+    rows_all(rows, cols, threads, [=](int64_t r) {
+        const int64_t o = r * cols;
+        const float s = scale[r];
+        const float* __restrict gp = g + o;
+        const float* __restrict op = outer + o;
+        const float* __restrict ip = inner + o;
+        const float* __restrict sp = sig + o;
+        float* __restrict dst = out + o;
+        if (gh != nullptr) {
+            const float* __restrict hp = gh + o;
+            for (int64_t i = 0; i < cols; ++i) {
+                const float t = (((gp[i] * s) * op[i] + hp[i]) * ip[i]) * c1;
+                dst[i] = (t * (1.0f - sp[i])) * sp[i];
+            }
+        } else {
+            for (int64_t i = 0; i < cols; ++i) {
+                const float t = (((gp[i] * s) * op[i]) * ip[i]) * c1;
+                dst[i] = (t * (1.0f - sp[i])) * sp[i];
+            }
+        }
+    });
+    return 0;
+}
+
+// AdaRound's rounding penalty sum(1 - |u|^beta), u = 2h - 1, around torch's power: u = h * 2 - 1
+// and a = |u| in one pass; then the gradient's factor nan_to_num(p / u) * c (p = a^beta; NaN at
+// u = 0 becomes 0, infinities the largest finite values, as torch.nan_to_num) in one pass.
+int fimaq_penalty_prepare(const float* h, float* u, float* a, int64_t n, int threads) {
+    if (n < 0) return 1;
+    flat_all(n, threads, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const float v = h[i] * 2.0f - 1.0f;
+            u[i] = v;
+            a[i] = std::fabs(v);
+        }
+    });
+    return 0;
+}
+
+int fimaq_penalty_grad(const float* p, const float* u, float c, float* out, int64_t n, int threads) {
+    if (n < 0) return 1;
+    const float big = std::numeric_limits<float>::max();
+    flat_all(n, threads, [=](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            float q = p[i] / u[i];
+            q = q != q ? 0.0f : q;
+            q = q > big ? big : (q < -big ? -big : q);
+            out[i] = q * c;
         }
     });
     return 0;

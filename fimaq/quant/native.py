@@ -114,6 +114,21 @@ def library() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
                 fn.argtypes += [ctypes.POINTER(ctypes.c_int64)] * 6 + [ctypes.c_int]
+                soft = lib.fimaq_soft_weight
+                soft.restype = ctypes.c_int
+                soft.argtypes = (
+                    [ctypes.c_void_p] * 8 + [ctypes.c_float] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                )
+                soft_back = lib.fimaq_soft_weight_backward
+                soft_back.restype = ctypes.c_int
+                soft_back.argtypes = (
+                    [ctypes.c_void_p] * 7 + [ctypes.c_float] + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                )
+                for name in ("fimaq_penalty_prepare", "fimaq_penalty_grad"):
+                    getattr(lib, name).restype = ctypes.c_int
+                lib.fimaq_penalty_prepare.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
+                lib.fimaq_penalty_grad.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_void_p]
+                lib.fimaq_penalty_grad.argtypes += [ctypes.c_int64, ctypes.c_int]
                 back = lib.fimaq_fake_quant_backward
                 back.restype = ctypes.c_int
                 back.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
@@ -242,3 +257,60 @@ def backward(
     if status != 0:
         raise RuntimeError(f"fimaq native fake_quant backward failed (status {status})")
     return (dx if want_x else None), (ds if want_s else None)
+
+
+def soft_weight_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the soft-weight kernels take these: float32, contiguous, on the CPU, library loaded."""
+    ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    return _enabled and ok and library() is not None
+
+
+def soft_weight(sig, floor, zp, scale, c1: float, c2: float, qmax: int):
+    """``(w, h, inner, outer)`` of AdaRound's soft weight from ``sig = sigmoid(alpha)`` (``native.cpp``):
+    the same values bit for bit as the eager passes of :class:`fimaq.quant.adaround.SoftWeight`."""
+    w, h, inner, outer = (torch.empty_like(floor) for _ in range(4))
+    rows = floor.shape[0]
+    status = library().fimaq_soft_weight(
+        sig.data_ptr(), floor.data_ptr(), zp.data_ptr(), scale.data_ptr(), w.data_ptr(), h.data_ptr(),
+        inner.data_ptr(), outer.data_ptr(), c1, c2, float(qmax), rows, floor.numel() // max(rows, 1),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"fimaq native soft weight failed (status {status})")
+    return w, h, inner, outer
+
+
+def soft_weight_backward(g, gh, scale, outer, inner, sig, c1: float) -> torch.Tensor:
+    """The gradient of ``alpha`` (see :func:`soft_weight`); ``gh`` may be None."""
+    out = torch.empty_like(sig)
+    rows = sig.shape[0]
+    status = library().fimaq_soft_weight_backward(
+        g.data_ptr(), gh.data_ptr() if gh is not None else None, scale.data_ptr(), outer.data_ptr(),
+        inner.data_ptr(), sig.data_ptr(), out.data_ptr(), c1, rows, sig.numel() // max(rows, 1),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"fimaq native soft weight backward failed (status {status})")
+    return out
+
+
+def penalty_prepare(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, |u|)`` with ``u = h * 2 - 1`` in one pass (``h``: see :func:`soft_weight_applies`)."""
+    u, a = torch.empty_like(h), torch.empty_like(h)
+    status = library().fimaq_penalty_prepare(
+        h.data_ptr(), u.data_ptr(), a.data_ptr(), h.numel(), torch.get_num_threads()
+    )
+    if status != 0:
+        raise RuntimeError(f"fimaq native penalty failed (status {status})")
+    return u, a
+
+
+def penalty_grad(p: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``nan_to_num(p / u) * c`` in one pass (``c``: a one-element float32 tensor)."""
+    out = torch.empty_like(u)
+    status = library().fimaq_penalty_grad(
+        p.data_ptr(), u.data_ptr(), float(c), out.data_ptr(), u.numel(), torch.get_num_threads()
+    )
+    if status != 0:
+        raise RuntimeError(f"fimaq native penalty gradient failed (status {status})")
+    return out
