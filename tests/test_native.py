@@ -179,3 +179,28 @@ def test_rounding_penalty_kernels_give_the_eager_values_bit_for_bit():
         results.append((value.detach(), grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert results[0][1][0, 1] == 0 and torch.isfinite(results[0][1]).all()
+
+
+@needs_native
+def test_native_random_words_are_torchs_draws_and_state():
+    """The QDrop bytes' 64-bit draws: torch.randint's values and generator state after, also across
+    the twister's regeneration and from the default generator; a mask drawn from them is the same."""
+    assert native.random_words(1, torch.Generator().manual_seed(0)) is not None  # the self-test passed
+    ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for count in (1, 311, 312, 313, 5000, 3):
+        mine = native.random_words(count, ours)
+        want = torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=theirs)
+        assert torch.equal(mine, want) and torch.equal(ours.get_state(), theirs.get_state())
+    saved = torch.default_generator.get_state()
+    try:
+        torch.manual_seed(3)
+        mine = native.random_words(100, None)
+        torch.manual_seed(3)
+        assert torch.equal(mine, torch.randint(-(2**63), 2**63 - 1, (100,), dtype=torch.int64))
+    finally:
+        torch.default_generator.set_state(saved)
+    masks = []
+    for on in (True, False):
+        with native.enabled(on):
+            masks.append(random_bytes((7, 300), torch.Generator().manual_seed(2), torch.device("cpu")))
+    assert torch.equal(masks[0], masks[1]) and 0.45 < (masks[0] < 128).float().mean() < 0.55

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #ifdef _OPENMP
 #include <omp.h>
@@ -384,6 +385,81 @@ int fimaq_penalty_grad(const float* p, const float* u, float c, float* out, int6
             out[i] = q * c;
         }
     });
+    return 0;
+}
+
+// torch.randint(-2**63, 2**63 - 1, (count,), dtype=int64) on a CPU generator, the same values and
+// the same generator state after: the Mersenne twister (mt19937) of torch's CPU generator, two
+// 32-bit outputs per value (the first the high half), reduced modulo 2**64 - 1 and shifted by
+// -2**63. `st` is the generator's state as torch.Generator.get_state() returns it (the legacy
+// layout: `left` an int32 at byte 8, `next` a uint64 at 16, the 624 state words as uint64 from 24),
+// read and updated in place; the caller checks the layout against torch once (a self-test).
+int fimaq_mt_randint64(uint8_t* st, uint64_t* out, int64_t count) {
+    constexpr int kN = 624, kM = 397;
+    constexpr uint32_t kMatrixA = 0x9908b0dfu, kUpper = 0x80000000u, kLower = 0x7fffffffu;
+    int32_t left;
+    uint64_t next64;
+    std::memcpy(&left, st + 8, 4);
+    std::memcpy(&next64, st + 16, 8);
+    const uint16_t probe = 1;
+    uint8_t little;
+    std::memcpy(&little, &probe, 1);
+    if (left < 1 || left > kN || next64 > static_cast<uint64_t>(kN) || little != 1) return 1;
+    uint32_t state[kN];
+    for (int i = 0; i < kN; ++i) {
+        uint64_t w;
+        std::memcpy(&w, st + 24 + 8 * i, 8);
+        state[i] = static_cast<uint32_t>(w);
+    }
+    uint32_t next = static_cast<uint32_t>(next64);
+    auto twist = [](uint32_t u, uint32_t v) { return (((u & kUpper) | (v & kLower)) >> 1) ^ (v & 1u ? kMatrixA : 0u); };
+    auto regenerate = [&]() {
+        int j = 0;
+        for (; j < kN - kM; ++j) state[j] = state[j + kM] ^ twist(state[j], state[j + 1]);
+        for (; j < kN - 1; ++j) state[j] = state[j + kM - kN] ^ twist(state[j], state[j + 1]);
+        state[kN - 1] = state[kM - 1] ^ twist(state[kN - 1], state[0]);
+        left = kN;
+        next = 0;
+    };
+    auto temper = [](uint32_t y) {
+        y ^= (y >> 11);
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        y ^= (y >> 18);
+        return y;
+    };
+    // the 32-bit outputs in order into out's memory, runs of stored words tempered at once
+    uint32_t* words = reinterpret_cast<uint32_t*>(out);
+    int64_t m = 2 * count;
+    while (m > 0) {
+        const int64_t avail = left - 1;  // draws before one regenerates the state
+        if (avail == 0) {
+            regenerate();  // the draw that finds left at 1 regenerates, then takes word 0
+            *words++ = temper(state[next++]);
+            --m;
+            continue;
+        }
+        const int64_t k = avail < m ? avail : m;
+        const uint32_t* src = state + next;
+        for (int64_t i = 0; i < k; ++i) words[i] = temper(src[i]);
+        words += k;
+        next += static_cast<uint32_t>(k);
+        left -= static_cast<int32_t>(k);
+        m -= k;
+    }
+    for (int64_t i = 0; i < count; ++i) {
+        const uint64_t w = out[i];  // the first output in the low half (little endian)
+        uint64_t v = (w << 32) | (w >> 32);  // first output high, second low
+        v = v == ~uint64_t(0) ? 0 : v;  // v % (2**64 - 1)
+        out[i] = v + (uint64_t(1) << 63);  // + (-2**63) modulo 2**64
+    }
+    std::memcpy(st + 8, &left, 4);
+    next64 = next;
+    std::memcpy(st + 16, &next64, 8);
+    for (int i = 0; i < kN; ++i) {
+        const uint64_t w = state[i];
+        std::memcpy(st + 24 + 8 * i, &w, 8);
+    }
     return 0;
 }
 

@@ -129,6 +129,8 @@ def library() -> ctypes.CDLL | None:
                 lib.fimaq_penalty_prepare.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
                 lib.fimaq_penalty_grad.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_void_p]
                 lib.fimaq_penalty_grad.argtypes += [ctypes.c_int64, ctypes.c_int]
+                lib.fimaq_mt_randint64.restype = ctypes.c_int
+                lib.fimaq_mt_randint64.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
                 back = lib.fimaq_fake_quant_backward
                 back.restype = ctypes.c_int
                 back.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
@@ -314,3 +316,50 @@ def penalty_grad(p: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> torch.Ten
     if status != 0:
         raise RuntimeError(f"fimaq native penalty gradient failed (status {status})")
     return out
+
+
+_random_checked: bool | None = None
+
+
+def random_words(count: int, generator: torch.Generator | None) -> torch.Tensor | None:
+    """``torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, generator=generator)`` on the CPU:
+    the same values and the same generator state after, without the 64-bit division per value that
+    torch's kernel makes. None where it does not apply (no library; a layout of the generator's state
+    that the self-test, run once, did not confirm)."""
+    global _random_checked
+    if library() is None or (_random_checked is False):
+        return None
+    if _random_checked is None:
+        _random_checked = _random_self_test()
+        if not _random_checked:
+            log.info("fimaq: torch's generator state is not laid out as expected; random draws stay torch's")
+            return None
+    gen = generator if generator is not None else torch.default_generator
+    state = gen.get_state()
+    out = torch.empty(count, dtype=torch.int64)
+    if library().fimaq_mt_randint64(state.data_ptr(), out.data_ptr(), count) != 0:
+        return None
+    gen.set_state(state)
+    return out
+
+
+def _draw(count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator)
+
+
+def _random_self_test() -> bool:
+    """The native draws against torch's: values and generator states, across the twister's regeneration
+    of its 624 words and from a state in the middle of them."""
+    global _random_checked
+    _random_checked = True  # random_words itself is what is tested
+    try:
+        ours, theirs = torch.Generator().manual_seed(20251130), torch.Generator().manual_seed(20251130)
+        for count in (5, 700, 1, 1500):
+            mine = random_words(count, ours)
+            if mine is None or not torch.equal(mine, _draw(count, theirs)):
+                return False
+            if not torch.equal(ours.get_state(), theirs.get_state()):
+                return False
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False

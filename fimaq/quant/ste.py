@@ -227,13 +227,17 @@ def random_bytes(
     shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
     """Uniform random bytes of ``shape`` (contiguous ``uint8``); one 64-bit draw gives eight bytes, an
-    eighth of the generator calls of ``rand``."""
+    eighth of the generator calls of ``rand``. On the CPU the draws come from the native kernel where
+    it applies (:func:`fimaq.quant.native.random_words`: the same values and generator state)."""
     n = 1
     for s in shape:
         n *= int(s)
-    words = torch.randint(
-        -(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, generator=generator, device=device
-    )
+    count = (n + 7) // 8
+    words = native.random_words(count, generator) if torch.device(device).type == "cpu" else None
+    if words is None:
+        words = torch.randint(
+            -(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator, device=device
+        )
     return words.view(torch.uint8)[:n].reshape(shape)
 
 
