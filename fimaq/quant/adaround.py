@@ -41,9 +41,9 @@ class SoftWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, floor, zp, scale, qmax: int):
         sig = torch.sigmoid(alpha)
-        ctx.native = native.soft_weight_applies(sig, floor, zp, scale) and zp.shape == scale.shape == (
-            len(floor),
-            1,
+        rows = (floor.shape[0], 1)  # one zero point and scale per row
+        ctx.native = (
+            floor.dim() == 2 and zp.shape == scale.shape == rows and native.takes(sig, floor, zp, scale)
         )
         if ctx.native:  # the passes below fused into one (the same values)
             w, h, inner, outer = native.soft_weight(sig, floor, zp, scale, ZETA - GAMMA, GAMMA, qmax)
@@ -61,7 +61,7 @@ class SoftWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_weight, g_h):
         sig, inner, outer, scale = ctx.saved_tensors
-        if ctx.native and native.soft_weight_applies(g_weight, *([g_h] if g_h is not None else [])):
+        if ctx.native and native.takes(g_weight, *([g_h] if g_h is not None else [])):
             return (
                 native.soft_weight_backward(g_weight, g_h, scale, outer, inner, sig, ZETA - GAMMA),
                 None,
@@ -82,7 +82,7 @@ class RoundingPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, beta: float) -> torch.Tensor:
-        if native.soft_weight_applies(h):  # u and |u| in one pass (the same values)
+        if native.takes(h):  # u and |u| in one pass (the same values)
             u, p = native.penalty_prepare(h)
             p = p.pow_(beta)
         else:
@@ -96,7 +96,7 @@ class RoundingPenalty(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         u, p = ctx.saved_tensors
         c = g * (-2 * ctx.beta)
-        if native.soft_weight_applies(p, u, c):
+        if native.takes(p, u, c):
             return native.penalty_grad(p, u, c), None
         grad = torch.div(p, u).nan_to_num_(0.0)  # |u|^beta / u = sign(u) |u|^(beta - 1); 0/0 at u = 0
         return grad.mul_(c), None

@@ -241,8 +241,6 @@ void flat_all(int64_t n, int threads, F f) {
 
 extern "C" {
 
-int fimaq_fake_quant_version() { return 2; }
-
 // Shapes and strides (in elements) with dimensions ordered outermost first.
 int fimaq_fake_quant(const float* x, const float* scale, const float* zp, const uint8_t* bytes,
                      float* out, float* dx, float* ds, float qmax, int threshold, int nd,

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from fimaq.quant.fake_quant import broadcasts_to
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -158,10 +160,8 @@ def applies(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> bool:
         return False
     if scale.dtype != torch.float32 or zp.dtype != torch.float32 or scale.device != x.device:
         return False
-    for p in (scale, zp):
-        lead = x.dim() - p.dim()
-        if lead < 0 or any(s != 1 and s != t for s, t in zip(p.shape, x.shape[lead:], strict=True)):
-            return False
+    if not (broadcasts_to(scale.shape, x.shape) and broadcasts_to(zp.shape, x.shape)):
+        return False
     return library() is not None
 
 
@@ -261,8 +261,9 @@ def backward(
     return (dx if want_x else None), (ds if want_s else None)
 
 
-def soft_weight_applies(*tensors: torch.Tensor) -> bool:
-    """Whether the soft-weight kernels take these: float32, contiguous, on the CPU, library loaded."""
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether the flat kernels (soft weight, rounding penalty) take these: float32, contiguous, on
+    the CPU, and the library available."""
     ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
     return _enabled and ok and library() is not None
 
@@ -297,7 +298,7 @@ def soft_weight_backward(g, gh, scale, outer, inner, sig, c1: float) -> torch.Te
 
 
 def penalty_prepare(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, |u|)`` with ``u = h * 2 - 1`` in one pass (``h``: see :func:`soft_weight_applies`)."""
+    """``(u, |u|)`` with ``u = h * 2 - 1`` in one pass (``h``: see :func:`takes`)."""
     u, a = torch.empty_like(h), torch.empty_like(h)
     status = library().fimaq_penalty_prepare(
         h.data_ptr(), u.data_ptr(), a.data_ptr(), h.numel(), torch.get_num_threads()
