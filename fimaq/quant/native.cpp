@@ -1,5 +1,8 @@
-// Fused fake quantization with straight-through derivatives and QDrop, one pass over memory.
+// fimaq's native kernels: fused fake quantization with straight-through derivatives and QDrop,
+// AdaRound's soft weight and rounding penalty, and torch's CPU random draws; one pass over memory
+// each, the eager values bit for bit (fimaq/quant/native.py builds and calls them).
 //
+// Fake quantization:
 // For every element, in the order of the eager kernel's operations (fimaq/quant/ste.py), so that
 // every value is the same bit for bit:
 //   v = x / s;  r = rint(v) (half to even);  rc = clamp(r, -zp, qmax - zp);  inside = (r == rc)
@@ -15,9 +18,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -177,29 +177,25 @@ void walk_range(const Walk& w, int arrays, int64_t begin, int64_t end, F f) {
     }
 }
 
-// The whole walk on up to `threads` threads, split into contiguous ranges of its elements (ATen's
-// grain: no threads below 32768 elements).
+// Elements [0, n) in contiguous ranges on up to `threads` threads: f(begin, end) (ATen's grain: no
+// threads below 32768 elements).
+template <typename F>
+void flat_all(int64_t n, int threads, F f) {
+    const int k = threads > 1 && n >= 32768 ? threads : 1;
+#pragma omp parallel for num_threads(k) schedule(static)
+    for (int c = 0; c < k; ++c) {
+        const int64_t chunk = (n + k - 1) / k;
+        const int64_t begin = c * chunk, end = begin + chunk < n ? begin + chunk : n;
+        if (begin < end) f(begin, end);
+    }
+}
+
+// The whole walk on up to `threads` threads, split into contiguous ranges of its elements.
 template <typename F>
 void walk_all(const Walk& w, int arrays, int threads, F f) {
     int64_t numel = 1;
     for (int d = 0; d < w.nd; ++d) numel *= w.shape[d];
-    if (numel == 0) return;
-    if (threads <= 1 || numel < 32768) {
-        walk_range(w, arrays, 0, numel, f);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
-#else
-        const int64_t t = 0, k = 1;
-#endif
-        const int64_t chunk = (numel + k - 1) / k;
-        const int64_t begin = t * chunk;
-        const int64_t end = begin + chunk < numel ? begin + chunk : numel;
-        if (begin < end) walk_range(w, arrays, begin, end, f);
-    }
+    flat_all(numel, threads, [&](int64_t begin, int64_t end) { walk_range(w, arrays, begin, end, f); });
 }
 
 bool make_walk(Walk& w, int nd, const int64_t* shape, const int64_t* const* strides, int arrays) {
@@ -223,18 +219,6 @@ void rows_all(int64_t rows, int64_t cols, int threads, F f) {
     const int k = threads > 1 && rows * cols >= 32768 ? threads : 1;
 #pragma omp parallel for num_threads(k) schedule(static)
     for (int64_t r = 0; r < rows; ++r) f(r);
-}
-
-// Elements [0, n) of flat arrays in contiguous ranges on up to `threads` threads: f(begin, end).
-template <typename F>
-void flat_all(int64_t n, int threads, F f) {
-    const int k = threads > 1 && n >= 32768 ? threads : 1;
-#pragma omp parallel for num_threads(k) schedule(static)
-    for (int c = 0; c < k; ++c) {
-        const int64_t chunk = (n + k - 1) / k;
-        const int64_t begin = c * chunk, end = begin + chunk < n ? begin + chunk : n;
-        if (begin < end) f(begin, end);
-    }
 }
 
 }  // namespace
@@ -272,14 +256,11 @@ int fimaq_fake_quant(const float* x, const float* scale, const float* zp, const 
 // broadcast dimensions (torch's reduction order).
 int fimaq_fake_quant_backward(const float* g, float* dx, float* ds, int64_t n, int threads) {
     if (n < 0) return 1;
-    Walk w;
-    const int64_t one = 1;
-    const int64_t* strides[1] = {&one};
-    make_walk(w, 1, &n, strides, 1);
-    walk_all(w, 1, threads, [=](const int64_t* off, int64_t m) {
-        const float* __restrict gp = g + off[0];
-        float* __restrict xp = dx ? dx + off[0] : nullptr;
-        float* __restrict sp = ds ? ds + off[0] : nullptr;
+    flat_all(n, threads, [=](int64_t begin, int64_t end) {
+        const int64_t m = end - begin;
+        const float* __restrict gp = g + begin;
+        float* __restrict xp = dx ? dx + begin : nullptr;
+        float* __restrict sp = ds ? ds + begin : nullptr;
         if (xp && sp) {
             for (int64_t i = 0; i < m; ++i) {
                 const float gi = gp[i];

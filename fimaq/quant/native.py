@@ -1,13 +1,14 @@
-"""The fused fake-quantization kernel in C++ (``native.cpp``): output, both straight-through
-derivatives and the QDrop selection in one pass over memory, with the same values bit for bit as
-the eager kernel of :mod:`fimaq.quant.ste`.
+"""fimaq's native kernels in C++ (``native.cpp``), each the eager computation's values bit for bit:
+fake quantization with both straight-through derivatives and the QDrop selection (the eager kernel
+of :mod:`fimaq.quant.ste`), AdaRound's soft weight and rounding penalty around torch's sigmoid and
+power (:mod:`fimaq.quant.adaround`), and the QDrop draws of torch's CPU generator.
 
-On the CPU eager PyTorch makes one pass over memory per operation, about ten per quantizer; the
-fused pass reads the input and the QDrop bytes once and writes the three results once. The library
+On the CPU eager PyTorch makes one pass over memory per operation, about ten per quantizer; a
+fused pass reads its inputs once and writes its results once. The library
 is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``/``g++``; about a
 second) into ``$FIMAQ_CACHE`` (default ``~/.cache/fimaq``) and loaded with ``ctypes``; it runs on
 torch's OpenMP threads (``torch.get_num_threads()``). Without a compiler, or with
-``FIMAQ_NATIVE=0``, everything runs the eager kernel: the same values, more passes.
+``FIMAQ_NATIVE=0``, everything runs eager PyTorch: the same values, more passes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ MAX_DIMS = 8
 # errno and traps the compiler may select between computed values (branch-free, vectorised).
 _FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
 _FLAGS += ["-fno-math-errno", "-fno-trapping-math"]
+
+_P, _F, _I, _N = ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_int64
+_DIMS = ctypes.POINTER(ctypes.c_int64)
+_SIGNATURES = {  # every function returns 0, or a nonzero status for arguments it refuses
+    "fimaq_fake_quant": [_P] * 7 + [_F, _I, _I] + [_DIMS] * 6 + [_I],
+    "fimaq_fake_quant_backward": [_P] * 3 + [_N, _I],
+    "fimaq_soft_weight": [_P] * 8 + [_F] * 3 + [_N] * 2 + [_I],
+    "fimaq_soft_weight_backward": [_P] * 7 + [_F] + [_N] * 2 + [_I],
+    "fimaq_penalty_prepare": [_P] * 3 + [_N, _I],
+    "fimaq_penalty_grad": [_P] * 2 + [_F, _P, _N, _I],
+    "fimaq_mt_randint64": [_P, _P, _N],
+}
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -93,7 +106,7 @@ def _build() -> Path | None:
             return target
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", None) or str(exc)
-            log.info("fimaq: the fused fake-quant kernel did not compile (%s); eager passes", detail[:300])
+            log.info("fimaq: the native kernels did not compile (%s); eager passes", detail[:300])
             return None
         finally:
             if os.path.exists(tmp):
@@ -112,34 +125,20 @@ def library() -> ctypes.CDLL | None:
         if path is not None:
             try:
                 lib = ctypes.CDLL(str(path))
-                fn = lib.fimaq_fake_quant
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-                fn.argtypes += [ctypes.POINTER(ctypes.c_int64)] * 6 + [ctypes.c_int]
-                soft = lib.fimaq_soft_weight
-                soft.restype = ctypes.c_int
-                soft.argtypes = (
-                    [ctypes.c_void_p] * 8 + [ctypes.c_float] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-                )
-                soft_back = lib.fimaq_soft_weight_backward
-                soft_back.restype = ctypes.c_int
-                soft_back.argtypes = (
-                    [ctypes.c_void_p] * 7 + [ctypes.c_float] + [ctypes.c_int64] * 2 + [ctypes.c_int]
-                )
-                for name in ("fimaq_penalty_prepare", "fimaq_penalty_grad"):
-                    getattr(lib, name).restype = ctypes.c_int
-                lib.fimaq_penalty_prepare.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
-                lib.fimaq_penalty_grad.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_void_p]
-                lib.fimaq_penalty_grad.argtypes += [ctypes.c_int64, ctypes.c_int]
-                lib.fimaq_mt_randint64.restype = ctypes.c_int
-                lib.fimaq_mt_randint64.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-                back = lib.fimaq_fake_quant_backward
-                back.restype = ctypes.c_int
-                back.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
+                for name, argtypes in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
             except (OSError, AttributeError) as exc:
-                log.info("fimaq: the fused fake-quant kernel did not load (%s); using eager passes", exc)
+                log.info("fimaq: the native kernels did not load (%s); eager passes", exc)
     return _lib
+
+
+def _call(name: str, *args) -> None:
+    """Run one kernel of the library (callers checked that it is there)."""
+    status = getattr(library(), name)(*args)
+    if status != 0:
+        raise RuntimeError(f"fimaq native {name} refused its arguments (status {status})")
 
 
 @contextmanager
@@ -215,7 +214,8 @@ def fake_quant(
         assert keep.dtype == torch.uint8 and keep.shape == x.shape
     bytes_strides = tuple(keep.stride()) if keep is not None else None
     walk = _walk(x.shape, out.stride(), x.stride(), _strides(scale, x), _strides(zp, x), bytes_strides)
-    status = library().fimaq_fake_quant(
+    _call(
+        "fimaq_fake_quant",
         x.data_ptr(),
         scale.data_ptr(),
         zp.data_ptr(),
@@ -229,8 +229,6 @@ def fake_quant(
         *walk,
         torch.get_num_threads(),
     )
-    if status != 0:
-        raise RuntimeError(f"fimaq native fake_quant failed (status {status})")
 
 
 def backward_applies(g: torch.Tensor, ds: torch.Tensor) -> bool:
@@ -249,15 +247,14 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(g * dx, g * ds)`` in one pass into the saved buffers (``None`` where not wanted). Callers
     check :func:`backward_applies`."""
-    status = library().fimaq_fake_quant_backward(
+    _call(
+        "fimaq_fake_quant_backward",
         g.data_ptr(),
         dx.data_ptr() if want_x else None,
         ds.data_ptr() if want_s else None,
         g.numel(),
         torch.get_num_threads(),
     )
-    if status != 0:
-        raise RuntimeError(f"fimaq native fake_quant backward failed (status {status})")
     return (dx if want_x else None), (ds if want_s else None)
 
 
@@ -273,13 +270,12 @@ def soft_weight(sig, floor, zp, scale, c1: float, c2: float, qmax: int):
     the same values bit for bit as the eager passes of :class:`fimaq.quant.adaround.SoftWeight`."""
     w, h, inner, outer = (torch.empty_like(floor) for _ in range(4))
     rows = floor.shape[0]
-    status = library().fimaq_soft_weight(
+    _call(
+        "fimaq_soft_weight",
         sig.data_ptr(), floor.data_ptr(), zp.data_ptr(), scale.data_ptr(), w.data_ptr(), h.data_ptr(),
         inner.data_ptr(), outer.data_ptr(), c1, c2, float(qmax), rows, floor.numel() // max(rows, 1),
         torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"fimaq native soft weight failed (status {status})")
     return w, h, inner, outer
 
 
@@ -287,35 +283,36 @@ def soft_weight_backward(g, gh, scale, outer, inner, sig, c1: float) -> torch.Te
     """The gradient of ``alpha`` (see :func:`soft_weight`); ``gh`` may be None."""
     out = torch.empty_like(sig)
     rows = sig.shape[0]
-    status = library().fimaq_soft_weight_backward(
+    _call(
+        "fimaq_soft_weight_backward",
         g.data_ptr(), gh.data_ptr() if gh is not None else None, scale.data_ptr(), outer.data_ptr(),
         inner.data_ptr(), sig.data_ptr(), out.data_ptr(), c1, rows, sig.numel() // max(rows, 1),
         torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"fimaq native soft weight backward failed (status {status})")
     return out
 
 
 def penalty_prepare(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, |u|)`` with ``u = h * 2 - 1`` in one pass (``h``: see :func:`takes`)."""
     u, a = torch.empty_like(h), torch.empty_like(h)
-    status = library().fimaq_penalty_prepare(
-        h.data_ptr(), u.data_ptr(), a.data_ptr(), h.numel(), torch.get_num_threads()
+    _call(
+        "fimaq_penalty_prepare", h.data_ptr(), u.data_ptr(), a.data_ptr(), h.numel(), torch.get_num_threads()
     )
-    if status != 0:
-        raise RuntimeError(f"fimaq native penalty failed (status {status})")
     return u, a
 
 
 def penalty_grad(p: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``nan_to_num(p / u) * c`` in one pass (``c``: a one-element float32 tensor)."""
     out = torch.empty_like(u)
-    status = library().fimaq_penalty_grad(
-        p.data_ptr(), u.data_ptr(), float(c), out.data_ptr(), u.numel(), torch.get_num_threads()
+    _call(
+        "fimaq_penalty_grad",
+        p.data_ptr(),
+        u.data_ptr(),
+        float(c),
+        out.data_ptr(),
+        u.numel(),
+        torch.get_num_threads(),
     )
-    if status != 0:
-        raise RuntimeError(f"fimaq native penalty gradient failed (status {status})")
     return out
 
 
@@ -344,8 +341,9 @@ def random_words(count: int, generator: torch.Generator | None) -> torch.Tensor 
     return out
 
 
-def _draw(count: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator)
+def torch_words(count: int, generator: torch.Generator | None, device=None) -> torch.Tensor:
+    """The draws :func:`random_words` reproduces, from torch itself."""
+    return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator, device=device)
 
 
 def _random_self_test() -> bool:
@@ -357,7 +355,7 @@ def _random_self_test() -> bool:
         ours, theirs = torch.Generator().manual_seed(20251130), torch.Generator().manual_seed(20251130)
         for count in (5, 700, 1, 1500):
             mine = random_words(count, ours)
-            if mine is None or not torch.equal(mine, _draw(count, theirs)):
+            if mine is None or not torch.equal(mine, torch_words(count, theirs)):
                 return False
             if not torch.equal(ours.get_state(), theirs.get_state()):
                 return False

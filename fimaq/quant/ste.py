@@ -235,9 +235,7 @@ def random_bytes(
     count = (n + 7) // 8
     words = native.random_words(count, generator) if torch.device(device).type == "cpu" else None
     if words is None:
-        words = torch.randint(
-            -(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator, device=device
-        )
+        words = native.torch_words(count, generator, device)
     return words.view(torch.uint8)[:n].reshape(shape)
 
 
