@@ -98,20 +98,31 @@ void contiguous(const float* __restrict x, const float* __restrict sp, float z, 
 }
 
 template <bool Mask, bool Derivatives, bool ScaleRun>
-void gathered(const float* x, const float* sp, float z, const uint8_t* b, int64_t sb, int thr, float qmax,
-              float* out, float* dx, float* ds, int64_t n) {
-    if (!Mask || sb == 1) {
+void gathered(const float* x, int64_t sx, const float* sp, float z, const uint8_t* b, int64_t sb, int thr,
+              float qmax, float* out, float* dx, float* ds, int64_t n) {
+    if (sx == 1 && (!Mask || sb == 1)) {
         contiguous<Mask, Derivatives, ScaleRun>(x, sp, z, b, thr, qmax, out, dx, ds, n);
         return;
     }
-    // bytes strided (a permuted operand: x in its memory order, the bytes in the logical one):
-    // gathered into a small contiguous block first, so that the arithmetic stays vectorised
+    // x or the bytes strided (a permuted operand written in its logical order, or bytes drawn in
+    // x's memory order): gathered into small contiguous blocks first, so that the arithmetic stays
+    // vectorised
     constexpr int64_t kBlock = 512;
+    float xblock[kBlock];
     uint8_t block[kBlock];
     for (int64_t i = 0; i < n; i += kBlock) {
         const int64_t m = n - i < kBlock ? n - i : kBlock;
-        for (int64_t j = 0; j < m; ++j) block[j] = b[(i + j) * sb];
-        contiguous<Mask, Derivatives, ScaleRun>(x + i, ScaleRun ? sp + i : sp, z, block, thr, qmax, out + i,
+        const float* xs = x + i;
+        if (sx != 1) {
+            for (int64_t j = 0; j < m; ++j) xblock[j] = x[(i + j) * sx];
+            xs = xblock;
+        }
+        const uint8_t* bs = Mask ? b + i : nullptr;
+        if (Mask && sb != 1) {
+            for (int64_t j = 0; j < m; ++j) block[j] = b[(i + j) * sb];
+            bs = block;
+        }
+        contiguous<Mask, Derivatives, ScaleRun>(xs, ScaleRun ? sp + i : sp, z, bs, thr, qmax, out + i,
                                                 Derivatives ? dx + i : nullptr, Derivatives ? ds + i : nullptr,
                                                 m);
     }
@@ -133,9 +144,9 @@ void run(const Args& a, const int64_t* off, int64_t n) {
     float* ds = Derivatives ? a.ds + oo : nullptr;
     const float qmax = a.qmax;
     const int thr = a.threshold;
-    if (sx == 1 && so == 1 && sz == 0 && (ss == 0 || ss == 1)) {
-        if (ss == 0) gathered<Mask, Derivatives, false>(x, sp, *zp, b, sb, thr, qmax, out, dx, ds, n);
-        else gathered<Mask, Derivatives, true>(x, sp, *zp, b, sb, thr, qmax, out, dx, ds, n);
+    if (so == 1 && sz == 0 && (ss == 0 || ss == 1)) {
+        if (ss == 0) gathered<Mask, Derivatives, false>(x, sx, sp, *zp, b, sb, thr, qmax, out, dx, ds, n);
+        else gathered<Mask, Derivatives, true>(x, sx, sp, *zp, b, sb, thr, qmax, out, dx, ds, n);
         return;
     }
     for (int64_t i = 0; i < n; ++i) {

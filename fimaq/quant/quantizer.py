@@ -79,6 +79,5 @@ class UniformQuantizer(nn.Module):
             keep = self.masks(xf.shape, self.qdrop, xf.device, dtype, order=dense_order(xf))
             p = self.qdrop if dtype is None else None  # the bytes' threshold
         if not grad:  # the same values without the derivatives (a Fisher refresh)
-            buffer = broadcast_buffer(xf, scale, self.zero_point)
-            return fake_quant_drop(xf, scale, self.zero_point, self.bits, keep, p, out=buffer).to(x.dtype)
+            return fake_quant_drop(xf, scale, self.zero_point, self.bits, keep, p).to(x.dtype)
         return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep, p).to(x.dtype)

@@ -25,7 +25,14 @@ import torch
 
 from fimaq.errors import FimaqError
 from fimaq.quant import native
-from fimaq.quant.fake_quant import broadcasts_to, clamp_codes, dense_order, empty_in_order, fake_quant
+from fimaq.quant.fake_quant import (
+    broadcast_buffer,
+    broadcasts_to,
+    clamp_codes,
+    dense_order,
+    empty_in_order,
+    fake_quant,
+)
 
 Derivatives = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -104,14 +111,12 @@ def mask_dtype(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return None if native.applies(x, scale, zero_point) else x.dtype
 
 
-def _native_kernel(x: torch.Tensor, scale, zp, qmax: int, keep, p, derivatives: bool = True, out=None):
-    """``(x_hat, dx, ds)`` (or ``x_hat`` alone, into ``out`` when given) from the native kernel, in
-    buffers laid out like ``x``; ``keep``: raw bytes (``p``) or None."""
-    order = dense_order(x)
-    if derivatives:
-        bufs = [empty_in_order(x.shape, order, x.dtype, x.device) for _ in range(3)]
-    else:
-        bufs = [out if out is not None else empty_in_order(x.shape, order, x.dtype, x.device)]
+def _native_kernel(x: torch.Tensor, scale, zp, qmax: int, keep, p, derivatives: bool = True):
+    """``(x_hat, dx, ds)`` (or ``x_hat`` alone) from the native kernel; ``keep``: raw bytes (``p``) or
+    None. The buffers are contiguous, in ``x``'s logical order whatever its memory order: an
+    attention operand (a permuted view of the ``qkv`` output) then reaches its product without a
+    copy, and the product's backward hands over its gradient in the layout of the saved derivatives."""
+    bufs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3 if derivatives else 1)]
     threshold = _threshold(p) if keep is not None else 0
     native.fake_quant(x, scale, zp, qmax, keep, threshold, *bufs)
     return tuple(bufs) if derivatives else bufs[0]
@@ -122,18 +127,17 @@ def _threshold(p: float) -> int:
 
 
 def fake_quant_drop(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, keep, p: float | None, out=None
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, keep, p: float | None
 ) -> torch.Tensor:
     """The forward values of :func:`fake_quant_ste` without autograd or derivatives (a Fisher
-    refresh's pass): the same values bit for bit from the same QDrop draws. ``out``: a buffer of
-    ``x``'s shape laid out like it (:func:`fimaq.quant.fake_quant.broadcast_buffer`) or None."""
+    refresh's pass): the same values bit for bit from the same QDrop draws, in the same layout."""
     zp = zero_point.detach()
     if _is_raw(keep, p) or keep is None:
         if not _use_compiled and native.applies(x, scale, zp):
-            return _native_kernel(x, scale.detach(), zp, 2**bits - 1, keep, p, derivatives=False, out=out)
+            return _native_kernel(x, scale.detach(), zp, 2**bits - 1, keep, p, derivatives=False)
         if keep is not None:
             keep = mask_from_bytes(keep, p, x.dtype, dense_order(x))
-    out = fake_quant(x, scale, zp, bits, out=out)
+    out = fake_quant(x, scale, zp, bits, out=broadcast_buffer(x, scale, zp))  # laid out like x
     if keep is not None:
         out = torch.lerp(x, out, keep.to(x.dtype), out=out)
     return out
