@@ -7,11 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fimaq.config import FisherConfig, ReconConfig
 from fimaq.layers.mode import set_quant_mode
 from fimaq.quant import native
 from fimaq.quant.quantizer import UniformQuantizer
-from fimaq.quant.ste import fake_quant_drop, fake_quant_ste, random_bytes
+from fimaq.quant.ste import drop_threshold, fake_quant_drop, fake_quant_ste, mask_from_bytes, random_bytes
 from fimaq.recon.batches import BatchMasks
+from fimaq.recon.cache import UnitCache
+from fimaq.recon.module import BlockReconModule
+from fimaq.recon.units import Unit
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: the eager kernel runs")
 
@@ -206,3 +210,44 @@ def test_native_random_words_are_torchs_draws_and_state():
         with native.enabled(on):
             masks.append(random_bytes((7, 300), torch.Generator().manual_seed(2), torch.device("cpu")))
     assert torch.equal(masks[0], masks[1]) and 0.45 < (masks[0] < 128).float().mean() < 0.55
+
+
+@needs_native
+@pytest.mark.parametrize("p", [0.5, 1.0, 0.0])
+def test_input_mix_kernel_gives_the_rows_and_lerp_bit_for_bit(p):
+    """The step's QDrop input mix from the cached rows: ``index_select`` and ``torch.lerp`` with the
+    float mask of the same bytes, bit for bit (signed zeros, infinities and NaN included)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20, 9, 16, generator=g), torch.randn(20, 9, 16, generator=g)
+    a[:, 0, :3] = torch.tensor([-0.0, float("inf"), float("nan")])
+    b[:, 1, :3] = torch.tensor([0.0, float("-inf"), float("nan")])
+    idx = torch.randperm(20, generator=g)[:7]
+    keep = random_bytes((7, 9, 16), torch.Generator().manual_seed(1), a.device)
+    want = torch.lerp(a.index_select(0, idx), b.index_select(0, idx), mask_from_bytes(keep, p))
+    got = native.mix_rows(a, b, idx, keep, drop_threshold(p))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    rows_a, rows_b = a.index_select(0, idx), b.index_select(0, idx)
+    if p == 0.5:  # both kinds of element, each from its own row
+        assert (got == rows_a).any() and (got == rows_b).any()
+    else:  # all quantized (p = 1) or all float (p = 0)
+        assert torch.equal(got[:, 2:], (rows_b if p == 1.0 else rows_a)[:, 2:])
+    with pytest.raises(RuntimeError, match="refused"):
+        native.mix_rows(a, b, torch.tensor([3, 20]), keep[:2], drop_threshold(p))
+
+
+@needs_native
+def test_reconstruction_step_inputs_are_the_same_with_and_without_the_native_mix():
+    """A unit's step input (QDrop mix of its cached float and quantized inputs) from the same
+    generator: the same values and the same draws consumed either way."""
+    g = torch.Generator().manual_seed(0)
+    cache = UnitCache(*(torch.randn(30, 5, 8, generator=g) for _ in range(3)))
+    idx = torch.tensor([4, 17, 0, 29, 4])
+    got = []
+    for on in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        unit = Unit("blocks.0", torch.nn.Linear(8, 8), "block")
+        module = BlockReconModule(unit, cache, ReconConfig(), FisherConfig(), masks=BatchMasks(gen))
+        with native.enabled(on):
+            got.append((module._inputs(idx), gen.get_state()))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert not torch.equal(got[0][0], cache.x_fp[idx]) and not torch.equal(got[0][0], cache.x_q[idx])

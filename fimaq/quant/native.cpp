@@ -1,6 +1,7 @@
 // fimaq's native kernels: fused fake quantization with straight-through derivatives and QDrop,
-// AdaRound's soft weight and rounding penalty, and torch's CPU random draws; one pass over memory
-// each, the eager values bit for bit (fimaq/quant/native.py builds and calls them).
+// AdaRound's soft weight and rounding penalty, a step's QDrop input mix, and torch's CPU random
+// draws; one pass over memory each, the eager values bit for bit (fimaq/quant/native.py builds and
+// calls them).
 //
 // Fake quantization:
 // For every element, in the order of the eager kernel's operations (fimaq/quant/ste.py), so that
@@ -283,6 +284,26 @@ int fimaq_fake_quant_backward(const float* g, float* dx, float* ds, int64_t n, i
         } else if (sp) {
             for (int64_t i = 0; i < m; ++i) sp[i] = sp[i] * gp[i];
         }
+    });
+    return 0;
+}
+
+// A reconstruction step's QDrop input mix: rows idx[i] of the cached float and quantized inputs
+// (a and b, contiguous (*, cols)), out[i] = lerp(a[idx[i]], b[idx[i]], w) with w = 1 where the byte is
+// below the threshold, else 0: the values of index_select and torch.lerp with the 0/1 float mask.
+int fimaq_mix_rows(const float* a, const float* b, const int64_t* idx, int64_t count, const uint8_t* bytes,
+                   int threshold, float* out, int64_t rows, int64_t cols, int threads) {
+    if (rows < 0 || cols < 0) return 1;
+    for (int64_t r = 0; r < rows; ++r) {
+        if (idx[r] < 0 || idx[r] >= count) return 2;
+    }
+    rows_all(rows, cols, threads, [=](int64_t r) {
+        const int64_t src = idx[r] * cols, o = r * cols;
+        const float* __restrict ap = a + src;
+        const float* __restrict bp = b + src;
+        const uint8_t* __restrict kp = bytes + o;
+        float* __restrict dst = out + o;
+        for (int64_t i = 0; i < cols; ++i) dst[i] = lerp(ap[i], bp[i], kp[i] < threshold ? 1.0f : 0.0f);
     });
     return 0;
 }

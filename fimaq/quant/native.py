@@ -1,7 +1,8 @@
 """fimaq's native kernels in C++ (``native.cpp``), each the eager computation's values bit for bit:
 fake quantization with both straight-through derivatives and the QDrop selection (the eager kernel
 of :mod:`fimaq.quant.ste`), AdaRound's soft weight and rounding penalty around torch's sigmoid and
-power (:mod:`fimaq.quant.adaround`), and the QDrop draws of torch's CPU generator.
+power (:mod:`fimaq.quant.adaround`), a reconstruction step's QDrop mix of its cached inputs
+(:mod:`fimaq.recon.module`), and the QDrop draws of torch's CPU generator.
 
 On the CPU eager PyTorch makes one pass over memory per operation, about ten per quantizer; a
 fused pass reads its inputs once and writes its results once. The library
@@ -48,6 +49,7 @@ _SIGNATURES = {  # every function returns 0, or a nonzero status for arguments i
     "fimaq_soft_weight_backward": [_P] * 7 + [_F] + [_N] * 2 + [_I],
     "fimaq_penalty_prepare": [_P] * 3 + [_N, _I],
     "fimaq_penalty_grad": [_P] * 2 + [_F, _P, _N, _I],
+    "fimaq_mix_rows": [_P, _P, _P, _N, _P, _I, _P, _N, _N, _I],
     "fimaq_mt_randint64": [_P, _P, _N],
 }
 
@@ -263,6 +265,25 @@ def takes(*tensors: torch.Tensor) -> bool:
     the CPU, and the library available."""
     ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
     return _enabled and ok and library() is not None
+
+
+def mix_rows(
+    a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor, threshold: int
+) -> torch.Tensor:
+    """``torch.lerp(a[idx], b[idx], mask)`` with the 0/1 mask ``keep < threshold`` of the bytes ``keep``
+    (``uint8`` of the result's shape), in one pass without the gathered copies or the float mask
+    (``a``, ``b``: see :func:`takes`; ``idx``: row indices)."""
+    rows = idx.numel()
+    out = torch.empty((rows, *a.shape[1:]), dtype=a.dtype)
+    idx = idx.to(torch.int64).contiguous()
+    assert keep.dtype == torch.uint8 and keep.shape == out.shape and keep.is_contiguous()
+    cols = out.numel() // max(rows, 1)
+    _call(
+        "fimaq_mix_rows",
+        a.data_ptr(), b.data_ptr(), idx.data_ptr(), a.shape[0], keep.data_ptr(), int(threshold),
+        out.data_ptr(), rows, cols, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
 
 
 def soft_weight(sig, floor, zp, scale, c1: float, c2: float, qmax: int):

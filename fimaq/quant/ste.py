@@ -117,12 +117,13 @@ def _native_kernel(x: torch.Tensor, scale, zp, qmax: int, keep, p, derivatives: 
     attention operand (a permuted view of the ``qkv`` output) then reaches its product without a
     copy, and the product's backward hands over its gradient in the layout of the saved derivatives."""
     bufs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3 if derivatives else 1)]
-    threshold = _threshold(p) if keep is not None else 0
+    threshold = drop_threshold(p) if keep is not None else 0
     native.fake_quant(x, scale, zp, qmax, keep, threshold, *bufs)
     return tuple(bufs) if derivatives else bufs[0]
 
 
-def _threshold(p: float) -> int:
+def drop_threshold(p: float) -> int:
+    """The byte threshold of a QDrop probability ``p``: a raw byte keeps its element where it is below."""
     return round(p * 256)
 
 
@@ -255,7 +256,7 @@ def mask_from_bytes(
     if dtype is None:
         return byte
     shape, device = byte.shape, byte.device
-    threshold = _threshold(p)
+    threshold = drop_threshold(p)
     if dtype == torch.uint8:  # the compiled kernel's masks
         if threshold > 255:
             return empty_in_order(shape, order, dtype, device).fill_(1)

@@ -11,8 +11,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
+from fimaq.quant import native
 from fimaq.quant.adaround import AdaRoundQuantizer, beta_schedule, round_regulariser_on
 from fimaq.quant.rounding import LearnedRounding
+from fimaq.quant.ste import drop_threshold
 from fimaq.quant.ste_rounding import SteRoundingQuantizer
 from fimaq.recon.batches import BatchMasks, LocalBatch, local_batch
 from fimaq.recon.cache import UnitCache
@@ -128,8 +130,13 @@ class BlockReconModule(L.LightningModule):
     # ----------------------------------------------------------------- step
     def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
         dev = self.device
-        x_fp = rows_of(self.cache.x_fp, idx).to(dev, torch.float32)
         mode = self.cfg.input_mode
+        x_fp, x_q = self.cache.x_fp, self.cache.x_q
+        if mode == "qdrop" and dev.type == "cpu" and native.takes(x_fp, x_q):
+            # the rows, the mask and the mix in one pass, from the same draws (the same values)
+            keep = self.masks((idx.numel(), *x_fp.shape[1:]), self.cfg.drop_prob, dev, dtype=None)
+            return native.mix_rows(x_fp, x_q, idx, keep, drop_threshold(self.cfg.drop_prob))
+        x_fp = rows_of(self.cache.x_fp, idx).to(dev, torch.float32)
         if mode == "rinp":
             return x_fp
         x_q = rows_of(self.cache.x_q, idx).to(dev, torch.float32)
