@@ -136,10 +136,10 @@ class BlockReconModule(L.LightningModule):
             # the rows, the mask and the mix in one pass, from the same draws (the same values)
             keep = self.masks((idx.numel(), *x_fp.shape[1:]), self.cfg.drop_prob, dev, dtype=None)
             return native.mix_rows(x_fp, x_q, idx, keep, drop_threshold(self.cfg.drop_prob))
-        x_fp = rows_of(self.cache.x_fp, idx).to(dev, torch.float32)
+        x_fp = rows_of(x_fp, idx).to(dev, torch.float32)
         if mode == "rinp":
             return x_fp
-        x_q = rows_of(self.cache.x_q, idx).to(dev, torch.float32)
+        x_q = rows_of(x_q, idx).to(dev, torch.float32)
         if mode == "qinp":
             return x_q
         keep = self.masks(x_q.shape, self.cfg.drop_prob, dev)
