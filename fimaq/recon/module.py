@@ -159,6 +159,10 @@ class BlockReconModule(L.LightningModule):
             rows = local_batch(idx, self.lo, self.hi)
             idx, share = rows.rows, rows.real / rows.total
         idx = idx.to(self.cache.x_fp.device)
+        beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
+        regularise = bool(self.adarounds) and round_regulariser_on(step, iters, self.cfg.warmup)
+        for a in self.adarounds:  # the penalty then comes out of the weight's forward pass
+            a.pending_beta = beta if regularise else None
         with self.masks.of(rows):
             pred = self.unit(self._inputs(idx))
         target = rows_of(self.cache.y_fp, idx).to(self.device, torch.float32)
@@ -172,8 +176,7 @@ class BlockReconModule(L.LightningModule):
         )
         # data parallel: the ranks' mean gradient (the strategy's) is then the global batch's gradient
         weight = world * share if share is not None else 1.0
-        beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
-        if self.adarounds and round_regulariser_on(step, iters, self.cfg.warmup):  # none with STE
+        if regularise:  # (no AdaRound quantizers with STE rounding)
             rnd = self.cfg.round_weight * sum(a.regulariser(beta) for a in self.adarounds)
         else:
             rnd = torch.zeros((), device=self.device)
