@@ -242,6 +242,31 @@ void rows_all(int64_t rows, int64_t cols, int threads, F f) {
     for (int64_t r = 0; r < rows; ++r) f(r);
 }
 
+// AdaRound's soft weight of one element from sig = sigmoid(alpha), in the eager SoftWeight's
+// operations: y = sig * c1 + c2;  h = clamp(y, 0, 1);  inner = (h == y);  c = floor + h + zp;
+// q = clamp(c, 0, qmax);  outer = (q == c);  w = (q - zp) * s. Returns the masks as bits (1: inner,
+// 2: outer); w and h through references (so that the loops around stay vectorised).
+inline int soft_element(float sig, float floor, float z, float s, float c1, float c2, float qmax, float& w,
+                        float& h) {
+    const float t = sig * c1;
+    const float y = t + c2;
+    const float hv = clamp(y, 0.0f, 1.0f);
+    const float c = (floor + hv) + z;
+    const float q = clamp(c, 0.0f, qmax);
+    h = hv;
+    w = (q - z) * s;
+    return (hv == y ? 1 : 0) | (q == c ? 2 : 0);
+}
+
+// The gradient of alpha of one element: sigmoid_backward(((g * s) * outer + gh) * inner * c1, sig), with
+// torch's sigmoid_backward a * (1 - b) * b; `Gh` false: no h gradient (nothing added)
+template <bool Gh>
+inline float alpha_grad(float g, float s, float outer, float gh, float inner, float sig, float c1) {
+    const float gw = (g * s) * outer;
+    const float t = ((Gh ? gw + gh : gw) * inner) * c1;
+    return (t * (1.0f - sig)) * sig;
+}
+
 // ---- AdaRound's weight side with torch's sigmoid and power --------------------------------------
 
 #if defined(__AVX512F__)
@@ -396,10 +421,8 @@ int fimaq_mix_rows(const float* a, const float* b, const int64_t* idx, int64_t c
     return 0;
 }
 
-// AdaRound's soft weight from sig = sigmoid(alpha) (torch's), every array a contiguous
-// (rows, cols) one but zp and scale (one per row), in the eager SoftWeight's operations:
-//   y = sig * c1 + c2;  h = clamp(y, 0, 1);  inner = (h == y);  c = floor + h + zp;
-//   q = clamp(c, 0, qmax);  outer = (q == c);  w = (q - zp) * s
+// AdaRound's soft weight from sig = sigmoid(alpha) (torch's), every array a contiguous (rows, cols) one
+// but zp and scale (one per row): w, h and the masks inner and outer as floats (soft_element).
 int fimaq_soft_weight(const float* sig, const float* floor, const float* zp, const float* scale, float* w,
                       float* h, float* inner, float* outer, float c1, float c2, float qmax, int64_t rows,
                       int64_t cols, int threads) {
@@ -414,22 +437,15 @@ int fimaq_soft_weight(const float* sig, const float* floor, const float* zp, con
         float* __restrict ip = inner + o;
         float* __restrict op = outer + o;
         for (int64_t i = 0; i < cols; ++i) {
-            const float t = sp[i] * c1;
-            const float y = t + c2;
-            const float hv = clamp(y, 0.0f, 1.0f);
-            const float c = (fp[i] + hv) + z;
-            const float q = clamp(c, 0.0f, qmax);
-            hp[i] = hv;
-            ip[i] = hv == y ? 1.0f : 0.0f;
-            op[i] = q == c ? 1.0f : 0.0f;
-            wp[i] = (q - z) * s;
+            const int bits = soft_element(sp[i], fp[i], z, s, c1, c2, qmax, wp[i], hp[i]);
+            ip[i] = (bits & 1) ? 1.0f : 0.0f;
+            op[i] = (bits & 2) ? 1.0f : 0.0f;
         }
     });
     return 0;
 }
 
-// Its backward: out = sigmoid_backward(((g * s) * outer + gh) * inner * c1, sig) with torch's
-// sigmoid_backward a * (1 - b) * b; gh may be null.
+// Its backward: the gradient of alpha (alpha_grad); gh may be null.
 int fimaq_soft_weight_backward(const float* g, const float* gh, const float* scale, const float* outer,
                                const float* inner, const float* sig, float* out, float c1, int64_t rows,
                                int64_t cols, int threads) {
@@ -444,15 +460,9 @@ int fimaq_soft_weight_backward(const float* g, const float* gh, const float* sca
         float* __restrict dst = out + o;
         if (gh != nullptr) {
             const float* __restrict hp = gh + o;
-            for (int64_t i = 0; i < cols; ++i) {
-                const float t = (((gp[i] * s) * op[i] + hp[i]) * ip[i]) * c1;
-                dst[i] = (t * (1.0f - sp[i])) * sp[i];
-            }
+            for (int64_t i = 0; i < cols; ++i) dst[i] = alpha_grad<true>(gp[i], s, op[i], hp[i], ip[i], sp[i], c1);
         } else {
-            for (int64_t i = 0; i < cols; ++i) {
-                const float t = (((gp[i] * s) * op[i]) * ip[i]) * c1;
-                dst[i] = (t * (1.0f - sp[i])) * sp[i];
-            }
+            for (int64_t i = 0; i < cols; ++i) dst[i] = alpha_grad<false>(gp[i], s, op[i], 0.0f, ip[i], sp[i], c1);
         }
     });
     return 0;
@@ -497,13 +507,8 @@ int fimaq_adaround_forward(const float* alpha, const float* floor, const float* 
                 float* __restrict wp = w + i;
                 uint8_t* __restrict kp = mask + i;
                 for (int64_t k = j; k < stop; ++k) {
-                    const float t = sp[k] * c1;
-                    const float y = t + c2;
-                    const float hv = clamp(y, 0.0f, 1.0f);
-                    const float c = (fp[k] + hv) + z;
-                    const float q = clamp(c, 0.0f, qmax);
-                    kp[k] = static_cast<uint8_t>((hv == y ? 1 : 0) | (q == c ? 2 : 0));
-                    wp[k] = (q - z) * s;
+                    float hv;
+                    kp[k] = static_cast<uint8_t>(soft_element(sp[k], fp[k], z, s, c1, c2, qmax, wp[k], hv));
                     const float v = hv * 2.0f - 1.0f;
                     ubuf[k] = v;
                     abuf[k] = std::fabs(v);
@@ -546,14 +551,12 @@ int fimaq_adaround_backward(const float* g, const float* fac, float c, const uin
             const float* __restrict fp = fac + o;
             for (int64_t i = 0; i < cols; ++i) {
                 const float inner = (kp[i] & 1) ? 1.0f : 0.0f, outer = (kp[i] & 2) ? 1.0f : 0.0f;
-                const float t = (((gp[i] * s) * outer + fp[i] * c) * inner) * c1;
-                dst[i] = (t * (1.0f - sp[i])) * sp[i];
+                dst[i] = alpha_grad<true>(gp[i], s, outer, fp[i] * c, inner, sp[i], c1);
             }
         } else {
             for (int64_t i = 0; i < cols; ++i) {
                 const float inner = (kp[i] & 1) ? 1.0f : 0.0f, outer = (kp[i] & 2) ? 1.0f : 0.0f;
-                const float t = (((gp[i] * s) * outer) * inner) * c1;
-                dst[i] = (t * (1.0f - sp[i])) * sp[i];
+                dst[i] = alpha_grad<false>(gp[i], s, outer, 0.0f, inner, sp[i], c1);
             }
         }
     });
