@@ -49,6 +49,14 @@ def where() -> str:
     return text + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
 
 
+def _accuracies(metrics: dict[str, Any], stages: tuple[str, ...]) -> str:
+    """``FP 98.89%  calibrated 95.11%  ...`` for the stages whose top-1 ``metrics`` holds (a run from
+    ``--model.init_from``, or with ``validate_fp`` off, has no float accuracy)."""
+    names = {"fp": "FP"}
+    found = [(s, metrics[f"{s}_top1"]) for s in stages if isinstance(metrics.get(f"{s}_top1"), (int, float))]
+    return "  ".join(f"{names.get(s, s)} {v:.2f}%" for s, v in found)
+
+
 class Pipeline:
     """The stages of post-training quantization for ``model``, run with ``trainer``'s settings.
 
@@ -174,8 +182,9 @@ class Pipeline:
             seconds["validate_calibrated"] = res["seconds"]
             metrics = self._write_metrics(values, seconds)
             self._log(values, "calibrate")
+            fp = f" (FP {values['fp_top1']:.2f}%)" if "fp_top1" in values else ""
             rank_zero_info(
-                f"calibrated top-1 {res['top1']:.2f}% (FP {values.get('fp_top1', float('nan')):.2f}%) in "
+                f"calibrated top-1 {res['top1']:.2f}%{fp} in "
                 f"{report.total_seconds:.1f} s ({where()}); wrote {root / 'calibrated.safetensors'} and "
                 f"{root / 'metrics.json'}"
             )
@@ -221,6 +230,7 @@ class Pipeline:
             "recon_output_mse": {
                 n: [report.error_before[n], report.error_after[n]] for n in report.error_after
             },
+            "recon_unit_seconds": {n: round(s, 3) for n, s in report.unit_seconds.items()},
             "recon_fisher_seconds": round(report.fisher_seconds, 3),
         }
         if self.ranks.is_main:
@@ -236,9 +246,8 @@ class Pipeline:
             values, {"reconstruct": report.total_seconds, "validate_reconstructed": res["seconds"]}
         )
         self._log({"reconstructed_top1": res["top1"], "reconstructed_top5": res["top5"]}, "fit")
-        fp, cal = metrics.get("fp_top1", float("nan")), metrics.get("calibrated_top1", float("nan"))
         rank_zero_info(
-            f"top-1: FP {fp:.2f}%  calibrated {cal:.2f}%  reconstructed {res['top1']:.2f}%  "
+            f"top-1: {_accuracies(metrics, ('fp', 'calibrated', 'reconstructed'))}  "
             f"(reconstruction {report.total_seconds:.1f} s, {where()}); "
             f"wrote {root / 'quantized.safetensors'}"
         )

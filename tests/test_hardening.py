@@ -11,13 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from runs import DIGITS, FAST_FIT, fit_cmd, signal_when, units_done
 
-from fimaq.artifacts import check_state_dict, read_artifact, read_meta, save_quantized
+from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
 from fimaq.cli import main
 from fimaq.errors import FimaqError
 from fimaq.files import atomic_write_bytes, remove_stale_temps
@@ -25,28 +25,8 @@ from fimaq.mixed_precision.plan import BitPlan
 from fimaq.models import create_fp_model
 from fimaq.run_dir import check_run_dir, update_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "configs/digits/w3a3.yaml"
 TINY_ARCH = "deit_tiny_patch16_224"
 TINY_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-FAST_FIT = [
-    "--trainer.enable_progress_bar=false",
-    "--trainer.logger=false",
-    "--model.calib.search_rounds=0",
-    "--model.calib.eq_n=16",
-    "--model.calib.num_images=16",
-    "--data.init_args.calib_size=16",
-    "--data.init_args.recon_size=32",
-    "--trainer.limit_val_batches=1",
-    "--data.init_args.val_batch_size=32",
-    "--model.recon.iters=10",
-    "--model.recon.batch_size=8",
-    "--model.fisher.rank=2",
-    "--model.fisher.num_samples=16",
-    "--model.fisher.batch_size=16",
-    "--validate_fp=false",
-]
 
 
 def _temps(folder: Path) -> list[Path]:
@@ -110,105 +90,16 @@ def test_written_files_get_normal_permissions_and_stale_temps_are_removed(tmp_pa
     assert remove_stale_temps(path) == []
 
 
-# ----------------------------------------------------------------------------- kill and resume
-def _fit_cmd(root: Path, *extra: str, logger: bool = False) -> list[str]:
-    fast = FAST_FIT if not logger else [a for a in FAST_FIT if a != "--trainer.logger=false"]
-    return [
-        sys.executable,
-        str(ROOT / "main.py"),
-        "fit",
-        "-c",
-        str(DIGITS),
-        f"--trainer.default_root_dir={root}",
-        *fast,
-        *extra,
-    ]
-
-
-def _signal_when(cmd: list[str], log: Path, ready, sig: int) -> int:
-    """Run ``cmd``, send ``sig`` once ``ready()`` holds, return the exit status."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
-        try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    pytest.fail(f"the run ended (rc {proc.returncode}) before the signal:\n{log.read_text()}")
-                if ready():
-                    break
-                time.sleep(0.05)
-            else:
-                pytest.fail(f"not ready in time:\n{log.read_text()}")
-            proc.send_signal(sig)
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return proc.returncode
-
-
-def _units_done(state: Path) -> list[str]:
-    return list((read_meta(state) or {}).get("units_done", [])) if state.is_file() else []
-
-
-def test_a_killed_fit_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
-    root = tmp_path / "killed"
-    state = root / "recon_state.safetensors"
-    cmd = _fit_cmd(root, logger=True)
-    _signal_when(cmd, tmp_path / "first.log", lambda: bool(_units_done(state)), signal.SIGKILL)
-    _, meta = read_artifact(state)  # the last good state is loadable
-    done = meta["units_done"]
-    assert 1 <= len(done) < 6 and done[0] == "patch_embed"
-    assert not (root / "quantized.safetensors").exists()
-    # what a kill inside a write would leave behind: never read, removed by the next write
-    leftover = root / f".recon_state.safetensors.{socket.gethostname()}.12345678.killed.tmp"
-    leftover.write_bytes(b"\x00" * 100)
-
-    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
-    log = again.stdout + again.stderr
-    assert again.returncode == 0, log
-    assert "resuming from" in log and f"resuming reconstruction after {len(done)} finished units" in log
-    metrics = json.loads((root / "metrics.json").read_text())
-    assert 0.0 <= metrics["reconstructed_top1"] <= 100.0 and "calibrated_top1" in metrics
-    resumed, meta = read_artifact(root / "quantized.safetensors")
-    assert meta["stage"] == "reconstructed"
-    assert _temps(root) == []
-
-    # the same reconstruction without a kill (from the same calibration) ends with the same weights,
-    # and the same record: every unit's output errors, the plot, the TensorBoard run
-    whole = tmp_path / "whole"
-    cmd = _fit_cmd(whole, f"--model.init_from={root / 'calibrated.safetensors'}", logger=True)
-    straight = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
-    assert straight.returncode == 0, straight.stdout + straight.stderr
-    uninterrupted, _ = read_artifact(whole / "quantized.safetensors")
-    assert uninterrupted.keys() == resumed.keys()
-    for key in uninterrupted:
-        assert torch.equal(uninterrupted[key], resumed[key]), key
-    reference = json.loads((whole / "metrics.json").read_text())
-    assert len(reference["recon_output_mse"]) == 6
-    assert metrics["recon_output_mse"] == reference["recon_output_mse"]
-    assert [p.name for p in root.glob("version_*")] == ["version_0"]  # the resumed run logged on in it
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = []
-    for run in (root, whole):
-        events = EventAccumulator(str(run / "version_0"))
-        events.Reload()
-        tags.append({t for t in events.Tags()["scalars"] if t.startswith("recon/")})
-    assert tags[0] == tags[1] and any(t.startswith("recon/patch_embed") for t in tags[0])
-    assert "search_rounds: 0" in (root / "version_0" / "hparams.yaml").read_text()
-
-
+# ----------------------------------------------------------------------------- interruptions
 def test_interrupts_say_what_stopped_and_never_exit_zero(tmp_path):
     root = tmp_path / "run"
     state = root / "recon_state.safetensors"
     log = tmp_path / "term.log"
     # SIGTERM while a unit trains: 143, one line naming the unit, the finished units kept
     slow = ["--model.recon.iters=400"]
-    rc = _signal_when(_fit_cmd(root, *slow), log, lambda: bool(_units_done(state)), signal.SIGTERM)
+    rc = signal_when(fit_cmd(root, *slow), log, lambda: bool(units_done(state)), signal.SIGTERM)
     last = log.read_text().strip().splitlines()[-1]
-    done = _units_done(state)
+    done = units_done(state)
     assert rc == 143, log.read_text()
     assert re.fullmatch(
         rf"interrupted in unit \S+ after {len(done)} finished units; run the same command again to resume",
@@ -218,8 +109,8 @@ def test_interrupts_say_what_stopped_and_never_exit_zero(tmp_path):
     # Ctrl-C during calibration: 130, the layer named
     other = tmp_path / "calib"
     log = tmp_path / "int.log"
-    cmd = _fit_cmd(other, "--model.calib.search_rounds=3", "--model.calib.eq_n=128")
-    rc = _signal_when(cmd, log, lambda: "digits:" in log.read_text(), signal.SIGINT)
+    cmd = fit_cmd(other, "--model.calib.search_rounds=3", "--model.calib.eq_n=128")
+    rc = signal_when(cmd, log, lambda: "digits:" in log.read_text(), signal.SIGINT)
     last = log.read_text().strip().splitlines()[-1]
     assert rc == 130, log.read_text()
     assert last.startswith("interrupted") and last.endswith("run the same command again to resume"), last

@@ -35,7 +35,8 @@ CALIB_STATE_FILE = "calib_state.safetensors"
 
 @dataclass
 class CalibReport:
-    """Wall time of the stage: capture passes and per-layer searches, in seconds."""
+    """Wall time of the stage: capture passes and per-layer searches, in seconds (a resumed run's
+    include the interrupted sessions' work up to their last saved state)."""
 
     layer_seconds: dict[str, float] = field(default_factory=dict)
     capture_seconds: float = 0.0
@@ -58,8 +59,11 @@ def float32_products() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _load_state(model: nn.Module, path: Path, fingerprint: dict[str, Any], ranks: Ranks) -> list[str]:
-    """Load a calibration state written by an interrupted run; returns its calibrated layers."""
+def _load_state(
+    model: nn.Module, path: Path, fingerprint: dict[str, Any], ranks: Ranks, report: CalibReport
+) -> list[str]:
+    """Load a calibration state written by an interrupted run; returns its calibrated layers and puts
+    their seconds (and the stage's wall time until the state was written) into ``report``."""
     if not path.is_file():
         return []
     state, saved = read_artifact(path)
@@ -73,6 +77,9 @@ def _load_state(model: nn.Module, path: Path, fingerprint: dict[str, Any], ranks
     check_state_dict(model.state_dict(), state, f"calibration state {path}", "this model")
     model.load_state_dict(state, strict=True)
     done = list(saved.get("layers_done", []))
+    report.layer_seconds.update({k: float(v) for k, v in saved.get("layer_seconds", {}).items()})
+    report.total_seconds = float(saved.get("seconds", 0.0))
+    report.capture_seconds = float(saved.get("capture_seconds", 0.0))
     ranks.info(log, "resuming calibration after %d calibrated layers (%s)", len(done), path)
     return done
 
@@ -167,7 +174,8 @@ def calibrate_model(
         "images": num_images,
         "stage": "calibrating",
     }
-    done = _load_state(model, state_path, fingerprint, ranks) if state_path is not None else []
+    done = _load_state(model, state_path, fingerprint, ranks, report) if state_path is not None else []
+    before = report.total_seconds  # the sessions before this one (a resumed run), until their last state
     if state_path is not None:
         ranks.barrier()  # every rank has read the state before rank 0 writes it again
     layers = [q for q in layers if q.name not in done]
@@ -177,7 +185,12 @@ def calibrate_model(
         nonlocal last_save
         if state_path is None or not ranks.is_main or not (force or time.perf_counter() - last_save > 60):
             return
-        save_quantized(state_path, model.state_dict(), {**fingerprint, "layers_done": done})
+        seconds = {
+            "seconds": before + time.perf_counter() - start,
+            "capture_seconds": report.capture_seconds,
+            "layer_seconds": report.layer_seconds,
+        }
+        save_quantized(state_path, model.state_dict(), {**fingerprint, "layers_done": done, **seconds})
         last_save = time.perf_counter()
 
     start = time.perf_counter()
@@ -222,5 +235,5 @@ def calibrate_model(
     bar.close()
     set_quant_mode(model, enabled=True)  # the calibrated model computes quantized
     model.train(was_training)
-    report.total_seconds = time.perf_counter() - start
+    report.total_seconds = before + time.perf_counter() - start
     return report

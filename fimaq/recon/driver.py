@@ -52,7 +52,7 @@ class ReconReport:
     error_before: dict[str, float] = field(default_factory=dict)
     error_after: dict[str, float] = field(default_factory=dict)
     resumed_units: list[str] = field(default_factory=list)
-    fisher_seconds: float = 0.0
+    fisher_seconds: float = 0.0  # (a resumed run's seconds include the earlier sessions' saved work)
     total_seconds: float = 0.0
 
 
@@ -172,8 +172,15 @@ def reconstruct_model(
         done = load_state(state_path, net, units, meta, fingerprint, report)
         ranks.info(log, "resuming reconstruction after %d finished units (%s)", len(done), state_path)
     ranks.barrier()  # every rank has read the state before rank 0 writes it again
+    before, fisher_before = report.total_seconds, report.fisher_seconds  # earlier sessions' (resumed)
+    fisher = None
+
+    def count_seconds() -> None:
+        report.total_seconds = before + time.perf_counter() - start_time
+        report.fisher_seconds = fisher_before + (fisher.seconds if fisher is not None else 0.0)
 
     def save_state() -> None:
+        count_seconds()
         if state_path is not None and ranks.is_main:
             write_state(state_path, net, meta, fingerprint, done, report)
 
@@ -186,7 +193,6 @@ def reconstruct_model(
     net.eval()
     todo = [u for u in units if u.name not in done and (only is None or u.name in only)]
     needs_fisher = cfg.loss not in ("mse", "global_local") and any(not u.is_head for u in todo)
-    fisher = None
     mode = set_quant_mode(net, enabled=False)  # restored at the end
     if needs_fisher:
         with autocast(precision, device):
@@ -259,8 +265,7 @@ def reconstruct_model(
         for p, g in grads.items():
             p.requires_grad_(g)
         net.train(was_training)
-    report.fisher_seconds = fisher.seconds if fisher is not None else 0.0
-    report.total_seconds = time.perf_counter() - start_time
+    count_seconds()
     return report
 
 

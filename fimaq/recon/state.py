@@ -12,6 +12,7 @@ from torch import nn
 from fimaq.artifacts import check_state_dict, read_artifact, save_quantized
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
+from fimaq.layers.mode import set_quant_mode
 from fimaq.quant.adaround import AdaRoundQuantizer
 from fimaq.quant.rounding import LearnedRounding, attach_rounding
 from fimaq.quant.ste_rounding import SteRoundingQuantizer
@@ -48,7 +49,7 @@ def _with_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
 
 def _read_state(
     path: Path, meta: dict[str, Any], fingerprint: dict[str, Any]
-) -> tuple[dict, list[str], dict[str, list[float]]]:
+) -> tuple[dict, list[str], dict[str, list[float]], dict[str, float]]:
     state, saved = read_artifact(path)
     expected = {k: v for k, v in {**meta, **fingerprint}.items() if k != "stage"}
     found = {
@@ -62,7 +63,8 @@ def _read_state(
             f"{path} belongs to a run with other settings ({shown}{more}): use another "
             "trainer.default_root_dir (or delete the file to start over)"
         )
-    return state, list(saved.get("units_done", [])), dict(saved.get("unit_record", {}))
+    seconds = {k: saved[k] for k in ("seconds", "fisher_seconds") if k in saved}
+    return state, list(saved.get("units_done", [])), dict(saved.get("unit_record", {})), seconds
 
 
 def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -92,6 +94,8 @@ def write_state(
             "stage": "reconstructing",
             "fingerprint": fingerprint,
             "units_done": done,
+            "seconds": report.total_seconds,  # the stage's wall time so far, every session's
+            "fisher_seconds": report.fisher_seconds,
             "unit_record": {  # what the reports of a resumed run need of the finished units
                 u: [report.error_before[u], report.error_after[u], report.unit_seconds[u]] for u in done
             },
@@ -108,17 +112,23 @@ def load_state(
     report: ReconReport,
 ) -> list[str]:
     """Load a state written by :func:`write_state` into ``net`` (refused if made with other settings,
-    the rounding method among them); fills the finished units' reports and returns their names."""
-    state, done, record = _read_state(path, meta, fingerprint)
+    the rounding method among them); fills the finished units' reports (and the seconds the earlier
+    sessions spent) and returns their names."""
+    state, done, record, record_seconds = _read_state(path, meta, fingerprint)
     for name in (u for u in done if u in record):  # the finished units' reports, in unit order
         before, after, seconds = record[name]
         report.error_before[name], report.error_after[name] = before, after
         report.unit_seconds[name] = seconds
+    report.total_seconds = float(record_seconds.get("seconds", 0.0))
+    report.fisher_seconds = float(record_seconds.get("fisher_seconds", 0.0))
     for unit in units:
         if unit.name in done:
             _hard_rounding(unit, fingerprint["recon"]["rounding"])  # float weights + their rounding
     check_state_dict(net.state_dict(), state, f"reconstruction state {path}", "this model")
     net.load_state_dict(state, strict=True)
+    # the state is a quantized model (calibrated, some units reconstructed): its quantizers compute, as
+    # after calibration or loading an artifact; the driver's mode snapshot then restores this at the end
+    set_quant_mode(net, enabled=True)
     report.resumed_units = list(done)
     return done
 
