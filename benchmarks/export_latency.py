@@ -100,7 +100,7 @@ def main() -> None:
         from fimaq.calib import calibrate_model
 
         calibrate_model(
-            net, images[:16], CalibConfig(num_images=16, eq_n=16, search_rounds=0), progress=False
+            net, images[:16], CalibConfig(num_images=16, eq_n=32, search_rounds=0), progress=False
         )
     else:
         minmax_calibrate(net, images[:32])

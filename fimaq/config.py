@@ -113,13 +113,19 @@ class QuantSpec:
         return check_bits(w), check_bits(a)
 
 
+EQ_N_MIN = 32
+"""Smallest grid: ``num_scale = eq_n // num_zp`` scales per zero point with up to 16 zero points, and a
+grid needs two scales per zero point to reach from the (q0.1, q0.9) range to the full range (one scale
+clips every tensor to its inner 80%)."""
+
+
 @dataclass
 class CalibConfig:
     """Scale search of the calibration stage (docs/algorithm.md, section 2).
 
     Attributes:
         num_images: calibration images (taken from the data module's calibration set).
-        eq_n: candidates per grid.
+        eq_n: candidates per grid (at least 32).
         search_rounds: alternating weight/activation rounds after the initial search.
         batch_size: images per forward pass while capturing.
         candidate_chunk: candidates evaluated at once (bounds memory; no effect on the result).
@@ -143,7 +149,12 @@ class CalibConfig:
         """Check the settings; returns self."""
         for key in ("num_images", "batch_size", "candidate_chunk", "images_per_chunk"):
             require_int(f"calibration {key}", getattr(self, key), 1)
-        require_int("calibration eq_n", self.eq_n, 16, note=" (each grid spans up to 16 zero points)")
+        require_int(
+            "calibration eq_n",
+            self.eq_n,
+            EQ_N_MIN,
+            note=" (a grid spans up to 16 zero points, with at least two scales for each)",
+        )
         require_int("calibration search_rounds", self.search_rounds, 0)
         return self
 

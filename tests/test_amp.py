@@ -64,7 +64,7 @@ def test_bf16_calibration_and_reconstruction_use_autocast_and_stay_close_to_floa
     from fimaq.recon import reconstruct_model
 
     images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    cfg = CalibConfig(num_images=16, eq_n=16, search_rounds=1)
+    cfg = CalibConfig(num_images=16, eq_n=32, search_rounds=1)
     nets = {}
     for precision in ("32-true", "bf16-mixed"):
         net = quantize_model(tiny_model("vit"), QuantSpec(w_bits=4, a_bits=4))

@@ -77,7 +77,7 @@ def test_global_local_refuses_swin_in_one_line():
 def test_a_global_local_run_brings_the_penultimate_features_closer_to_float():
     net = quantize_model(tiny_model("vit"), QuantSpec(w_bits=3, a_bits=3))
     images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=16, search_rounds=1), progress=False)
+    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=32, search_rounds=1), progress=False)
     with torch.no_grad():
         with quant_mode(net, enabled=False):
             fp = penultimate(net, images)

@@ -166,7 +166,7 @@ def test_per_layer_bounds_reach_the_allocation():
 
     def search(layer_bits):
         cfg = MixedPrecisionConfig(budget=3.0, rounds=1, micro_batch=4, layer_bits=layer_bits)
-        calib = CalibConfig(num_images=8, eq_n=16, search_rounds=1)
+        calib = CalibConfig(num_images=8, eq_n=32, search_rounds=1)
         spec = QuantSpec(w_bits=3, a_bits=4)
         return search_bit_plan(
             lambda: conftest.tiny_model("vit"), spec, images, cfg, calib, "tiny", {}, False

@@ -378,7 +378,7 @@ def test_reconstruction_with_the_fused_adaround_pass_is_the_same_bit_for_bit(mon
         monkeypatch.setattr(native, "_adaround_checked", on)
         net = quantize_model(tiny_model("vit", seed=1), QuantSpec(w_bits=3, a_bits=3))
         images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        calib = CalibConfig(num_images=16, eq_n=16, search_rounds=1)
+        calib = CalibConfig(num_images=16, eq_n=32, search_rounds=1)
         calibrate_model(net, images[:16], calib, progress=False)
         cfg = ReconConfig(iters=30, batch_size=8, error_images=16, loss="fisher_dplr")
         reconstruct_model(net, images, cfg, FisherConfig(rank=2), progress=False, units=["blocks.0", "head"])

@@ -148,7 +148,7 @@ def test_proxy_calibration_and_reconstruction_run(proxy: ProxyDataModule, fp_mod
     quant = yaml.safe_load(CONFIG.read_text())["model"]["quant"]
     model = quantize_model(copy.deepcopy(fp_model), QuantSpec(w_bits=quant["w_bits"], a_bits=quant["a_bits"]))
     calib = proxy.calibration_tensors()[0][:16]
-    calibrate_model(model, calib, CalibConfig(num_images=16, eq_n=16, search_rounds=1), progress=False)
+    calibrate_model(model, calib, CalibConfig(num_images=16, eq_n=32, search_rounds=1), progress=False)
     recon = proxy.reconstruction_tensors()[0][:64]
     report = reconstruct_model(
         model,

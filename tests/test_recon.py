@@ -338,7 +338,7 @@ def _calibrated_tiny(w_bits=3, a_bits=3, seed=0):
 
     net = quantize_model(tiny_model("vit", seed=seed), QuantSpec(w_bits=w_bits, a_bits=a_bits))
     images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=16, search_rounds=1), progress=False)
+    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=32, search_rounds=1), progress=False)
     return net, images
 
 
@@ -515,7 +515,7 @@ def test_units_of_swin_and_distilled_deit_reconstruct():
         net = quantize_model(fp, QuantSpec(w_bits=4, a_bits=4))
         assert [u.name for u in recon_units(net)] == expected
         images = torch.randn(24, 3, size, size, generator=torch.Generator().manual_seed(0))
-        calibrate_model(net, images[:8], CalibConfig(num_images=8, eq_n=16, search_rounds=1), progress=False)
+        calibrate_model(net, images[:8], CalibConfig(num_images=8, eq_n=32, search_rounds=1), progress=False)
         cfg = _fast_recon(iters=3)
         report = reconstruct_model(
             net, images, cfg, FisherConfig(rank=2, lowrank_tokens="cls"), progress=False
@@ -525,9 +525,22 @@ def test_units_of_swin_and_distilled_deit_reconstruct():
             assert torch.isfinite(net(images[:2])).all()
 
 
-def test_a_grid_too_small_for_the_zero_points_is_refused():
-    with pytest.raises(FimaqError, match="calibration eq_n must be an integer >= 16"):
-        CalibConfig(eq_n=8).validate()
+@pytest.mark.parametrize("eq_n", [8, 16, 31])
+def test_a_grid_too_small_for_two_scales_per_zero_point_is_refused(eq_n):
+    """Below 32 candidates an 8-bit grid (16 zero points) has one scale each: every tensor would be
+    clipped to its inner 80% (the (q0.1, q0.9) range)."""
+    with pytest.raises(FimaqError, match=r"calibration eq_n must be an integer >= 32 .*two scales"):
+        CalibConfig(eq_n=eq_n).validate()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_smallest_grid_reaches_the_full_range_at_every_bit_width(bits):
+    from fimaq.quant import grids
+
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    scales, _ = grids.weight_grid(w, bits, CalibConfig(eq_n=32).validate().eq_n)
+    full = (w.amax(1) - w.amin(1)) / (2**bits - 1)  # a scale that spans max - min
+    torch.testing.assert_close(scales.amax(0).flatten(), full)
 
 
 def _calibrated_swin():
@@ -536,7 +549,7 @@ def _calibrated_swin():
 
     net = quantize_model(tiny_model("swin"), QuantSpec(w_bits=3, a_bits=3))
     images = torch.randn(24, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    calibrate_model(net, images[:8], CalibConfig(num_images=8, eq_n=16, search_rounds=1), progress=False)
+    calibrate_model(net, images[:8], CalibConfig(num_images=8, eq_n=32, search_rounds=1), progress=False)
     return net, images
 
 

@@ -77,7 +77,7 @@ def test_rotation_composes_with_calibration_reconstruction_and_both_exports(tmp_
     with torch.no_grad(), quant_mode(net, enabled=False):
         fp = net(images)
         assert torch.allclose(fp, tiny_model("vit")(images), atol=1e-4)
-    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=16, search_rounds=1), progress=False)
+    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=32, search_rounds=1), progress=False)
     reconstruct_model(net, images, ReconConfig(iters=4, loss="mse", batch_size=8), progress=False)
     meta = {
         "arch": TINY_VIT[0],
@@ -103,7 +103,7 @@ def test_rotation_composes_with_the_mixed_precision_search():
 
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cfg = MixedPrecisionConfig(budget=3.0, rounds=1, micro_batch=4)
-    calib = CalibConfig(num_images=8, eq_n=16, search_rounds=1)
+    calib = CalibConfig(num_images=8, eq_n=32, search_rounds=1)
     spec = QuantSpec(w_bits=3, a_bits=4, rotation="hadamard")
     plan = search_bit_plan(lambda: tiny_model("vit"), spec, images, cfg, calib, "tiny", {}, False)
     assert plan.average_w_bits <= 3.0 + 1e-9 and len(set(v["w_bits"] for v in plan.layers.values())) > 1

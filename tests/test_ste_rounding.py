@@ -117,7 +117,7 @@ def _calibrated_tiny(seed=0):
 
     net = quantize_model(tiny_model("vit", seed=seed), QuantSpec(w_bits=3, a_bits=3))
     images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=16, search_rounds=1), progress=False)
+    calibrate_model(net, images[:16], CalibConfig(num_images=16, eq_n=32, search_rounds=1), progress=False)
     return net, images
 
 
