@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,19 @@ def save_quantized(path: str | Path, state: dict[str, torch.Tensor], meta: dict[
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     header = {"fimaq": json.dumps({"schema_version": SCHEMA_VERSION, **meta}, sort_keys=True)}
-    atomic_write_bytes(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=header)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors reports the OS's refusal (a full disk) as its own error
+            found = re.search(r"(.+?) \(os error (\d+)\)", str(exc))
+            if not found:
+                raise
+            raise OSError(int(found.group(2)), found.group(1).split(": ")[-1].strip()) from None
+
+    atomic_write_bytes(Path(path), write)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -7,6 +7,7 @@ and 128 + the signal number (run the same command again to resume).
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import warnings
@@ -14,16 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningCLI
 
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.calib import CALIB_STATE_FILE
+from fimaq.callbacks import ProgressBar
 from fimaq.cli_errors import OneLineParser, check_yaml_files
 from fimaq.config import MixedPrecisionConfig
 from fimaq.data import PTQDataModule
 from fimaq.errors import FimaqError, Interrupted, raise_interrupted
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.module import QuantModel
+from fimaq.parallel import local_rank, stop_local_ranks
 from fimaq.pipeline import Pipeline
 from fimaq.recon import STATE_FILE
 
@@ -38,6 +42,7 @@ FIT_HELP = (
 VALIDATE_HELP = "Top-1/top-5 of the model (float, or quantized with --model.init_from); writes metrics.json."
 LIGHTNING_CHATTER = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:")
 SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # and their *_find_unused_* variants
+LOST_PEER = re.compile(r"Connection (closed|reset) by peer|Broken pipe")  # a collective whose peer is gone
 TRAINER_FIT_ONLY = {"train_dataloaders", "val_dataloaders", "ckpt_path", "weights_only", "dataloaders"}
 
 
@@ -50,7 +55,16 @@ class _QuietLightning(logging.Filter):
 
 class FimaqTrainer(L.Trainer):
     """A Lightning Trainer with fimaq's own stages as methods (each one a subcommand); each runs a
-    :class:`~fimaq.pipeline.Pipeline` with this Trainer. ``fit`` and ``validate`` stay Lightning's."""
+    :class:`~fimaq.pipeline.Pipeline` with this Trainer. ``fit`` and ``validate`` stay Lightning's.
+    Its progress bar (unless one is given) is :class:`fimaq.callbacks.ProgressBar`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("callbacks") or []
+        callbacks = list(given) if isinstance(given, (list, tuple)) else [given]
+        has_bar = any(isinstance(c, ProgressBarBase) for c in callbacks)
+        if kwargs.get("enable_progress_bar", True) is not False and not has_bar:
+            kwargs["callbacks"] = [*callbacks, ProgressBar()]
+        super().__init__(*args, **kwargs)
 
     def calibrate(self, model: QuantModel, datamodule: PTQDataModule) -> dict:
         """Calibrate quantizer scales on the calibration images, save calibrated.safetensors, validate.
@@ -212,11 +226,16 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except Interrupted as exc:
-        where = f" {exc.where}" if exc.where else ""
-        print(f"interrupted{where}; run the same command again to resume", file=sys.stderr)
+        stop_local_ranks(exc.signum)  # data parallel: the other ranks stop with this one
+        if local_rank() == 0:  # one line for the run, from the process that was started
+            where = f" {exc.where}" if exc.where else ""
+            print(f"interrupted{where}; run the same command again to resume", file=sys.stderr)
         sys.exit(128 + exc.signum)
     except Exception as exc:
+        stop_local_ranks(signal.SIGTERM)
         message = user_error_message(exc)
+        if message is None and local_rank() > 0 and LOST_PEER.search(str(exc)):
+            message = f"rank {local_rank()} lost the connection to the run's other processes (rank 0 stopped)"
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -95,7 +95,27 @@ def config_error(message: str, args: list[str]) -> str:
         detail = f"expected {kind}, got {got!r}"
     if not full:
         return detail
-    return f"{full} ({_where(full, args)}): {detail}"
+    return f"{full} ({_where(full, args)}): {detail}{_yaml_hint(_given(full, args))}"
+
+
+def _given(key: str, args: list[str]) -> str | None:
+    """The value given for ``--key`` on the command line (``--key=value`` or ``--key value``)."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{key}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{key}" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _yaml_hint(value: str | None) -> str:
+    """What to change in a YAML mapping written without a space after a colon (``{a:1}`` is a mapping
+    of the single key ``"a:1"`` to nothing)."""
+    if value is None or not re.search(r"[{,]\s*[\w.-]+:[^\s/]", value):
+        return ""
+    fixed = re.sub(r"([{,]\s*[\w.-]+):(?=[^\s/])", r"\1: ", value)
+    fixed = re.sub(r",(?=\S)", ", ", fixed)
+    return f" (YAML needs a space after each colon: {fixed})"
 
 
 def _where(key: str, args: list[str]) -> str:

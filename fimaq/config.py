@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from fimaq.errors import FimaqError, require_int
 from fimaq.quant.quantizer import check_bits
@@ -111,6 +111,23 @@ class QuantSpec:
             w = o.get("w_bits", w)
             a = o.get("a_bits", a)
         return check_bits(w), check_bits(a)
+
+
+def check_model_kwargs(kwargs: Any) -> dict[str, Any]:
+    """``model_kwargs`` as a dict; a key like ``"depth:2"`` with no value (YAML's reading of ``{depth:2}``,
+    which timm would silently drop) is refused with the spelling that works."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise FimaqError(f"model_kwargs must be a mapping, got {type(kwargs).__name__}")
+    glued = [k for k, v in kwargs.items() if v is None and isinstance(k, str) and ":" in k]
+    if glued:
+        fixed = ", ".join(f"{k.split(':', 1)[0]}: {k.split(':', 1)[1]}" for k in glued)
+        raise FimaqError(
+            f"model_kwargs has the key(s) {', '.join(repr(k) for k in glued)} without a value: "
+            f"YAML needs a space after each colon ({fixed})"
+        )
+    return dict(kwargs)
 
 
 EQ_N_MIN = 32

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fimaq.errors import FimaqError, one_line
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -91,22 +93,38 @@ def atomic_write_bytes(path: str | Path, write: Callable[[str], Any]) -> None:
 
     On any error (or a KeyboardInterrupt) the temporary file is removed and ``path`` is left as it
     was; a kill leaves at most a hidden ``.NAME.*.tmp`` file, removed by the next write of ``path``.
+    An OSError (a full disk, a folder that refuses writes) becomes one FimaqError naming the file.
 
     Args:
         path: the file to (over)write; its folder is created if needed.
         write: called with the temporary file's path; must write the whole content there.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
+    existed = path.is_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc, existed) from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, _FILE_MODE)
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc, existed) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync(path.parent, directory=True)
     remove_stale_temps(path)
+
+
+def write_error(path: Path, exc: OSError, existed: bool) -> FimaqError:
+    """One line for a file that could not be written (full disk, no permission): which file, why, and
+    that the version before it is still there."""
+    reason = exc.strerror or one_line(exc)
+    kept = "its last good version is kept" if existed else "nothing was written"
+    return FimaqError(f"could not write {path}: {reason}; {kept}")

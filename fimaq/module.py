@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fimaq.artifacts import check_state_dict, read_artifact, resolve_checkpoint
 from fimaq.calib import CALIB_STATE_FILE, CalibReport, calibrate_model
-from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
+from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig, check_model_kwargs
 from fimaq.errors import FimaqError
 from fimaq.layers.mode import set_quant_mode
 from fimaq.mixed_precision.plan import BitPlan
@@ -63,7 +63,7 @@ class QuantModel(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.arch = arch
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = check_model_kwargs(model_kwargs)
         self.quant = (quant or QuantSpec()).validate()
         if bit_plan:
             plan = BitPlan.load(bit_plan)

@@ -9,7 +9,10 @@ single process: every method is then the identity.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,6 +130,39 @@ class Ranks:
         padded[: t.shape[0]] = t
         parts = self.fabric.all_gather(padded)  # (world, rows, ...)
         return torch.cat([p[: int(k)] for p, k in zip(parts, n.tolist(), strict=True)])
+
+
+def local_rank() -> int:
+    """This process's rank among the run's processes on this machine (Lightning's ``LOCAL_RANK``;
+    0 for one process)."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def stop_local_ranks(signum: int) -> list[int]:
+    """On the process that launched a data-parallel run (local rank 0): send ``signum`` to the other
+    ranks it started, so that they stop with it instead of failing in their next collective once it
+    is gone. Returns their PIDs (none elsewhere, or where ``/proc`` does not list processes)."""
+    if os.environ.get("LOCAL_RANK") != "0" or not os.path.isdir("/proc"):
+        return []
+    me, stopped = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) != me:  # the parent's PID
+                continue
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(e.startswith(b"LOCAL_RANK=") and e != b"LOCAL_RANK=0" for e in env):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signum)
+                stopped.append(int(entry))
+    return stopped
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:

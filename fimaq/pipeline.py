@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from fimaq.amp import autocast
 from fimaq.artifacts import save_quantized
 from fimaq.calib import CALIB_STATE_FILE
 from fimaq.config import MixedPrecisionConfig
@@ -102,6 +103,7 @@ class Pipeline:
         if self._owning:
             yield self.root
             return
+        datamodule.check_model(self.model.net.num_classes)
         ranks = self.ranks
         with run_lock(self.root, enabled=ranks.is_main):
             self._owning = True
@@ -155,6 +157,7 @@ class Pipeline:
             if model.quantized:
                 raise FimaqError("the model is already quantized (--model.init_from): nothing to calibrate")
             check_run_dir(root, model.artifact_meta())
+            self._check_calibration(datamodule)
             values: dict[str, Any] = {}
             seconds: dict[str, float] = {}
             if self.validate_fp:
@@ -200,6 +203,7 @@ class Pipeline:
         model = self.model
         with self._stage(datamodule) as root:
             check_run_dir(root, model.artifact_meta())
+            self._check_precision()
             if (root / STATE_FILE).is_file() and not model.quantized:
                 rank_zero_info(f"resuming from {root / STATE_FILE}")  # it holds the calibration
             elif not model.quantized:
@@ -230,6 +234,10 @@ class Pipeline:
             "recon_output_mse": {
                 n: [report.error_before[n], report.error_after[n]] for n in report.error_after
             },
+            "recon_objective": {
+                n: [report.objective_before[n], report.objective_after[n]] for n in report.objective_after
+            },
+            "recon_loss": model.recon_cfg.loss,
             "recon_unit_seconds": {n: round(s, 3) for n, s in report.unit_seconds.items()},
             "recon_fisher_seconds": round(report.fisher_seconds, 3),
         }
@@ -239,7 +247,7 @@ class Pipeline:
                 from fimaq.recon.plot import plot_unit_errors
 
                 title = f"{model.arch} {model.quant.w_bits}/{model.quant.a_bits}"
-                plot_unit_errors(report, root / "recon_errors.png", title=title)
+                plot_unit_errors(report, root / "recon_errors.png", title=title, loss=model.recon_cfg.loss)
         res = self._top1(datamodule)
         values.update(reconstructed_top1=res["top1"], reconstructed_top5=res["top5"])
         metrics = self._write_metrics(
@@ -252,6 +260,22 @@ class Pipeline:
             f"wrote {root / 'quantized.safetensors'}"
         )
         return metrics
+
+    def _check_precision(self) -> None:
+        """Refuse a precision the quantized stages cannot run (``*-true`` conversions, 16-mixed on a
+        CPU) before any work."""
+        autocast(self.trainer.precision, self.trainer.strategy.root_device)
+
+    def _check_calibration(self, datamodule: PTQDataModule) -> None:
+        """The checks of a calibration that cost nothing, before the float validation."""
+        self._check_precision()
+        have = getattr(datamodule, "calib_size", None)
+        want = self.model.calib_cfg.num_images
+        if isinstance(have, int) and want > have:
+            raise FimaqError(
+                f"calib.num_images={want} exceeds the data module's {have} calibration images (calib_size): "
+                "raise --data.init_args.calib_size or lower --model.calib.num_images"
+            )
 
     def _unit_trainer_kwargs(self) -> dict[str, Any]:
         """The per-unit Trainers' hardware when data parallel: the parent's accelerator, devices and a
@@ -278,6 +302,7 @@ class Pipeline:
                 "calibrate with the plan can then run data parallel)"
             )
         with self._stage(datamodule) as root:
+            self._check_calibration(datamodule)
             datamodule.setup("fit")
             images, _ = datamodule.calibration_tensors()
             device = self.trainer.strategy.root_device

@@ -53,6 +53,20 @@ def check_run_dir(root: str | Path, meta: dict[str, Any]) -> None:
                 )
 
 
+def _folder_problem(root: Path, exc: OSError) -> str:
+    """Why a run folder cannot be created or written, and what to do, in a few words."""
+    hint = "; choose another trainer.default_root_dir"
+    if root.exists() and not root.is_dir():
+        return f"it is a file, not a folder{hint}"
+    for parent in root.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder{hint}"
+            break
+    reason = exc.strerror or str(exc)
+    return f"{reason} ({exc.filename}){hint}, or make it writable"
+
+
 def _owner(path: Path) -> dict:
     try:
         owner = json.loads(path.read_text())
@@ -83,11 +97,18 @@ def run_lock(root: str | Path, enabled: bool = True) -> Iterator[None]:
         yield
         return
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FimaqError(f"cannot use {root} as the run folder: {_folder_problem(root, exc)}") from None
     path = root / LOCK_NAME
     host = socket.gethostname()
     for _ in range(3):
-        if _create(path):
+        try:
+            created = _create(path)
+        except OSError as exc:
+            raise FimaqError(f"cannot write in the run folder {root}: {_folder_problem(root, exc)}") from None
+        if created:
             break
         owner = _owner(path)
         pid, where = owner.get("pid"), owner.get("host")

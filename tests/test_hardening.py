@@ -64,7 +64,7 @@ def test_a_write_that_dies_midway_leaves_the_previous_file(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(FimaqError, match="a.safetensors: OSError: disk full; its last good version is kept"):
         save_quantized(tmp_path / "a.safetensors", {"w": torch.zeros(9)}, {"arch": "x"})
     monkeypatch.undo()
     loaded, meta = read_artifact(tmp_path / "a.safetensors")
@@ -91,14 +91,21 @@ def test_written_files_get_normal_permissions_and_stale_temps_are_removed(tmp_pa
 
 
 # ----------------------------------------------------------------------------- interruptions
+def _last_line(text: str) -> str:
+    """What a terminal shows last: the last line, after its last carriage return (a progress bar
+    redrawn after a message would be that line)."""
+    return text.rstrip("\n").split("\n")[-1].split("\r")[-1]
+
+
 def test_interrupts_say_what_stopped_and_never_exit_zero(tmp_path):
+    bars = "--trainer.enable_progress_bar=true"  # the line must come after the bars, not before them
     root = tmp_path / "run"
     state = root / "recon_state.safetensors"
     log = tmp_path / "term.log"
     # SIGTERM while a unit trains: 143, one line naming the unit, the finished units kept
-    slow = ["--model.recon.iters=400"]
+    slow = ["--model.recon.iters=400", bars]
     rc = signal_when(fit_cmd(root, *slow), log, lambda: bool(units_done(state)), signal.SIGTERM)
-    last = log.read_text().strip().splitlines()[-1]
+    last = _last_line(log.read_text())
     done = units_done(state)
     assert rc == 143, log.read_text()
     assert re.fullmatch(
@@ -109,11 +116,15 @@ def test_interrupts_say_what_stopped_and_never_exit_zero(tmp_path):
     # Ctrl-C during calibration: 130, the layer named
     other = tmp_path / "calib"
     log = tmp_path / "int.log"
-    cmd = fit_cmd(other, "--model.calib.search_rounds=3", "--model.calib.eq_n=128")
+    cmd = fit_cmd(other, "--model.calib.search_rounds=3", "--model.calib.eq_n=128", bars)
     rc = signal_when(cmd, log, lambda: "digits:" in log.read_text(), signal.SIGINT)
-    last = log.read_text().strip().splitlines()[-1]
+    last = _last_line(log.read_text())
     assert rc == 130, log.read_text()
-    assert last.startswith("interrupted") and last.endswith("run the same command again to resume"), last
+    assert re.fullmatch(
+        r"interrupted during calibration, (at layer \S+ )?after \d+ calibrated layers; run the same command "
+        r"again to resume",
+        last,
+    ), last
 
 
 def test_an_interruption_waits_for_the_bookkeeping_to_finish():

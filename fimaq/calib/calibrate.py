@@ -197,42 +197,41 @@ def calibrate_model(
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(layers), desc="calibrate", disable=not progress, leave=False)
-    with quant_mode(model, enabled=False, explicit_matmuls=True):
-        for unit in units:
-            pending = [q for q in layers if q.unit == unit]
-            while pending:
-                t0 = time.perf_counter()
-                with capture_io({q.name: q.module for q in pending}) as store:
-                    with autocast(precision, images.device):
-                        run_batches(model, images, cfg.batch_size)
-                if ranks.world > 1:
-                    for captured in store.values():
-                        captured.inputs = [ranks.gather_rows(t) for t in captured.inputs]
-                        captured.output = ranks.gather_rows(captured.output)
-                report.capture_seconds += time.perf_counter() - t0
+    searching = ""  # the layer whose search runs
+    try:
+        with bar, quant_mode(model, enabled=False, explicit_matmuls=True):  # the bar closes on an error too
+            for unit in units:
+                pending = [q for q in layers if q.unit == unit]
                 while pending:
-                    layer = pending.pop(0)
-                    bar.set_postfix_str(layer.name)
-                    t1 = time.perf_counter()
-                    logged = nullcontext() if tie_log is None else search.tie_log(tie_log, layer.name)
-                    try:
+                    t0 = time.perf_counter()
+                    with capture_io({q.name: q.module for q in pending}) as store:
+                        with autocast(precision, images.device):
+                            run_batches(model, images, cfg.batch_size)
+                    if ranks.world > 1:
+                        for captured in store.values():
+                            captured.inputs = [ranks.gather_rows(t) for t in captured.inputs]
+                            captured.output = ranks.gather_rows(captured.output)
+                    report.capture_seconds += time.perf_counter() - t0
+                    while pending:
+                        layer = pending.pop(0)
+                        bar.set_postfix_str(layer.name)
+                        t1 = time.perf_counter()
+                        logged = nullcontext() if tie_log is None else search.tie_log(tie_log, layer.name)
+                        searching = layer.name
                         with logged, float32_products():
                             calibrate_layer(layer, store[layer.name], cfg, num_images)
-                    except Interrupted as exc:
-                        where = (
-                            f"during calibration, at layer {layer.name} after {len(done)} calibrated layers"
-                        )
-                        exc.where = exc.where or where
-                        raise
-                    with defer_interrupts():  # a layer counts as calibrated once recorded (and saved)
-                        report.layer_seconds[layer.name] = time.perf_counter() - t1
-                        done.append(layer.name)
-                        save(force=not any(q.unit == unit for q in pending))
-                    bar.update()
-                    if _folds(layer, cfg) and cfg.recapture_after_fold:
-                        break  # later layers see the folded LayerNorm's output, as in the reference
-                del store
-    bar.close()
+                        with defer_interrupts():  # a layer counts as calibrated once recorded (and saved)
+                            report.layer_seconds[layer.name] = time.perf_counter() - t1
+                            done.append(layer.name)
+                            save(force=not any(q.unit == unit for q in pending))
+                        bar.update()
+                        if _folds(layer, cfg) and cfg.recapture_after_fold:
+                            break  # later layers see the folded LayerNorm's output, as in the reference
+                    del store
+    except Interrupted as exc:
+        at = f"at layer {searching} " if searching and searching not in done else ""  # (else: a capture)
+        exc.where = exc.where or f"during calibration, {at}after {len(done)} calibrated layers"
+        raise
     set_quant_mode(model, enabled=True)  # the calibrated model computes quantized
     model.train(was_training)
     report.total_seconds = before + time.perf_counter() - start

@@ -3,6 +3,6 @@ the bar."""
 
 from fimaq.callbacks.clock import StepClock
 from fimaq.callbacks.fisher import FisherRefresh
-from fimaq.callbacks.progress import UnitProgressBar
+from fimaq.callbacks.progress import ProgressBar, UnitProgressBar
 
-__all__ = ["FisherRefresh", "StepClock", "UnitProgressBar"]
+__all__ = ["FisherRefresh", "ProgressBar", "StepClock", "UnitProgressBar"]

@@ -1,11 +1,27 @@
-"""A TQDM bar that names the unit being reconstructed (``blocks.3 [5/14]``) instead of the epoch."""
+"""Progress bars: Lightning's TQDM bar, cleared when a stage stops on an exception or an interruption
+(so the line that says why is the last one printed), and a bar that names the unit being
+reconstructed (``blocks.3 [5/14]``) instead of the epoch."""
 
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
-class UnitProgressBar(TQDMProgressBar):
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar; on an exception (an interruption included) its open bars are closed at
+    once instead of when the process exits, after the error line."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        for name in ("train", "val", "test", "predict"):
+            try:
+                bar = getattr(self, f"{name}_progress_bar")
+            except TypeError:  # (Lightning's way of saying that this bar was never opened)
+                continue
+            bar.leave = False
+            bar.close()
+
+
+class UnitProgressBar(ProgressBar):
     """Lightning's bar with a fixed description.
 
     Args:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from fimaq.config import check_model_kwargs
 from fimaq.errors import FimaqError, require_int
 
 
@@ -26,10 +27,8 @@ class PTQDataModule(L.LightningDataModule):
 
     def __init__(self, arch: str | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if model_kwargs is not None and not isinstance(model_kwargs, dict):
-            raise FimaqError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
         self.arch = arch
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = check_model_kwargs(model_kwargs)
 
     def _keep_settings(
         self,
@@ -53,6 +52,21 @@ class PTQDataModule(L.LightningDataModule):
         self.calib_size, self.recon_size = calib_size, recon_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.seed, self.num_workers = seed, num_workers
+
+    def check_model(self, num_classes: int) -> None:
+        """Refuse, before any work, data whose labels a model with ``num_classes`` outputs cannot
+        score. A data module that knows its class count sets ``num_classes``; the base checks it."""
+        have = getattr(self, "num_classes", None)
+        if isinstance(have, int) and have > num_classes:
+            raise FimaqError(
+                f"the data has {have} classes but the model has num_classes={num_classes}: "
+                f"{self.class_names(num_classes)}give the model's num_classes in --model.model_kwargs"
+            )
+
+    def class_names(self, start: int) -> str:
+        """``"classes beyond the model's: a, b; "`` for the classes from index ``start`` on, where the
+        data module knows their names (else empty)."""
+        return ""
 
     def calibration_tensors(self) -> tuple[Tensor, Tensor]:
         """Calibration images (already transformed) and labels."""

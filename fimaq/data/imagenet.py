@@ -87,6 +87,19 @@ def resolve_timm_data_config(arch: str, model_kwargs: dict[str, Any] | None = No
     return dict(resolve_model_data_config(model, args=args))
 
 
+def _empty_class_folders(folder: Path) -> list[str]:
+    """The class folders under ``folder`` without an image file ImageFolder would take."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not folder.is_dir():
+        return []
+    empty = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in sub.rglob("*")):
+            empty.append(sub.name)
+    return empty
+
+
 class _SeededTransformSubset(Dataset):
     """Items ``indices`` of an ImageFolder through a random transform seeded per item.
 
@@ -162,6 +175,7 @@ class ImageNetDataModule(PTQDataModule):
         self.val_limit = val_limit
         self.data_config = resolve_timm_data_config(arch, self.model_kwargs)
         self._train_set: Any = None
+        self.num_classes: int | None = None  # the train classes, once scanned
         self._val_set: Any = None
         self._calib_indices: list[int] = []
         self._recon_indices: list[int] = []
@@ -188,12 +202,39 @@ class ImageNetDataModule(PTQDataModule):
         try:
             dataset = ImageFolder(str(folder), transform=transform, loader=pil_rgb_loader)
         except (FileNotFoundError, RuntimeError) as exc:
+            empty = _empty_class_folders(folder)
+            if empty:
+                shown = ", ".join(empty[:5]) + (f" (and {len(empty) - 5} more)" if len(empty) > 5 else "")
+                raise FimaqError(
+                    f"class folder(s) under {folder} hold no images: {shown} (every class folder needs at "
+                    "least one image; remove the empty ones)"
+                ) from None
             raise FimaqError(
                 f"no images found under {folder} (ImageFolder layout: {folder}/<class>/<image>)"
             ) from exc
         if len(dataset) == 0:
             raise FimaqError(f"no images found under {folder}")
         return dataset
+
+    def _label_val_like_train(self, train_set: Any, val_set: Any) -> None:
+        """Label the val images by the train classes' names (ImageFolder numbers each split's own
+        folders, so a val/ that lacks a class would shift the labels of the classes after it)."""
+        extra = sorted(set(val_set.classes) - set(train_set.classes))
+        if extra:
+            raise FimaqError(
+                f"{self.root / 'val'} has class folder(s) that {self.root / 'train'} lacks: "
+                f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''} (val images are labelled by "
+                "the names of the train classes)"
+            )
+        if val_set.classes == train_set.classes:
+            return
+        index = train_set.class_to_idx
+        val_set.samples = [(path, index[val_set.classes[t]]) for path, t in val_set.samples]
+        val_set.imgs = val_set.samples
+        val_set.targets = [t for _, t in val_set.samples]
+        val_set.classes, val_set.class_to_idx = list(train_set.classes), dict(index)
+        held = len(set(val_set.targets))
+        log.info("%s holds %d of the %d train classes", self.root / "val", held, len(index))
 
     def setup(self, stage: str | None = None) -> None:
         """Scan ``train`` and ``val`` once and draw the seeded subsets; later calls are no-ops.
@@ -205,6 +246,8 @@ class ImageNetDataModule(PTQDataModule):
             return
         train_set = self._scan("train", None)
         val_set = self._scan("val", self.eval_transform())
+        self._label_val_like_train(train_set, val_set)
+        self.num_classes = len(train_set.classes)
         n_train = len(train_set)
         for name, value in (("calib_size", self.calib_size), ("recon_size", self.recon_size)):
             if value > n_train:
@@ -234,6 +277,16 @@ class ImageNetDataModule(PTQDataModule):
                 self.arch,
                 self.data_config,
             )
+
+    def check_model(self, num_classes: int) -> None:
+        """Scan the folders (once) and refuse more train classes than the model has outputs."""
+        self.setup()
+        super().check_model(num_classes)
+
+    def class_names(self, start: int) -> str:
+        extra = self._train_set.classes[start:]
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        return f"class folder(s) beyond the model's: {', '.join(extra[:5])}{more}; "
 
     def _materialise(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         subset = _SeededTransformSubset(self._train_set, indices, self.train_transform(), self.seed)

@@ -21,6 +21,16 @@ def smallest_budget(sizes: Sequence[int], bits: Sequence[int], allowed: np.ndarr
     return float((low * sizes_a).sum() / sizes_a.sum())
 
 
+def check_budget(budget: float, sizes: Sequence[int], bits: Sequence[int], allowed: np.ndarray) -> None:
+    """Refuse a budget below :func:`smallest_budget`, naming the smallest feasible one."""
+    floor = smallest_budget(sizes, bits, allowed)
+    if budget < floor - 1e-9:
+        raise FimaqError(
+            f"budget {budget:g} average weight bits cannot be met: "
+            f"the smallest feasible budget is {floor:.4g}"
+        )
+
+
 def solve_allocation(
     cost: np.ndarray,
     sizes: Sequence[int],
@@ -49,12 +59,7 @@ def solve_allocation(
         raise FimaqError(f"layer {bad} has no allowed bit-width")
     if not np.isfinite(cost[allowed]).all():
         raise FimaqError("the bit-allocation costs contain NaN or Inf")
-    floor = smallest_budget(sizes, bits, allowed)
-    if budget < floor - 1e-9:
-        raise FimaqError(
-            f"budget {budget:g} average weight bits cannot be met: "
-            f"the smallest feasible budget is {floor:.4g}"
-        )
+    check_budget(budget, sizes, bits, allowed)
     sizes_a = np.asarray(sizes, dtype=float)
     c = np.where(allowed, cost, 0.0).reshape(-1)
     c = c / max(float(np.abs(c).max()), 1e-300)  # O(1) coefficients: HiGHS gaps are absolute too

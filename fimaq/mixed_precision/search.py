@@ -14,7 +14,7 @@ from torch import nn
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, MixedPrecisionConfig, QuantSpec
 from fimaq.errors import FimaqError
-from fimaq.mixed_precision.ilp import solve_allocation
+from fimaq.mixed_precision.ilp import check_budget, solve_allocation
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.mixed_precision.sensitivity import fisher_traces, quantization_errors, type_normalise
 from fimaq.models.swap import iter_qlayers, quantize_model
@@ -49,7 +49,8 @@ def search_bit_plan(
     """Allocate weight bits per layer under ``cfg.budget`` (activations stay at ``spec.a_bits``).
 
     Args:
-        make_fp: returns a fresh float model (called once per round and once for the soft targets).
+        make_fp: returns a fresh float model (called once per round, once for the layer sizes and once
+            for the soft targets).
         spec: the uniform bit-widths (activation bits, and weight bits of layers not allocated).
         images: calibration images (also used for the Fisher traces).
         cfg: allocation settings.
@@ -62,9 +63,7 @@ def search_bit_plan(
     cfg.validate()
     spec.validate()
     bits = cfg.allowed_bits()
-    fp = make_fp().eval()
-    targets = soft_targets(fp, images, cfg.temperature, calib.batch_size)
-    probe = allocatable_layers(quantize_model(fp, spec), cfg)
+    probe = allocatable_layers(quantize_model(make_fp().eval(), spec), cfg)
     if not probe:
         raise FimaqError("the model has no layers to allocate bits to")
     names = list(probe)
@@ -75,6 +74,8 @@ def search_bit_plan(
     if unknown:
         raise FimaqError(f"layer_bits names layers that are not allocated: {sorted(unknown)}")
     allowed = np.array([[b in cfg.allowed_bits(n) for b in bits] for n in names])
+    check_budget(cfg.budget, sizes, bits, allowed)  # before any calibration
+    targets = soft_targets(make_fp().eval(), images, cfg.temperature, calib.batch_size)
     within = [b for b in bits if b <= cfg.budget]
     start = max(within) if within else bits[0]
     current = {n: min(max(start, min(cfg.allowed_bits(n))), max(cfg.allowed_bits(n))) for n in names}

@@ -14,7 +14,7 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +35,11 @@ from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, soft_targets
 from fimaq.recon.fisher import FisherEstimator
 from fimaq.recon.global_local import penultimate_targets, suffix
 from fimaq.recon.module import BlockReconModule, step_loader
+from fimaq.recon.report import ReconReport, mean_objective, unit_error, unit_line
 from fimaq.recon.state import ROUNDING_QUANTIZERS, STATE_FILE, load_state, recon_fingerprint, write_state
 from fimaq.recon.units import Unit, recon_units
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ReconReport:
-    """Per-unit wall time and output error (MSE on the quantized input) before/after, in unit order."""
-
-    unit_seconds: dict[str, float] = field(default_factory=dict)
-    train_seconds: dict[str, float] = field(default_factory=dict)  # the Trainer's fit, refreshes included
-    refresh_seconds: dict[str, float] = field(default_factory=dict)
-    step_seconds: dict[str, float] = field(default_factory=dict)  # mean optimisation step, no refresh
-    error_before: dict[str, float] = field(default_factory=dict)
-    error_after: dict[str, float] = field(default_factory=dict)
-    resumed_units: list[str] = field(default_factory=list)
-    fisher_seconds: float = 0.0  # (a resumed run's seconds include the earlier sessions' saved work)
-    total_seconds: float = 0.0
-
-
-@torch.no_grad()
-def unit_error(
-    unit: Unit, x: torch.Tensor, y: torch.Tensor, batch_size: int, ranks: Ranks | None = None
-) -> float:
-    """Mean squared error of ``unit(x)`` against ``y`` (float64 accumulation; summed over ``ranks``)."""
-    device = next(unit.module.parameters()).device
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, x.shape[0], batch_size):
-        out = unit.module(x[start : start + batch_size].to(device, torch.float32)).double()
-        ref = y[start : start + batch_size].to(device).double()
-        sums[0] += (out - ref).pow(2).sum()
-        sums[1] += ref.numel()
-    total, count = (ranks or Ranks()).sum(sums).tolist()
-    return total / max(1.0, count)
 
 
 def _one_device(device: torch.device) -> dict[str, Any]:
@@ -245,14 +215,7 @@ def reconstruct_model(
                         done.append(unit.name)
                         report.unit_seconds[unit.name] = time.perf_counter() - t0
                         save_state()
-                    ranks.info(
-                        log,
-                        "%s: output MSE %.4g -> %.4g (%.1f s)",
-                        unit.name,
-                        report.error_before[unit.name],
-                        report.error_after[unit.name],
-                        report.unit_seconds[unit.name],
-                    )
+                    ranks.info(log, "%s", unit_line(report, unit.name, "kl" if unit.is_head else cfg.loss))
                 except Interrupted as exc:
                     exc.where = exc.where or f"in unit {unit.name} after {len(done)} finished units"
                     raise
@@ -306,8 +269,9 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
             x_q, _ = capture_unit(net, unit, ctx.images, batch, False, ctx.cache_device, ctx.dtype)
     cache = UnitCache(x_fp, y_fp, x_q)
     m = max(0, min(hi, cfg.error_images or n) - lo)  # this rank's rows among the first error_images
+    before: list[torch.Tensor] = []  # the calibrated unit's outputs, for its objective once trained
     with quant_mode(net, only=[unit.module]):
-        report.error_before[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch, ctx.ranks)
+        report.error_before[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch, ctx.ranks, before)
     brecq = None
     if cfg.loss == "fisher_brecq" and not unit.is_head:
         with quant_mode(net, only=finished):  # earlier units quantized, this one FP
@@ -328,7 +292,8 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         module = BlockReconModule(
             unit, cache, cfg, ctx.fisher_cfg, fisher if use_fisher else None, brecq, masks, (lo, hi), rest
         )
-        if not module.roundings and not module.act_scales:
+        trained = bool(module.roundings or module.act_scales)
+        if not trained:
             ctx.ranks.info(log, "%s has no quantized weights or inputs: skipped", unit.name)
         else:
             _train(ctx, module, unit, i, description, use_fisher, logger)
@@ -342,16 +307,21 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
         raise FimaqError(
             f"unit {unit.name}: reconstruction produced NaN/Inf in {bad[0]}; finished units are kept"
         )
+    after: list[torch.Tensor] = []
     with quant_mode(net, only=[unit.module]):
-        report.error_after[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch, ctx.ranks)
+        report.error_after[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch, ctx.ranks, after)
+    if trained:  # the objective it minimised, on the same images, at the end of its training
+        report.objective_before[unit.name] = mean_objective(module, before, ctx.ranks)
+        report.objective_after[unit.name] = mean_objective(module, after, ctx.ranks)
     if logger is not None:
-        logger.log_metrics(
-            {
-                "recon/output_mse_before": report.error_before[unit.name],
-                "recon/output_mse_after": report.error_after[unit.name],
-            },
-            step=i,
-        )
+        values = {
+            "recon/output_mse_before": report.error_before[unit.name],
+            "recon/output_mse_after": report.error_after[unit.name],
+        }
+        if trained:
+            values["recon/objective_before"] = report.objective_before[unit.name]
+            values["recon/objective_after"] = report.objective_after[unit.name]
+        logger.log_metrics(values, step=i)
     if not torch.isfinite(torch.tensor(report.error_after[unit.name])):
         raise FimaqError(
             f"unit {unit.name}: its output is NaN/Inf after reconstruction; finished units are kept"

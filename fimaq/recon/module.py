@@ -192,6 +192,20 @@ class BlockReconModule(L.LightningModule):
                 self.log(f"{prefix}/beta", beta)
         return loss
 
+    @torch.no_grad()
+    def objective_sum(self, pred: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The reconstruction objective of outputs ``pred`` of the cached rows ``rows`` (this rank's
+        indices) times their number: summed over batches and ranks and divided by the number of rows,
+        the objective's mean over them. With the normalisers and Fisher statistics as they are (at the
+        end of training: the objective the last steps minimised), without the rounding penalty."""
+        target = rows_of(self.cache.y_fp, rows).to(self.device, torch.float32)
+        grad = rows_of(self.brecq_grads, rows).to(self.device) if self.brecq_grads is not None else None
+        features = None
+        if self.rest is not None:
+            run, features_fp = self.rest
+            features = (run(pred), rows_of(features_fp, rows).to(self.device))
+        return self.objective(pred.float(), target, self.stats, grad, features=features) * rows.numel()
+
     def configure_optimizers(self):
         groups = []
         lambdas = []

@@ -19,7 +19,7 @@ from fimaq.quant.ste_rounding import SteRoundingQuantizer
 from fimaq.recon.units import Unit
 
 if TYPE_CHECKING:
-    from fimaq.recon.driver import ReconReport
+    from fimaq.recon.report import ReconReport
 
 STATE_FILE = "recon_state.safetensors"
 ROUNDING_QUANTIZERS: dict[str, type[LearnedRounding]] = {
@@ -96,11 +96,18 @@ def write_state(
             "units_done": done,
             "seconds": report.total_seconds,  # the stage's wall time so far, every session's
             "fisher_seconds": report.fisher_seconds,
-            "unit_record": {  # what the reports of a resumed run need of the finished units
-                u: [report.error_before[u], report.error_after[u], report.unit_seconds[u]] for u in done
-            },
+            "unit_record": {u: _unit_record(report, u) for u in done},
         },
     )
+
+
+def _unit_record(report: ReconReport, unit: str) -> list[float]:
+    """What the reports of a resumed run need of a finished unit: its output errors and seconds, and
+    its objective before and after where it was trained."""
+    record = [report.error_before[unit], report.error_after[unit], report.unit_seconds[unit]]
+    if unit in report.objective_after:
+        record += [report.objective_before[unit], report.objective_after[unit]]
+    return record
 
 
 def load_state(
@@ -116,9 +123,11 @@ def load_state(
     sessions spent) and returns their names."""
     state, done, record, record_seconds = _read_state(path, meta, fingerprint)
     for name in (u for u in done if u in record):  # the finished units' reports, in unit order
-        before, after, seconds = record[name]
+        before, after, seconds, *objective = record[name]
         report.error_before[name], report.error_after[name] = before, after
         report.unit_seconds[name] = seconds
+        if len(objective) == 2:
+            report.objective_before[name], report.objective_after[name] = objective
     report.total_seconds = float(record_seconds.get("seconds", 0.0))
     report.fisher_seconds = float(record_seconds.get("fisher_seconds", 0.0))
     for unit in units:
