@@ -180,6 +180,7 @@ ReconLoss = Literal["mse", "fisher_diag", "fisher_lr", "fisher_dplr", "fisher_br
 InputMode = Literal["qdrop", "qinp", "rinp"]
 CacheDtype = Literal["float32", "bfloat16", "float16"]
 Rounding = Literal["adaround", "ste"]
+NormRounding = Literal["soft", "hard"]
 RECON_LOSSES, INPUT_MODES, CACHE_DTYPES = get_args(ReconLoss), get_args(InputMode), get_args(CacheDtype)
 ROUNDINGS = get_args(Rounding)
 STE_STEPS, ADAROUND_STEPS = 3000, 20000  # the STE schedule at the ImageNet one: ste_iters = 0.15 iters
@@ -210,6 +211,13 @@ class ReconConfig:
         lr_ste: Adam learning rate of the STE offsets (constant; the offsets count quantization steps).
         lr_scale: Adam learning rate of the activation scales (cosine to 0 over the unit's steps).
         round_weight: weight lambda of the rounding regulariser.
+        norm_rounding: the output the loss normalisers are recorded on at the first step and after each
+            Fisher refresh: ``hard`` [fimaq], with the AdaRound rounding hardened as it stands, or
+            ``soft``, the step's soft-rounded output (FIMA-Q's reference). Where the soft weights alone
+            can fit a unit's float output (the patch embedding: a float input, no activation
+            quantizers), ``soft`` records normalisers near zero at the end of the warm-up; the rounding
+            penalty can then no longer make the rounding binary, and the unit ends worse than
+            calibrated (docs/algorithm.md, section 4).
         beta_start: rounding temperature during the warm-up and at its end.
         beta_end: rounding temperature at the last step.
         warmup: fraction of the steps without rounding regulariser.
@@ -235,6 +243,7 @@ class ReconConfig:
     lr_ste: float = 1e-3
     lr_scale: float = 4e-5
     round_weight: float = 0.01
+    norm_rounding: NormRounding = "hard"
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
@@ -256,6 +265,7 @@ class ReconConfig:
         _choice("recon input_mode", self.input_mode, INPUT_MODES)
         _choice("recon cache_dtype", self.cache_dtype, CACHE_DTYPES)
         _choice("recon rounding", self.rounding, ROUNDINGS)
+        _choice("recon norm_rounding", self.norm_rounding, get_args(NormRounding))
         _fraction("recon drop_prob", self.drop_prob)
         if not isinstance(self.compile, bool):
             raise FimaqError(f"recon compile must be true or false, got {self.compile!r}")

@@ -16,7 +16,12 @@ from fimaq.artifacts import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs/digits/w3a3.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES},  # (a data-parallel test's)
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
 FAST_FIT = [
     "--trainer.enable_progress_bar=false",
     "--trainer.logger=false",

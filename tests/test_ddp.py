@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,43 @@ def test_two_processes_match_one_process(tmp_path):
     # only rank 0 writes: one TensorBoard run, no stray temporary files
     assert len(list((tmp_path / "two").glob("version_*"))) == 1
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
+
+
+def test_sigterm_to_rank_0_stops_every_rank_with_one_line(tmp_path):
+    """The other ranks stop with rank 0 (it passes the signal on) instead of failing in their next
+    collective with a traceback; the run says one line and can be resumed."""
+    import signal
+
+    from runs import cli_cmd, signal_when
+
+    root = tmp_path / "run"
+    state = root / "calib_state.safetensors"
+    log = tmp_path / "ddp.log"
+    two = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    slow = ["--model.calib.search_rounds=3", "--model.calib.eq_n=128"]  # still calibrating at the signal
+    rc = signal_when(cli_cmd("fit", root, *two, *slow), log, state.is_file, signal.SIGTERM)
+    text = log.read_text()
+    assert rc == 143, text
+    assert "Traceback" not in text and "Connection closed" not in text, text
+    last = text.rstrip("\n").split("\n")[-1]
+    assert last.startswith("interrupted during calibration") and last.endswith(
+        "run the same command again to resume"
+    )
+    assert text.count("interrupted") == 1
+    deadline = time.monotonic() + 30
+    while _processes_of(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_of(root) == []
+
+
+def _processes_of(root: Path) -> list[int]:
+    """The PIDs of processes whose command line names ``root``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if str(root).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found

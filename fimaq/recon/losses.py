@@ -174,6 +174,11 @@ class ReconObjective:
     def uses_fisher(self) -> bool:
         return self.kind in ("fisher_diag", "fisher_lr", "fisher_dplr")
 
+    @property
+    def recording(self) -> bool:
+        """Whether the next call records the normalisers (after a reset; the head's KL has none)."""
+        return self.kind != "kl" and not self.norms
+
     def reset(self) -> None:
         """Record the normalisers again on the next call (after a Fisher refresh)."""
         self.norms.clear()

@@ -163,10 +163,13 @@ class BlockReconModule(L.LightningModule):
         regularise = bool(self.adarounds) and round_regulariser_on(step, iters, self.cfg.warmup)
         for a in self.adarounds:  # the penalty then comes out of the weight's forward pass
             a.pending_beta = beta if regularise else None
-        with self.masks.of(rows):
-            pred = self.unit(self._inputs(idx))
         target = rows_of(self.cache.y_fp, idx).to(self.device, torch.float32)
         grad = rows_of(self.brecq_grads, idx).to(self.device) if self.brecq_grads is not None else None
+        with self.masks.of(rows):
+            inputs = self._inputs(idx)
+            if self.cfg.norm_rounding == "hard" and self.objective.recording and self.adarounds:
+                self._record_norms_hard(inputs, target, grad, idx, share)
+            pred = self.unit(inputs)
         features = None
         if self.rest is not None:  # global_local: through the frozen float rest of the model
             run, features_fp = self.rest
@@ -205,6 +208,24 @@ class BlockReconModule(L.LightningModule):
             run, features_fp = self.rest
             features = (run(pred), rows_of(features_fp, rows).to(self.device))
         return self.objective(pred.float(), target, self.stats, grad, features=features) * rows.numel()
+
+    @torch.no_grad()
+    def _record_norms_hard(self, inputs, target, grad, idx: torch.Tensor, share: float | None) -> None:
+        """Record the loss normalisers (after a Fisher refresh) on this batch's output with the rounding
+        hardened as it stands (``recon.norm_rounding: hard``), instead of on the soft-rounded output."""
+        for a in self.adarounds:
+            a.soft = False
+        try:
+            pred = self.unit(inputs)
+            features = None
+            if self.rest is not None:
+                run, features_fp = self.rest
+                features = (run(pred), rows_of(features_fp, idx).to(self.device))
+            total = self._sum_over_ranks
+            self.objective(pred, target, self.stats, grad, share=share, reduce_sum=total, features=features)
+        finally:
+            for a in self.adarounds:
+                a.soft = True
 
     def configure_optimizers(self):
         groups = []

@@ -36,13 +36,19 @@ def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: in
     return {"recon": recon, "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
 
 
+BEHAVIOUR_BEFORE = {"recon": {"norm_rounding": "soft"}}
+"""Settings whose default differs from what fimaq did before they existed: a state that predates one
+ran with the value here, not with today's default."""
+
+
 def _with_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """A saved fingerprint with the settings it predates filled in with their defaults (a state written
-    before a setting existed ran with its default), so that adding a setting does not orphan states."""
+    """A saved fingerprint with the settings it predates filled in (a state written before a setting
+    existed ran with its default, or with :data:`BEHAVIOUR_BEFORE`), so that adding a setting does not
+    orphan states."""
     out = dict(fingerprint)
     for key, cls in (("recon", ReconConfig), ("fisher", FisherConfig)):
         if isinstance(out.get(key), dict):
-            out[key] = {**dataclasses.asdict(cls()), **out[key]}
+            out[key] = {**dataclasses.asdict(cls()), **BEHAVIOUR_BEFORE.get(key, {}), **out[key]}
             out[key].pop("compile", None)
     return out
 
