@@ -218,6 +218,9 @@ class ReconConfig:
             quantizers), ``soft`` records normalisers near zero at the end of the warm-up; the rounding
             penalty can then no longer make the rounding binary, and the unit ends worse than
             calibrated (docs/algorithm.md, section 4).
+        keep_better: [fimaq] a unit whose reconstruction ends with a higher objective than its
+            calibration (both measured on the ``error_images`` with the final normalisers and Fisher
+            statistics) keeps its calibrated rounding and activation scales.
         beta_start: rounding temperature during the warm-up and at its end.
         beta_end: rounding temperature at the last step.
         warmup: fraction of the steps without rounding regulariser.
@@ -244,6 +247,7 @@ class ReconConfig:
     lr_scale: float = 4e-5
     round_weight: float = 0.01
     norm_rounding: NormRounding = "hard"
+    keep_better: bool = True
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
@@ -267,8 +271,9 @@ class ReconConfig:
         _choice("recon rounding", self.rounding, ROUNDINGS)
         _choice("recon norm_rounding", self.norm_rounding, get_args(NormRounding))
         _fraction("recon drop_prob", self.drop_prob)
-        if not isinstance(self.compile, bool):
-            raise FimaqError(f"recon compile must be true or false, got {self.compile!r}")
+        for key in ("compile", "keep_better"):
+            if not isinstance(getattr(self, key), bool):
+                raise FimaqError(f"recon {key} must be true or false, got {getattr(self, key)!r}")
         _fraction("recon warmup", self.warmup, closed_right=False)
         for key in (
             "lr_alpha",

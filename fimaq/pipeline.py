@@ -238,6 +238,7 @@ class Pipeline:
                 n: [report.objective_before[n], report.objective_after[n]] for n in report.objective_after
             },
             "recon_loss": model.recon_cfg.loss,
+            "recon_kept_calibrated": dict(report.rejected),
             "recon_unit_seconds": {n: round(s, 3) for n, s in report.unit_seconds.items()},
             "recon_fisher_seconds": round(report.fisher_seconds, 3),
         }

@@ -59,3 +59,25 @@ def test_every_trained_unit_reports_its_objective_and_the_plot_shows_both(calibr
     with Image.open(path) as img:
         width, height = img.size
     assert height > width * 0.6  # two panels, one above the other
+
+
+def test_a_unit_the_reconstruction_makes_worse_keeps_its_calibration(calibrated):
+    """An AdaRound learning rate far too high scrambles the rounding: by the units' own objective the
+    reconstruction ends worse than calibration, and with ``keep_better`` (the default) every such unit
+    leaves with exactly its calibrated output error; without it, worse."""
+    net, images = calibrated
+    fisher = FisherConfig(rank=2, num_samples=32, batch_size=32)
+    runs = {}
+    for keep in (False, True):
+        cfg = ReconConfig(iters=30, batch_size=16, lr_alpha=5.0, keep_better=keep)
+        runs[keep] = reconstruct_model(
+            copy.deepcopy(net), images, cfg, fisher, units=["patch_embed"], progress=False
+        )
+    worse, kept = runs[False], runs[True]
+    u = "patch_embed"
+    assert (
+        worse.objective_after[u] > worse.objective_before[u] and worse.error_after[u] > worse.error_before[u]
+    )
+    assert kept.rejected == {u: pytest.approx(worse.objective_after[u])}
+    assert kept.error_after[u] == kept.error_before[u] == worse.error_before[u]
+    assert kept.objective_after[u] == kept.objective_before[u]

@@ -60,11 +60,20 @@ class _Rounding:
     def __enter__(self) -> _Rounding:
         for layer in self.layers:
             attach_rounding(layer, ROUNDING_QUANTIZERS[self.cfg.rounding])
-        bases = {id(m.base) for m in self.unit.module.modules() if isinstance(m, LearnedRounding)}
-        for q in self.unit.quantizers():
-            if q.bits is not None and id(q) not in bases:  # (the quantizers are switched on later)
-                q.scale.requires_grad_(self.cfg.learn_act_scales)
+        learned = [m for m in self.unit.module.modules() if isinstance(m, LearnedRounding)]
+        bases = {id(m.base) for m in learned}
+        scales = [q.scale for q in self.unit.quantizers() if q.bits is not None and id(q) not in bases]
+        for scale in scales:  # (the quantizers are switched on later)
+            scale.requires_grad_(self.cfg.learn_act_scales)
+        # what the unit starts from: its calibrated rounding (AdaRound's initial offsets harden to it)
+        self.start = [(p, p.detach().clone()) for p in [*(p for m in learned for p in m.learned), *scales]]
         return self
+
+    @torch.no_grad()
+    def restore_start(self) -> None:
+        """Put back the rounding parameters and activation scales the unit started with."""
+        for param, start in self.start:
+            param.copy_(start)
 
     def finalize(self) -> None:
         """Switch to hard rounding (folded into the weights once every unit is done)."""
@@ -313,6 +322,13 @@ def _reconstruct_unit(ctx: _Context, i: int, unit: Unit, done: set[str], descrip
     if trained:  # the objective it minimised, on the same images, at the end of its training
         report.objective_before[unit.name] = mean_objective(module, before, ctx.ranks)
         report.objective_after[unit.name] = mean_objective(module, after, ctx.ranks)
+        if cfg.keep_better and report.objective_after[unit.name] > report.objective_before[unit.name]:
+            report.rejected[unit.name] = report.objective_after[unit.name]
+            rounding.restore_start()  # the calibrated unit did better: it stays as calibrated
+            after = []
+            with quant_mode(net, only=[unit.module]):
+                report.error_after[unit.name] = unit_error(unit, x_q[:m], y_fp[:m], batch, ctx.ranks, after)
+            report.objective_after[unit.name] = mean_objective(module, after, ctx.ranks)
     if logger is not None:
         values = {
             "recon/output_mse_before": report.error_before[unit.name],

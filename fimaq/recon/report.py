@@ -28,6 +28,9 @@ class ReconReport:
     # the unit's own reconstruction objective (the loss it minimised, no rounding penalty) before/after
     objective_before: dict[str, float] = field(default_factory=dict)
     objective_after: dict[str, float] = field(default_factory=dict)
+    # units whose reconstruction ended with a higher objective than calibration (``recon.keep_better``):
+    # that objective; the unit kept its calibration
+    rejected: dict[str, float] = field(default_factory=dict)
     resumed_units: list[str] = field(default_factory=list)
     fisher_seconds: float = 0.0  # (a resumed run's seconds include the earlier sessions' saved work)
     total_seconds: float = 0.0
@@ -78,4 +81,6 @@ def unit_line(report: ReconReport, name: str, loss: str) -> str:
     if name in report.objective_after:
         before, after = report.objective_before[name], report.objective_after[name]
         line += f", objective ({loss}) {before:.4g} -> {after:.4g}"
+    if name in report.rejected:
+        line += f"; kept calibrated (the reconstruction ended at objective {report.rejected[name]:.4g})"
     return f"{line} ({report.unit_seconds[name]:.1f} s)"

@@ -36,7 +36,7 @@ def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: in
     return {"recon": recon, "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
 
 
-BEHAVIOUR_BEFORE = {"recon": {"norm_rounding": "soft"}}
+BEHAVIOUR_BEFORE = {"recon": {"norm_rounding": "soft", "keep_better": False}}
 """Settings whose default differs from what fimaq did before they existed: a state that predates one
 ran with the value here, not with today's default."""
 
@@ -113,6 +113,8 @@ def _unit_record(report: ReconReport, unit: str) -> list[float]:
     record = [report.error_before[unit], report.error_after[unit], report.unit_seconds[unit]]
     if unit in report.objective_after:
         record += [report.objective_before[unit], report.objective_after[unit]]
+        if unit in report.rejected:
+            record.append(report.rejected[unit])
     return record
 
 
@@ -132,8 +134,10 @@ def load_state(
         before, after, seconds, *objective = record[name]
         report.error_before[name], report.error_after[name] = before, after
         report.unit_seconds[name] = seconds
-        if len(objective) == 2:
-            report.objective_before[name], report.objective_after[name] = objective
+        if len(objective) >= 2:
+            report.objective_before[name], report.objective_after[name] = objective[:2]
+        if len(objective) == 3:
+            report.rejected[name] = objective[2]
     report.total_seconds = float(record_seconds.get("seconds", 0.0))
     report.fisher_seconds = float(record_seconds.get("fisher_seconds", 0.0))
     for unit in units:
