@@ -226,6 +226,8 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except Interrupted as exc:
+        for sig in previous:  # a second Ctrl-C while the run winds down changes nothing
+            signal.signal(sig, signal.SIG_IGN)
         stop_local_ranks(exc.signum)  # data parallel: the other ranks stop with this one
         if local_rank() == 0:  # one line for the run, from the process that was started
             where = f" {exc.where}" if exc.where else ""
