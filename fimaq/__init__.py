@@ -10,7 +10,7 @@ _LAZY = {
     "load_quantized": "fimaq.export",
     "Pipeline": "fimaq.pipeline",
     "QuantModel": "fimaq.module",
-    "QuantSpec": "fimaq.config",
+    "QuantSpec": "fimaq.spec",
     "CalibConfig": "fimaq.config",
     "ReconConfig": "fimaq.config",
     "FisherConfig": "fimaq.config",

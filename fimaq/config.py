@@ -2,133 +2,11 @@
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
-from fimaq.errors import FimaqError, require_int
-from fimaq.quant.quantizer import check_bits
-
-Rotation = Literal["none", "hadamard"]
-
-
-@dataclass
-class QuantSpec:
-    """What gets quantized and at which bit-width.
-
-    Keys of ``overrides`` are layer names (``blocks.0.attn.qkv``), glob patterns matched against the
-    whole name (``blocks.*.mlp.fc2``; ``*`` also crosses dots) or regular expressions after a ``re:``
-    prefix, matched against the whole name (``re:blocks\\.1[01]\\..*``). Every entry that matches a
-    layer applies, from the lowest precedence to the highest, each setting only the keys it names:
-    patterns in the order written (a later pattern wins over an earlier one), then the exact name,
-    which wins over every pattern. A pattern that matches no quantized layer is an error
-    (:meth:`check_overrides`).
-
-    Attributes:
-        w_bits: weight bits of every quantized layer (2..8).
-        a_bits: activation bits (linear inputs and both matmul operands), 2..8.
-        head_a_bits: input bits of the classifier head; ``None`` = ``a_bits`` (as every official config).
-        overrides: per-layer exceptions, ``{layer name or pattern: {"w_bits": b, "a_bits": b}}``;
-            32 or null = FP.
-        rotation: ``none`` or ``hadamard``: rotate the residual stream and the MLP hidden of a ViT/DeiT
-            by Hadamard matrices before quantizing, LayerNorm affine folded, the float function
-            unchanged (docs/algorithm.md, section 1.1; Swin is refused).
-    """
-
-    w_bits: int = 4
-    a_bits: int = 4
-    head_a_bits: int | None = None
-    overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)
-    rotation: Rotation = "none"
-
-    @staticmethod
-    @lru_cache(maxsize=256)
-    def override_matcher(key: str) -> Callable[[str], bool] | None:
-        """How an override key matches layer names: ``None`` for an exact name, else a predicate."""
-        if key.startswith("re:"):
-            try:
-                regex = re.compile(key[3:])
-            except re.error as exc:
-                raise FimaqError(
-                    f"override pattern '{key}' is not a valid regular expression ({exc})"
-                ) from None
-            return lambda name: regex.fullmatch(name) is not None
-        if any(c in key for c in "*?["):
-            return lambda name: fnmatch.fnmatchcase(name, key)
-        return None
-
-    def validate(self) -> QuantSpec:
-        """Check every bit-width (2..8, or 32/null for FP) and every override pattern; returns self."""
-        check_bits(self.w_bits, "w_bits")
-        check_bits(self.a_bits, "a_bits")
-        check_bits(self.head_a_bits, "head_a_bits")
-        _choice("quant rotation", self.rotation, get_args(Rotation))
-        for name, bits in self.overrides.items():
-            self.override_matcher(name)
-            unknown = set(bits) - {"w_bits", "a_bits"}
-            if unknown:
-                raise FimaqError(
-                    f"override for '{name}' has unknown keys {sorted(unknown)} (use w_bits, a_bits)"
-                )
-            for key, value in bits.items():
-                check_bits(value, f"overrides[{name!r}].{key}")
-        return self
-
-    def matching_overrides(self, name: str) -> list[dict[str, int | None]]:
-        """The override entries that apply to layer ``name``, from the lowest precedence to the highest."""
-        matchers = {key: self.override_matcher(key) for key in self.overrides}
-        found = [bits for key, bits in self.overrides.items() if matchers[key] and matchers[key](name)]
-        return found + ([self.overrides[name]] if name in self.overrides else [])
-
-    def check_overrides(self, names: Iterable[str]) -> None:
-        """Refuse override patterns that match none of ``names`` (the model's quantized layers).
-
-        Exact names are not checked here (a bit plan's names are checked by ``BitPlan.check_layers``).
-
-        Raises:
-            FimaqError: naming the first pattern that matches no layer.
-        """
-        names = list(names)
-        for key in self.overrides:
-            match = self.override_matcher(key)
-            if match is not None and not any(match(n) for n in names):
-                raise FimaqError(
-                    f"override pattern '{key}' matches no quantized layer of the model "
-                    f"(e.g. {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                )
-
-    def bits_for(self, name: str, role: str) -> tuple[int | None, int | None]:
-        """(weight bits, input bits) for a layer; ``role`` is linear, head, patch_embed or matmul."""
-        w, a = self.w_bits, self.a_bits
-        if role == "head" and self.head_a_bits is not None:
-            a = self.head_a_bits
-        if role == "patch_embed":
-            a = None  # the image stays FP
-        for o in self.matching_overrides(name):
-            w = o.get("w_bits", w)
-            a = o.get("a_bits", a)
-        return check_bits(w), check_bits(a)
-
-
-def check_model_kwargs(kwargs: Any) -> dict[str, Any]:
-    """``model_kwargs`` as a dict; a key like ``"depth:2"`` with no value (YAML's reading of ``{depth:2}``,
-    which timm would silently drop) is refused with the spelling that works."""
-    if kwargs is None:
-        return {}
-    if not isinstance(kwargs, dict):
-        raise FimaqError(f"model_kwargs must be a mapping, got {type(kwargs).__name__}")
-    glued = [k for k, v in kwargs.items() if v is None and isinstance(k, str) and ":" in k]
-    if glued:
-        fixed = ", ".join(f"{k.split(':', 1)[0]}: {k.split(':', 1)[1]}" for k in glued)
-        raise FimaqError(
-            f"model_kwargs has the key(s) {', '.join(repr(k) for k in glued)} without a value: "
-            f"YAML needs a space after each colon ({fixed})"
-        )
-    return dict(kwargs)
-
+from fimaq.errors import FimaqError, require_choice, require_fraction, require_int
+from fimaq.spec import QuantSpec, Rotation, check_model_kwargs  # noqa: F401  (re-exported: one import)
 
 EQ_N_MIN = 32
 """Smallest grid: ``num_scale = eq_n // num_zp`` scales per zero point with up to 16 zero points, and a
@@ -265,16 +143,16 @@ class ReconConfig:
         require_int("recon batch_size", self.batch_size, 1)
         require_int("recon error_images", self.error_images, 0)
         require_int("recon seed", self.seed, 0)
-        _choice("recon loss", self.loss, RECON_LOSSES)
-        _choice("recon input_mode", self.input_mode, INPUT_MODES)
-        _choice("recon cache_dtype", self.cache_dtype, CACHE_DTYPES)
-        _choice("recon rounding", self.rounding, ROUNDINGS)
-        _choice("recon norm_rounding", self.norm_rounding, get_args(NormRounding))
-        _fraction("recon drop_prob", self.drop_prob)
+        require_choice("recon loss", self.loss, RECON_LOSSES)
+        require_choice("recon input_mode", self.input_mode, INPUT_MODES)
+        require_choice("recon cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        require_choice("recon rounding", self.rounding, ROUNDINGS)
+        require_choice("recon norm_rounding", self.norm_rounding, get_args(NormRounding))
+        require_fraction("recon drop_prob", self.drop_prob)
         for key in ("compile", "keep_better"):
             if not isinstance(getattr(self, key), bool):
                 raise FimaqError(f"recon {key} must be true or false, got {getattr(self, key)!r}")
-        _fraction("recon warmup", self.warmup, closed_right=False)
+        require_fraction("recon warmup", self.warmup, closed_right=False)
         for key in (
             "lr_alpha",
             "lr_ste",
@@ -333,8 +211,8 @@ class FisherConfig:
         require_int("fisher batch_size", self.batch_size, 1)
         if self.num_samples is not None:
             require_int("fisher num_samples", self.num_samples, 1)
-        _choice("fisher mode", self.mode, ("q", "qf"))
-        _choice("fisher lowrank_tokens", self.lowrank_tokens, ("all", "cls"))
+        require_choice("fisher mode", self.mode, ("q", "qf"))
+        require_choice("fisher lowrank_tokens", self.lowrank_tokens, ("all", "cls"))
         for key in ("temperature", "p1", "p2", "ridge"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
@@ -349,18 +227,6 @@ class FisherConfig:
             return list(range(min(self.rank, iters)))
         every = max(1, iters // self.rank)
         return [j * every for j in range(self.rank) if j * every < iters]
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise FimaqError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _fraction(name: str, value: object, closed_right: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value
-    ok = ok and (value <= 1 if closed_right else value < 1)
-    if not ok:
-        raise FimaqError(f"{name} must be a number in [0, 1{']' if closed_right else ')'}, got {value!r}")
 
 
 @dataclass
@@ -425,7 +291,7 @@ class MixedPrecisionConfig:
         require_int("mixed precision micro_batch", self.micro_batch, 1)
         if self.num_images is not None:
             require_int("mixed precision num_images", self.num_images, 1)
-        _choice("mixed precision normalise", self.normalise, ("type", "none"))
+        require_choice("mixed precision normalise", self.normalise, ("type", "none"))
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 8:
             raise FimaqError(
                 f"mixed precision budget must be average weight bits in (0, 8], got {self.budget!r}"

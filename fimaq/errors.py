@@ -22,6 +22,20 @@ def require_int(name: str, value: object, minimum: int, maximum: int | None = No
     return value
 
 
+def require_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """A FimaqError naming ``name`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise FimaqError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def require_fraction(name: str, value: object, closed_right: bool = True) -> None:
+    """A FimaqError naming ``name`` unless ``value`` is a number in [0, 1] (or [0, 1))."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value
+    ok = ok and (value <= 1 if closed_right else value < 1)
+    if not ok:
+        raise FimaqError(f"{name} must be a number in [0, 1{']' if closed_right else ')'}, got {value!r}")
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``"TypeName: message"`` of ``exc`` on one line, for wrapping a library error into a FimaqError.
 
