@@ -83,7 +83,11 @@ def test_a_global_local_run_brings_the_penultimate_features_closer_to_float():
             fp = penultimate(net, images)
         with quant_mode(net):
             before = (penultimate(net, images) - fp).pow(2).mean().item()
-    cfg = ReconConfig(iters=30, loss="global_local", batch_size=8, error_images=32, lr_scale=1e-3)
+    # every unit keeps its reconstruction (no keep_better): what is measured is the loss's own effect; at
+    # 30 steps one block ends 0.7% worse by its own objective and the guard would put it back
+    cfg = ReconConfig(
+        iters=30, loss="global_local", batch_size=8, error_images=32, lr_scale=1e-3, keep_better=False
+    )
     report = reconstruct_model(net, images, cfg, progress=False)
     assert report.fisher_seconds == 0.0  # no Fisher statistics for this loss
     with torch.no_grad(), quant_mode(net):

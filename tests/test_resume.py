@@ -39,10 +39,10 @@ def _assert_same_record(resumed: dict, whole: dict) -> None:
         assert resumed["recon_unit_seconds"].keys() == whole["recon_unit_seconds"].keys()
 
 
-def _validated_top1(artifact: Path, root: Path) -> float:
-    """The top-1 ``validate`` measures on a saved artifact, in a folder of its own."""
+def _validated_top1(artifact: Path, root: Path, stage: str = "reconstructed") -> float:
+    """The top-1 ``validate`` measures on a saved artifact (of ``stage``), in a folder of its own."""
     run(cli_cmd("validate", root, f"--model.init_from={artifact}"))
-    return _metrics(root)["reconstructed_top1"]
+    return _metrics(root)[f"{stage}_top1"]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,8 @@ def test_a_killed_calibration_resumes_to_the_uninterrupted_record(tmp_path):
     b, _ = read_artifact(whole / "calibrated.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert not state.exists()
+    validated = _validated_top1(root / "calibrated.safetensors", tmp_path / "check", "calibrated")
+    assert validated == resumed["calibrated_top1"]
 
 
 def test_fit_from_a_calibrated_artifact_reports_no_float_accuracy_it_did_not_measure(tmp_path, uninterrupted):
