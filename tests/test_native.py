@@ -20,18 +20,6 @@ from fimaq.recon.units import Unit
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: the eager kernel runs")
 
 
-def _needs_vector_math() -> None:
-    """Skip where torch's vector math cannot be called (not x86-64 Linux with AVX2 or AVX512 kernels);
-    where it can, the fused AdaRound pass must have passed its check against torch."""
-    import platform
-    import sys
-
-    known = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and sys.platform == "linux"
-    if not (known and platform.machine().lower() in ("x86_64", "amd64")):
-        pytest.skip("no callable vector math of torch's here: the separate kernels run")
-    assert native.adaround_applies(torch.zeros(1, 1)), "the fused AdaRound pass does not match torch here"
-
-
 def _operands(kind: str, g: torch.Generator):
     """(x, scale, zero point) as a block's quantizers see them."""
     if kind == "linear_input":  # per-token scale, one zero point
@@ -200,97 +188,6 @@ def test_rounding_penalty_kernels_give_the_eager_values_bit_for_bit():
 
 
 @needs_native
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(("rows", "cols"), [(48, 1000), (14, 5033), (33, 31), (192, 48), (7, 5)])
-@pytest.mark.parametrize("beta", [7.3, 20.0, None])
-def test_fused_adaround_pass_gives_torchs_values_bit_for_bit(threads, rows, cols, beta):
-    """AdaRound's weight and penalty from the one native pass (torch's sigmoid and power computed in it:
-    SLEEF's vector functions where torch's loop runs them, the scalar formulas on the last elements of
-    each thread's range): the soft weight, the penalty and the gradient of alpha are the eager
-    passes' bits, on weights whose thread ranges end in scalar code and on one too small for vectors;
-    without a beta (the warm-up) the weight's gradient alone."""
-    from fimaq.quant.adaround import AdaRoundQuantizer
-
-    _needs_vector_math()
-    g = torch.Generator().manual_seed(rows + cols)
-    w = torch.randn(rows, cols, generator=g)
-    base = UniformQuantizer(3, (rows, 1), (rows, 1))  # a clipping grid: some codes saturate
-    base.set_qparams(w.abs().amax(1, keepdim=True) / 5, torch.full((rows, 1), 4.0))
-    set_quant_mode(base, enabled=True)
-    upstream = torch.randn(rows, cols, generator=g)
-    results = []
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for on in (True, False):
-            ada = AdaRoundQuantizer(base, w)
-            with torch.no_grad():
-                ada.alpha.add_(torch.randn(rows, cols, generator=torch.Generator().manual_seed(1)) * 3)
-            ada.pending_beta = beta
-            with native.enabled(on):
-                out = ada(w)
-                loss = (out * upstream).sum()
-                if beta is not None:
-                    loss = loss + 0.01 * ada.regulariser(beta)
-                (grad,) = torch.autograd.grad(loss, [ada.alpha])
-            results.append((out.detach(), loss.detach(), grad))
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
-    assert results[0][2].abs().sum() > 0
-
-
-@needs_native
-@pytest.mark.parametrize(("threads", "rows", "cols", "draws"), [(1, 33, 31, 150), (2, 14, 5033, 6)])
-def test_fused_adaround_sigmoid_and_power_are_torchs_on_every_element(threads, rows, cols, draws):
-    """Element by element, over many draws: the pass's sigmoid is torch.sigmoid and its penalty terms
-    come from torch's pow_ (the sizes leave 31 elements of each thread's range to scalar code, where
-    torch's formulas differ from the vector functions' in a few per cent of the values)."""
-    _needs_vector_math()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(threads)
-        for _ in range(draws):
-            alpha = torch.randn(rows, cols, generator=g) * 3
-            floor = torch.floor(torch.randn(rows, cols, generator=g) * 3)
-            zp, scale = torch.full((rows, 1), 3.0), torch.rand(rows, 1, generator=g) + 0.1
-            beta = float(torch.empty(()).uniform_(2.5, 19.5, generator=g))
-            _, sig, _, om, fac = native.adaround_forward(alpha, floor, zp, scale, 1.2, -0.1, 7, beta)
-            h = torch.clamp(torch.sigmoid(alpha) * 1.2 - 0.1, 0, 1)
-            u = h * 2 - 1
-            p = u.abs().pow_(beta)
-            assert torch.equal(sig, torch.sigmoid(alpha))
-            assert torch.equal(om, 1 - p) and torch.equal(fac, torch.div(p, u).nan_to_num_(0.0))
-    finally:
-        torch.set_num_threads(before)
-
-
-@needs_native
-def test_fused_penalty_is_used_only_for_its_own_beta():
-    """The penalty that came out of the forward pass is the regulariser of that beta only; another
-    beta gets its own (the eager value), and the pending temperature is used once."""
-    from fimaq.quant.adaround import UNSET, AdaRoundQuantizer, RoundingPenalty, rectified_sigmoid
-
-    _needs_vector_math()
-    w = torch.randn(40, 70, generator=torch.Generator().manual_seed(2))
-    base = UniformQuantizer(4, (40, 1), (40, 1))
-    base.set_qparams(w.abs().amax(1, keepdim=True) / 8, torch.full((40, 1), 8.0))
-    set_quant_mode(base, enabled=True)
-    ada = AdaRoundQuantizer(base, w)
-    ada.pending_beta = 9.0
-    ada(w)
-    assert ada.pending_beta is UNSET  # used once
-    with native.enabled(False):
-        want = RoundingPenalty.apply(rectified_sigmoid(ada.alpha), 5.0)
-        want_9 = RoundingPenalty.apply(rectified_sigmoid(ada.alpha), 9.0)
-    assert torch.equal(ada.regulariser(5.0), want) and not torch.equal(want, want_9)
-    ada.pending_beta = 9.0
-    ada(w)
-    assert torch.equal(ada.regulariser(9.0), want_9)
-
-
 @needs_native
 def test_native_random_words_are_torchs_draws_and_state():
     """The QDrop bytes' 64-bit draws: torch.randint's values and generator state after, also across
@@ -358,10 +255,9 @@ def test_reconstruction_step_inputs_are_the_same_with_and_without_the_native_mix
 
 
 @needs_native
-def test_reconstruction_with_the_fused_adaround_pass_is_the_same_bit_for_bit(monkeypatch):
-    """A whole AdaRound reconstruction (warm-up, then the regulariser from the weights' forward pass,
-    QDrop, a Fisher loss): the same state, tensor for tensor, as with the separate kernels around
-    torch's sigmoid and power, and the fused pass did run."""
+def test_reconstruction_with_the_native_kernels_is_the_eager_one_bit_for_bit():
+    """A whole AdaRound reconstruction (warm-up, then the regulariser, QDrop, a Fisher loss): the same
+    state, tensor for tensor, with the native kernels and with eager PyTorch (``FIMAQ_NATIVE=0``)."""
     from conftest import tiny_model
 
     from fimaq.calib import calibrate_model
@@ -369,23 +265,17 @@ def test_reconstruction_with_the_fused_adaround_pass_is_the_same_bit_for_bit(mon
     from fimaq.models.swap import quantize_model
     from fimaq.recon.driver import reconstruct_model
 
-    _needs_vector_math()
-    calls = []
-    fused = native.adaround_forward
-    monkeypatch.setattr(native, "adaround_forward", lambda *a: calls.append(a[-1]) or fused(*a))
     states = []
     for on in (True, False):
-        monkeypatch.setattr(native, "_adaround_checked", on)
         net = quantize_model(tiny_model("vit", seed=1), QuantSpec(w_bits=3, a_bits=3))
         images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
         calib = CalibConfig(num_images=16, eq_n=32, search_rounds=1)
         calibrate_model(net, images[:16], calib, progress=False)
         cfg = ReconConfig(iters=30, batch_size=8, error_images=16, loss="fisher_dplr")
-        reconstruct_model(net, images, cfg, FisherConfig(rank=2), progress=False, units=["blocks.0", "head"])
+        with native.enabled(on):
+            reconstruct_model(
+                net, images, cfg, FisherConfig(rank=2), progress=False, units=["blocks.0", "head"]
+            )
         states.append(net.state_dict())
-        if on:
-            assert any(b is not None for b in calls) and None in calls  # with and without the penalty
-            calls.clear()
-    assert not calls  # the separate kernels ran the second time
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -102,35 +102,6 @@ class RoundingPenalty(torch.autograd.Function):
         return grad.mul_(c), None
 
 
-class AdaRoundWeight(torch.autograd.Function):
-    """:class:`SoftWeight` and, with a ``beta``, :class:`RoundingPenalty` in one native pass:
-    ``(W_soft, penalty)`` from ``alpha``, torch's sigmoid and power computed in the pass (the same
-    values bit for bit, :func:`fimaq.quant.native.adaround_forward`), and the gradient of ``alpha``
-    from both upstream gradients in one pass. No ``h`` and no penalty gradient in memory; the
-    clamps' masks as bits. Without a ``beta`` the penalty is not computed (a zero, no gradient)."""
-
-    @staticmethod
-    def forward(ctx, alpha, floor, zp, scale, qmax: int, beta: float | None):
-        ctx.set_materialize_grads(False)
-        c1 = ZETA - GAMMA
-        w, sig, mask, om, fac = native.adaround_forward(alpha, floor, zp, scale, c1, GAMMA, qmax, beta)
-        ctx.save_for_backward(sig, mask, fac, scale)
-        ctx.beta = beta
-        return w, (om.sum() if om is not None else w.new_zeros(()))
-
-    @staticmethod
-    def backward(ctx, g_weight, g_penalty):
-        sig, mask, fac, scale = ctx.saved_tensors
-        with_penalty = ctx.beta is not None and g_penalty is not None
-        c = float(g_penalty * (-2 * ctx.beta)) if with_penalty else 0.0  # as RoundingPenalty's backward
-        if g_weight is None:
-            g_weight = torch.zeros_like(sig)
-        grad = native.adaround_backward(
-            g_weight.contiguous(), fac if with_penalty else None, c, mask, sig, scale, ZETA - GAMMA
-        )
-        return grad, None, None, None, None, None
-
-
 def beta_schedule(step: int, iters: int, warmup: float, start: float, end: float) -> float:
     """Rounding temperature at 0-based ``step``: ``start`` during the warm-up, then linear to ``end``.
 
@@ -149,10 +120,6 @@ def round_regulariser_on(step: int, iters: int, warmup: float) -> bool:
     return step + 1 >= warmup * iters
 
 
-UNSET = object()
-""":attr:`AdaRoundQuantizer.pending_beta` before a training step has set it."""
-
-
 class AdaRoundQuantizer(LearnedRounding):
     """Weight quantizer with AdaRound's learned rounding; wraps (and keeps) the calibrated quantizer.
 
@@ -169,11 +136,6 @@ class AdaRoundQuantizer(LearnedRounding):
             self.register_buffer("floor", floor)
             self.alpha = nn.Parameter(init_alpha(scaled - floor))
         self._h: torch.Tensor | None = None  # h(alpha) of the last forward with gradients (regulariser)
-        # the rounding temperature of the coming training step's regulariser (None: off this step), set
-        # by the reconstruction before its forward pass, so that the penalty comes out of the same pass;
-        # UNSET: no promise, the pass keeps h(alpha) for a regulariser called later
-        self.pending_beta: float | None | object = UNSET
-        self._penalty: tuple[float, torch.Tensor] | None = None
 
     @property
     def learned(self) -> list[nn.Parameter]:
@@ -204,24 +166,14 @@ class AdaRoundQuantizer(LearnedRounding):
         if not learning or weight.shape != self.shape:  # (a wrong shape: the base class's error)
             return super().forward(weight)
         base = self.base
-        args = (self.alpha, self.floor, base.zero_point.detach(), base.scale.detach(), 2**self.bits - 1)
-        per_row = self.floor.dim() == 2 and args[2].shape == args[3].shape == (self.floor.shape[0], 1)
-        if self.pending_beta is not UNSET and per_row and native.adaround_applies(*args[:4]):
-            beta, self.pending_beta = self.pending_beta, UNSET
-            w, penalty = AdaRoundWeight.apply(*args, beta)
-            self._penalty = (beta, penalty) if beta is not None else None
-            self._h = None
-            return w.to(weight.dtype)
-        w, self._h = SoftWeight.apply(*args)
+        w, self._h = SoftWeight.apply(
+            self.alpha, self.floor, base.zero_point.detach(), base.scale.detach(), 2**self.bits - 1
+        )
         return w.to(weight.dtype)
 
     def regulariser(self, beta: float) -> torch.Tensor:
-        """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1. The penalty of this
-        step's forward pass where it came out of it (:attr:`pending_beta` set to ``beta`` before that
-        pass), else from ``h(alpha)`` of that pass (computed once per step), else computed here."""
-        ready, self._penalty = self._penalty, None
-        if ready is not None and ready[0] == beta:
-            return ready[1]
+        """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1 (from ``h(alpha)`` of this
+        step's forward pass where there was one, else computed here)."""
         h, self._h = (self._h if self._h is not None else rectified_sigmoid(self.alpha)), None
         return RoundingPenalty.apply(h, beta)
 

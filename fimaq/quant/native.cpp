@@ -15,19 +15,13 @@
 // The backward pass (fimaq_fake_quant_backward) multiplies the upstream gradient by both.
 // No fast-math, no contraction: every operation is rounded as its eager counterpart.
 //
-// AdaRound's whole weight side (fimaq_adaround_forward/backward) computes torch's sigmoid and power
-// itself, with the vector functions torch's own kernels call (SLEEF's, exported by libtorch_cpu and
-// handed over by fimaq_set_vector_math) wherever torch's loop runs them, and torch's scalar formulas
-// on the elements its loop leaves to scalar code (the last ones of each thread's range).
+// AdaRound's soft weight and rounding penalty are computed around torch's own sigmoid and power (the
+// callers run those): only public torch calls, no symbol of torch's libraries.
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -267,85 +261,6 @@ inline float alpha_grad(float g, float s, float outer, float gh, float inner, fl
     return (t * (1.0f - sig)) * sig;
 }
 
-// ---- AdaRound's weight side with torch's sigmoid and power --------------------------------------
-
-#if defined(__AVX512F__)
-typedef __m512 VecF;
-constexpr int kLanes = 16;
-inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
-inline VecF vset(float v) { return _mm512_set1_ps(v); }
-inline VecF vsub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
-inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
-inline VecF vdiv(VecF a, VecF b) { return _mm512_div_ps(a, b); }
-#elif defined(__AVX2__)
-typedef __m256 VecF;
-constexpr int kLanes = 8;
-inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
-inline VecF vset(float v) { return _mm256_set1_ps(v); }
-inline VecF vsub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
-inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
-inline VecF vdiv(VecF a, VecF b) { return _mm256_div_ps(a, b); }
-#else
-constexpr int kLanes = 0;  // no vector math: the fused AdaRound kernels refuse
-#endif
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-typedef VecF (*VecUnary)(VecF);
-typedef VecF (*VecBinary)(VecF, VecF);
-VecUnary vec_exp = nullptr;
-VecBinary vec_pow = nullptr;
-
-// torch's vectorised loop takes two vectors per iteration from the start of a thread's range and
-// leaves the rest (fewer than 2 * kLanes elements) to the scalar formula
-inline int64_t vector_end(int64_t begin, int64_t end) {
-    return begin + (end - begin) / (2 * kLanes) * (2 * kLanes);
-}
-
-// torch.sigmoid: 1 / (exp(0 - a) + 1) with SLEEF's exp in vectors, 1 / (1 + expf(-a)) in scalar code;
-// elements [i, i + m) of a thread's range whose vector part ends at `vend` (i - begin a multiple of
-// kLanes)
-inline void sigmoid_run(const float* a, float* out, int64_t i, int64_t m, int64_t vend) {
-    int64_t j = 0;
-    for (; j + kLanes <= m && i + j + kLanes <= vend; j += kLanes) {
-        VecF x = vsub(vset(0.0f), vload(a + j));
-        x = vadd(vec_exp(x), vset(1.0f));
-        vstore(out + j, vdiv(vset(1.0f), x));
-    }
-    for (; j < m; ++j) out[j] = 1.0f / (1.0f + std::exp(-a[j]));
-}
-
-// torch's pow_(beta) of a float tensor: SLEEF's powf with the exponent as a float in vectors, the
-// double power with the double exponent in scalar code
-inline void pow_run(const float* a, float* out, float beta, double beta_d, int64_t i, int64_t m, int64_t vend) {
-    int64_t j = 0;
-    const VecF b = vset(beta);
-    for (; j + kLanes <= m && i + j + kLanes <= vend; j += kLanes) vstore(out + j, vec_pow(vload(a + j), b));
-    for (; j < m; ++j) out[j] = static_cast<float>(std::pow(static_cast<double>(a[j]), beta_d));
-}
-#endif
-
-constexpr int64_t kRun = 512;  // elements per block of the fused AdaRound pass (a multiple of 2 * kLanes)
-
-// Elements [0, n) split as at::parallel_for splits them: min(threads, ceil(n / 32768)) ranges of
-// ceil(n / k) elements (one range below 32768): f(begin, end).
-template <typename F>
-void torch_ranges(int64_t n, int threads, F f) {
-    constexpr int64_t kGrain = 32768;
-    int64_t k = 1;
-    if (threads > 1 && n >= kGrain) {
-        k = (n + kGrain - 1) / kGrain;
-        if (k > threads) k = threads;
-    }
-    const int64_t chunk = (n + k - 1) / k;
-#pragma omp parallel for num_threads(static_cast<int>(k)) schedule(static)
-    for (int64_t c = 0; c < k; ++c) {
-        const int64_t begin = c * chunk, end = begin + chunk < n ? begin + chunk : n;
-        if (begin < end) f(begin, end);
-    }
-}
-
 }  // namespace
 
 extern "C" {
@@ -463,101 +378,6 @@ int fimaq_soft_weight_backward(const float* g, const float* gh, const float* sca
             for (int64_t i = 0; i < cols; ++i) dst[i] = alpha_grad<true>(gp[i], s, op[i], hp[i], ip[i], sp[i], c1);
         } else {
             for (int64_t i = 0; i < cols; ++i) dst[i] = alpha_grad<false>(gp[i], s, op[i], 0.0f, ip[i], sp[i], c1);
-        }
-    });
-    return 0;
-}
-
-// The vector functions torch's kernels call (SLEEF's expf and powf of this build's width, looked up in
-// libtorch_cpu by the caller); 1 where this build has no vector math of that width.
-int fimaq_set_vector_math(void* exp_fn, void* pow_fn, int lanes) {
-#if defined(__AVX512F__) || defined(__AVX2__)
-    if (lanes != kLanes || exp_fn == nullptr || pow_fn == nullptr) return 1;
-    vec_exp = reinterpret_cast<VecUnary>(exp_fn);
-    vec_pow = reinterpret_cast<VecBinary>(pow_fn);
-    return 0;
-#else
-    (void)exp_fn, (void)pow_fn, (void)lanes;
-    return 1;
-#endif
-}
-
-// AdaRound's weight side in one pass: sig = sigmoid(alpha) as torch computes it; the soft weight w and
-// the clamps' masks (bit 0: inner, bit 1: outer) as fimaq_soft_weight; with the penalty (penalty != 0)
-// u = h * 2 - 1, p = |u|^beta as torch's pow_, om = 1 - p (summed by the caller: the penalty) and
-// fac = nan_to_num(p / u) (the penalty's derivative over -2 beta, as fimaq_penalty_grad).
-int fimaq_adaround_forward(const float* alpha, const float* floor, const float* zp, const float* scale, float c1,
-                           float c2, float qmax, int penalty, float beta, double beta_d, float* w, float* sig,
-                           uint8_t* mask, float* om, float* fac, int64_t rows, int64_t cols, int threads) {
-#if defined(__AVX512F__) || defined(__AVX2__)
-    if (rows < 0 || cols <= 0 || vec_exp == nullptr || vec_pow == nullptr) return 1;
-    const float big = std::numeric_limits<float>::max();
-    torch_ranges(rows * cols, threads, [=](int64_t begin, int64_t end) {
-        const int64_t vend = vector_end(begin, end);
-        float ubuf[kRun], abuf[kRun], pbuf[kRun];
-        for (int64_t i = begin; i < end; i += kRun) {
-            const int64_t m = end - i < kRun ? end - i : kRun;
-            sigmoid_run(alpha + i, sig + i, i - begin, m, vend - begin);
-            for (int64_t j = 0; j < m;) {  // row by row: one zero point and scale each
-                const int64_t r = (i + j) / cols;
-                const int64_t stop = (r + 1) * cols - i < m ? (r + 1) * cols - i : m;
-                const float z = zp[r], s = scale[r];
-                const float* __restrict sp = sig + i;
-                const float* __restrict fp = floor + i;
-                float* __restrict wp = w + i;
-                uint8_t* __restrict kp = mask + i;
-                for (int64_t k = j; k < stop; ++k) {
-                    float hv;
-                    kp[k] = static_cast<uint8_t>(soft_element(sp[k], fp[k], z, s, c1, c2, qmax, wp[k], hv));
-                    const float v = hv * 2.0f - 1.0f;
-                    ubuf[k] = v;
-                    abuf[k] = std::fabs(v);
-                }
-                j = stop;
-            }
-            if (!penalty) continue;
-            pow_run(abuf, pbuf, beta, beta_d, i - begin, m, vend - begin);
-            float* __restrict op = om + i;
-            float* __restrict ap = fac + i;
-            for (int64_t k = 0; k < m; ++k) {
-                op[k] = 1.0f - pbuf[k];
-                float q = pbuf[k] / ubuf[k];
-                q = q != q ? 0.0f : q;
-                ap[k] = q > big ? big : (q < -big ? -big : q);
-            }
-        }
-    });
-    return 0;
-#else
-    (void)alpha, (void)floor, (void)zp, (void)scale, (void)c1, (void)c2, (void)qmax, (void)penalty, (void)beta;
-    (void)beta_d, (void)w, (void)sig, (void)mask, (void)om, (void)fac, (void)rows, (void)cols, (void)threads;
-    return 1;
-#endif
-}
-
-// Its backward: out = sigmoid_backward(((g * s) * outer + fac * c) * inner * c1, sig), as
-// fimaq_soft_weight_backward with the penalty's gradient fac * c (fac null: no penalty gradient).
-int fimaq_adaround_backward(const float* g, const float* fac, float c, const uint8_t* mask, const float* sig,
-                            const float* scale, float c1, float* out, int64_t rows, int64_t cols, int threads) {
-    if (rows < 0 || cols < 0) return 1;
-    rows_all(rows, cols, threads, [=](int64_t r) {
-        const int64_t o = r * cols;
-        const float s = scale[r];
-        const float* __restrict gp = g + o;
-        const uint8_t* __restrict kp = mask + o;
-        const float* __restrict sp = sig + o;
-        float* __restrict dst = out + o;
-        if (fac != nullptr) {
-            const float* __restrict fp = fac + o;
-            for (int64_t i = 0; i < cols; ++i) {
-                const float inner = (kp[i] & 1) ? 1.0f : 0.0f, outer = (kp[i] & 2) ? 1.0f : 0.0f;
-                dst[i] = alpha_grad<true>(gp[i], s, outer, fp[i] * c, inner, sp[i], c1);
-            }
-        } else {
-            for (int64_t i = 0; i < cols; ++i) {
-                const float inner = (kp[i] & 1) ? 1.0f : 0.0f, outer = (kp[i] & 2) ? 1.0f : 0.0f;
-                dst[i] = alpha_grad<false>(gp[i], s, outer, 0.0f, inner, sp[i], c1);
-            }
         }
     });
     return 0;

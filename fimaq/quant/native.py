@@ -1,8 +1,7 @@
 """fimaq's native kernels in C++ (``native.cpp``), each the eager computation's values bit for bit:
 fake quantization with both straight-through derivatives and the QDrop selection (the eager kernel
-of :mod:`fimaq.quant.ste`), AdaRound's soft weight and rounding penalty (:mod:`fimaq.quant.adaround`;
-in one pass with torch's sigmoid and power computed by the same vector functions torch calls, else
-around torch's own), a reconstruction step's QDrop mix of its cached inputs
+of :mod:`fimaq.quant.ste`), AdaRound's soft weight and rounding penalty (:mod:`fimaq.quant.adaround`,
+around torch's own sigmoid and power), a reconstruction step's QDrop mix of its cached inputs
 (:mod:`fimaq.recon.module`), and the QDrop draws of torch's CPU generator.
 
 On the CPU eager PyTorch makes one pass over memory per operation, about ten per quantizer; a
@@ -51,9 +50,6 @@ _SIGNATURES = {  # every function returns 0, or a nonzero status for arguments i
     "fimaq_penalty_prepare": [_P] * 3 + [_N, _I],
     "fimaq_penalty_grad": [_P] * 2 + [_F, _P, _N, _I],
     "fimaq_mix_rows": [_P, _P, _P, _N, _P, _I, _P, _N, _N, _I],
-    "fimaq_set_vector_math": [_P, _P, _I],
-    "fimaq_adaround_forward": [_P] * 4 + [_F] * 3 + [_I, _F, ctypes.c_double] + [_P] * 5 + [_N, _N, _I],
-    "fimaq_adaround_backward": [_P, _P, _F, _P, _P, _P, _F, _P, _N, _N, _I],
     "fimaq_mt_randint64": [_P, _P, _N],
 }
 
@@ -339,116 +335,6 @@ def penalty_grad(p: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> torch.Ten
         torch.get_num_threads(),
     )
     return out
-
-
-# torch's vector math per CPU capability: the SLEEF functions its sigmoid and pow kernels call
-_VECTOR_MATH = {
-    "AVX512": ("Sleef_expf16_u10", "Sleef_powf16_u10", 16),
-    "AVX2": ("Sleef_expf8_u10", "Sleef_powf8_u10", 8),
-}
-_adaround_checked: bool | None = None
-
-
-def _vector_math() -> bool:
-    """Hand torch's own SLEEF exp and pow (exported by ``libtorch_cpu``) to the library; False where this
-    CPU capability or platform has none that the library can call."""
-    names = _VECTOR_MATH.get(torch.backends.cpu.get_cpu_capability())
-    if names is None or platform.machine().lower() not in ("x86_64", "amd64") or sys.platform != "linux":
-        return False
-    try:
-        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        exp_fn, pow_fn = (ctypes.cast(getattr(torch_cpu, n), ctypes.c_void_p).value for n in names[:2])
-    except (OSError, AttributeError):
-        return False
-    return library().fimaq_set_vector_math(exp_fn, pow_fn, names[2]) == 0
-
-
-def adaround_applies(*tensors: torch.Tensor) -> bool:
-    """Whether :func:`adaround_forward` can take these (see :func:`takes`): the library, torch's vector
-    math handed over, and the fused values checked against torch's once per process (else the soft
-    weight and penalty kernels around torch's sigmoid and power run instead)."""
-    global _adaround_checked
-    if not takes(*tensors):
-        return False
-    if _adaround_checked is None:
-        _adaround_checked = False
-        _adaround_checked = _vector_math() and _adaround_self_test()
-        if not _adaround_checked:
-            log.info("fimaq: AdaRound's fused pass differs from torch's sigmoid and power; separate kernels")
-    return _adaround_checked
-
-
-def adaround_forward(alpha, floor, zp, scale, c1: float, c2: float, qmax: int, beta: float | None):
-    """AdaRound's weight side in one pass (``native.cpp``): ``(w, sig, mask, om, fac)`` with the soft
-    weight ``w``, ``sig = sigmoid(alpha)``, the clamps' masks as bits of ``uint8``, and with a ``beta``
-    the penalty's terms ``om = 1 - |2h - 1|^beta`` (their sum is the penalty) and ``fac =
-    nan_to_num(|u|^beta / u)``; without one ``om`` and ``fac`` are None. The same values bit for bit
-    as torch's sigmoid, :func:`soft_weight`, :func:`penalty_prepare`, torch's ``pow_`` and
-    :func:`penalty_grad` (callers check :func:`adaround_applies`)."""
-    w, sig = torch.empty_like(floor), torch.empty_like(floor)
-    mask = torch.empty(floor.shape, dtype=torch.uint8)
-    om, fac = (torch.empty_like(floor), torch.empty_like(floor)) if beta is not None else (None, None)
-    rows = floor.shape[0]
-    b = float(beta) if beta is not None else 0.0
-    _call(
-        "fimaq_adaround_forward",
-        alpha.data_ptr(), floor.data_ptr(), zp.data_ptr(), scale.data_ptr(), c1, c2, float(qmax),
-        int(beta is not None), b, b, w.data_ptr(), sig.data_ptr(), mask.data_ptr(),
-        om.data_ptr() if om is not None else None, fac.data_ptr() if fac is not None else None,
-        rows, floor.numel() // max(rows, 1), torch.get_num_threads(),
-    )  # fmt: skip
-    return w, sig, mask, om, fac
-
-
-def adaround_backward(g, fac, c: float, mask, sig, scale, c1: float) -> torch.Tensor:
-    """The gradient of ``alpha`` (see :func:`adaround_forward`); ``fac`` None: no penalty gradient, else
-    the penalty's upstream gradient times ``-2 beta`` is ``c``."""
-    out = torch.empty_like(sig)
-    rows = sig.shape[0]
-    _call(
-        "fimaq_adaround_backward",
-        g.data_ptr(), fac.data_ptr() if fac is not None else None, float(c), mask.data_ptr(), sig.data_ptr(),
-        scale.data_ptr(), c1, out.data_ptr(), rows, sig.numel() // max(rows, 1), torch.get_num_threads(),
-    )  # fmt: skip
-    return out
-
-
-def _adaround_self_test() -> bool:
-    """The fused pass against torch's sigmoid and power and the separate kernels, on a weight whose
-    thread ranges end in scalar code and on one too small for vectors; the forward values and both
-    backward forms."""
-    c1, c2 = 1.2, -0.1
-    gen = torch.Generator().manual_seed(20251130)
-    try:
-        for rows, cols in ((130, 301), (7, 5)):
-            alpha = torch.randn(rows, cols, generator=gen) * 4
-            alpha.view(-1)[:8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 100.0, -100.0, 1e-8, -1e-8])
-            floor = torch.floor(torch.randn(rows, cols, generator=gen) * 3)
-            zp = torch.full((rows, 1), 3.0)
-            scale = torch.rand(rows, 1, generator=gen) + 0.01
-            g = torch.randn(rows, cols, generator=gen)
-            for beta in (7.3, 20.0, 2.0000002):
-                w, sig, mask, om, fac = adaround_forward(alpha, floor, zp, scale, c1, c2, 7, beta)
-                ref_sig = torch.sigmoid(alpha)
-                ref_w, h, inner, outer = soft_weight(ref_sig, floor, zp, scale, c1, c2, 7)
-                u, a = penalty_prepare(h)
-                p = a.pow_(beta)
-                c = torch.tensor(0.5) * (-2 * beta)
-                ref_gh = penalty_grad(p, u, c)
-                bits = inner.to(torch.uint8) + 2 * outer.to(torch.uint8)
-                ref_fac = penalty_grad(p, u, torch.tensor(1.0))
-                pairs = [(w, ref_w), (sig, ref_sig), (mask, bits), (om, 1 - p), (fac, ref_fac)]
-                grads = [
-                    (adaround_backward(g, fac, float(c), mask, sig, scale, c1),
-                     soft_weight_backward(g, ref_gh, scale, outer, inner, ref_sig, c1)),
-                    (adaround_backward(g, None, 0.0, mask, sig, scale, c1),
-                     soft_weight_backward(g, None, scale, outer, inner, ref_sig, c1)),
-                ]  # fmt: skip
-                if not all(torch.equal(x, y) for x, y in pairs + grads):
-                    return False
-        return True
-    except (RuntimeError, TypeError, ValueError, OSError):
-        return False
 
 
 _random_checked: bool | None = None

@@ -161,8 +161,6 @@ class BlockReconModule(L.LightningModule):
         idx = idx.to(self.cache.x_fp.device)
         beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
         regularise = bool(self.adarounds) and round_regulariser_on(step, iters, self.cfg.warmup)
-        for a in self.adarounds:  # the penalty then comes out of the weight's forward pass
-            a.pending_beta = beta if regularise else None
         target = rows_of(self.cache.y_fp, idx).to(self.device, torch.float32)
         grad = rows_of(self.brecq_grads, idx).to(self.device) if self.brecq_grads is not None else None
         with self.masks.of(rows):
