@@ -145,6 +145,14 @@ class BlockReconModule(L.LightningModule):
         keep = self.masks(x_q.shape, self.cfg.drop_prob, dev)
         return torch.lerp(x_fp, x_q, keep)
 
+    def _features(self, pred: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``global_local``: the penultimate features of ``pred`` through the frozen float rest of the
+        model, and the float model's features of the rows ``idx`` (None for the other losses)."""
+        if self.rest is None:
+            return None
+        run, features_fp = self.rest
+        return run(pred), rows_of(features_fp, idx).to(self.device)
+
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum")
 
@@ -168,10 +176,7 @@ class BlockReconModule(L.LightningModule):
             if self.cfg.norm_rounding == "hard" and self.objective.recording and self.adarounds:
                 self._record_norms_hard(inputs, target, grad, idx, share)
             pred = self.unit(inputs)
-        features = None
-        if self.rest is not None:  # global_local: through the frozen float rest of the model
-            run, features_fp = self.rest
-            features = (run(pred), rows_of(features_fp, idx).to(self.device))
+        features = self._features(pred, idx)
         rec = self.objective(
             pred, target, self.stats, grad, share=share, reduce_sum=self._sum_over_ranks, features=features
         )
@@ -201,10 +206,7 @@ class BlockReconModule(L.LightningModule):
         end of training: the objective the last steps minimised), without the rounding penalty."""
         target = rows_of(self.cache.y_fp, rows).to(self.device, torch.float32)
         grad = rows_of(self.brecq_grads, rows).to(self.device) if self.brecq_grads is not None else None
-        features = None
-        if self.rest is not None:
-            run, features_fp = self.rest
-            features = (run(pred), rows_of(features_fp, rows).to(self.device))
+        features = self._features(pred, rows)
         return self.objective(pred.float(), target, self.stats, grad, features=features) * rows.numel()
 
     @torch.no_grad()
@@ -215,10 +217,7 @@ class BlockReconModule(L.LightningModule):
             a.soft = False
         try:
             pred = self.unit(inputs)
-            features = None
-            if self.rest is not None:
-                run, features_fp = self.rest
-                features = (run(pred), rows_of(features_fp, idx).to(self.device))
+            features = self._features(pred, idx)
             total = self._sum_over_ranks
             self.objective(pred, target, self.stats, grad, share=share, reduce_sum=total, features=features)
         finally:
