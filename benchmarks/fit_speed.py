@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=256)
     parser.add_argument("--loss", default="fisher_dplr")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="recon.compile: the fused fake-quant kernel")
+    parser.add_argument("--compile", action="store_true", help="recon.compile: the whole step compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)

@@ -31,7 +31,6 @@ from fimaq.layers.mode import quant_mode
 from fimaq.models import create_fp_model
 from fimaq.models.swap import example_input, quantize_model
 from fimaq.quant import native
-from fimaq.quant.ste import compiled_kernel
 from fimaq.recon import recon_units, reconstruct_model
 from fimaq.recon.cache import capture_unit
 
@@ -173,7 +172,7 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="recon.compile: the fused fake-quant kernel")
+    parser.add_argument("--compile", action="store_true", help="recon.compile: the whole step compiled")
     parser.add_argument(
         "--native-ab",
         action="store_true",
@@ -202,9 +201,8 @@ def main() -> None:
     plain = plain_step_seconds(net, unit, images, 32)
     refresh_images = images[: args.fisher_samples] if args.fisher_samples else images
     fcfg_one = FisherConfig(rank=args.rank, num_samples=args.fisher_samples)
-    with compiled_kernel(args.compile):  # (also compiles the kernel before the timed steps)
-        refresh_q, passes_q = refresh_seconds(net, unit, before, refresh_images, fcfg_one, True)
-        refresh_whole, _ = refresh_seconds(net, unit, before, refresh_images, fcfg_one, True, shortcut=False)
+    refresh_q, passes_q = refresh_seconds(net, unit, before, refresh_images, fcfg_one, True)
+    refresh_whole, _ = refresh_seconds(net, unit, before, refresh_images, fcfg_one, True, shortcut=False)
     refresh_fp, _ = refresh_seconds(net, unit, before, refresh_images, fcfg_one, False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

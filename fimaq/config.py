@@ -59,6 +59,7 @@ InputMode = Literal["qdrop", "qinp", "rinp"]
 CacheDtype = Literal["float32", "bfloat16", "float16"]
 Rounding = Literal["adaround", "ste"]
 NormRounding = Literal["soft", "hard"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 RECON_LOSSES, INPUT_MODES, CACHE_DTYPES = get_args(ReconLoss), get_args(InputMode), get_args(CacheDtype)
 ROUNDINGS = get_args(Rounding)
 STE_STEPS, ADAROUND_STEPS = 3000, 20000  # the STE schedule at the ImageNet one: ste_iters = 0.15 iters
@@ -106,9 +107,13 @@ class ReconConfig:
         cache_dtype: ``float32`` | ``bfloat16`` | ``float16`` (cast to float32 per batch).
         error_images: images used for the per-unit output error logged before/after (0 = all).
         seed: seed of minibatch indices, input mixing and QDrop masks (one stream per unit).
-        compile: fuse the fake quantization of the activations (forward and backward) with
-            ``torch.compile`` (needs a C++ compiler on the CPU; compiles for about 10-20 s once, then a
-            few seconds per new shape). Same values; the scales' gradients may differ in the last bits.
+        compile: compile each unit's training step with ``torch.compile``: the QDrop mix, the unit's
+            forward pass with its straight-through fake quantization and AdaRound's soft weights, the
+            loss and the rounding penalty, backward included (Triton kernels on a GPU, C++ on the
+            CPU, which needs a compiler). Each unit compiles once or twice (tens of seconds on a small
+            CPU); the numbers match the eager step to float rounding, the QDrop draws are the
+            compiler's own (another random stream, the same distribution).
+        compile_mode: ``torch.compile``'s mode: ``reduce-overhead`` adds CUDA graphs on a GPU.
     """
 
     iters: int = 20000
@@ -134,6 +139,7 @@ class ReconConfig:
     error_images: int = 256
     seed: int = 0
     compile: bool = False
+    compile_mode: CompileMode = "default"
 
     def validate(self) -> ReconConfig:
         """Check the settings; returns self."""
@@ -148,6 +154,7 @@ class ReconConfig:
         require_choice("recon cache_dtype", self.cache_dtype, CACHE_DTYPES)
         require_choice("recon rounding", self.rounding, ROUNDINGS)
         require_choice("recon norm_rounding", self.norm_rounding, get_args(NormRounding))
+        require_choice("recon compile_mode", self.compile_mode, get_args(CompileMode))
         require_fraction("recon drop_prob", self.drop_prob)
         for key in ("compile", "keep_better"):
             if not isinstance(getattr(self, key), bool):

@@ -84,9 +84,10 @@ def test_a_global_local_run_brings_the_penultimate_features_closer_to_float():
         with quant_mode(net):
             before = (penultimate(net, images) - fp).pow(2).mean().item()
     # every unit keeps its reconstruction (no keep_better): what is measured is the loss's own effect; at
-    # 30 steps one block ends 0.7% worse by its own objective and the guard would put it back
+    # 30 steps one block ended 0.7% worse by its own objective and the guard would put it back. 60 steps:
+    # after / before 0.80-0.83 over four QDrop seeds (30 steps: 0.86-0.95, too close to the bound)
     cfg = ReconConfig(
-        iters=30, loss="global_local", batch_size=8, error_images=32, lr_scale=1e-3, keep_better=False
+        iters=60, loss="global_local", batch_size=8, error_images=32, lr_scale=1e-3, keep_better=False
     )
     report = reconstruct_model(net, images, cfg, progress=False)
     assert report.fisher_seconds == 0.0  # no Fisher statistics for this loss

@@ -69,6 +69,7 @@ class QuantizerState:
 
     def apply(self, q: UniformQuantizer) -> None:
         q.enabled, q.ste, q.qdrop, q.masks = self.enabled, self.ste, self.qdrop, self.masks
+        q.bounds = None  # recomputed from the zero point on the next training pass
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fimaq.quant import native
 from fimaq.quant.quantizer import UniformQuantizer
 from fimaq.quant.rounding import LearnedRounding, attach_rounding, finalize_rounding
 
@@ -28,78 +27,141 @@ def init_alpha(rest: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
 
 
-class SoftWeight(torch.autograd.Function):
-    """``(W_soft, h)`` from ``alpha``: the soft weight ``(clamp(floor + h + zp, 0, qmax) - zp) * s`` and
-    the offsets ``h = h(alpha)`` (for the rounding regulariser), in a few in-place passes.
-
-    The backward takes both upstream gradients and repeats autograd's arithmetic for the composed
-    ops operation for operation (``g * s``, the two clamps' masks, the sum at ``h``, ``* (zeta -
-    gamma)``, the sigmoid's derivative), so the gradient is the same bit for bit; it only skips
-    autograd's boolean masks and selections (a clamp's backward is four passes, here one).
+class _SoftWeights(torch.autograd.Function):
+    """``(W_soft, penalty)`` of a :class:`SoftRounding` group from its flat ``alpha``: every weight's
+    ``(clamp(floor + h + zp, 0, qmax) - zp) * s`` and ``weight * sum(1 - |2h - 1|^beta)`` (None without
+    ``beta``), with the gradient to ``alpha`` in three passes (autograd's composition takes about
+    twenty). The derivatives are saved by the forward: ``D = [0 < y < 1] sig (1 - sig)`` (the
+    rectified sigmoid), ``oS = [code inside the grid] s (zeta - gamma)`` and the penalty's
+    ``sign(u) |u|^(beta - 1)``.
     """
 
     @staticmethod
-    def forward(ctx, alpha, floor, zp, scale, qmax: int):
+    def forward(ctx, alpha, group: SoftRounding, beta: float | None):
         sig = torch.sigmoid(alpha)
-        rows = (floor.shape[0], 1)  # one zero point and scale per row
-        ctx.native = (
-            floor.dim() == 2 and zp.shape == scale.shape == rows and native.takes(sig, floor, zp, scale)
-        )
-        if ctx.native:  # the passes below fused into one (the same values)
-            w, h, inner, outer = native.soft_weight(sig, floor, zp, scale, ZETA - GAMMA, GAMMA, qmax)
-            ctx.save_for_backward(sig, inner, outer, scale)
-            return w, h
-        y = torch.mul(sig, ZETA - GAMMA).add_(GAMMA)
+        y = torch.add(group.gamma, sig, alpha=ZETA - GAMMA)
         h = torch.clamp(y, 0, 1)
-        inner = torch.eq(h, y, out=y)  # 1.0 where 0 <= y <= 1: where the clamp passes gradients
-        c = torch.add(floor, h).add_(zp)
-        q = torch.clamp(c, 0, qmax)
-        outer = torch.eq(q, c, out=c)
-        ctx.save_for_backward(sig, inner, outer, scale)
-        return q.sub_(zp).mul_(scale), h
+        inner = torch.eq(h, y, out=y)  # 1.0 where the clamp passes gradients
+        d = torch.ops.aten.sigmoid_backward(inner, sig)
+        c = torch.add(group.floor_zp, h)
+        q = torch.clamp(c, group.zero, group.qmax)
+        o_s = torch.eq(q, c, out=c).mul_(group.step_c1)
+        w = torch.addcmul(group.zp_step, q, group.step)  # (q - zp) * s
+        if beta is None:
+            ctx.save_for_backward(d, o_s)
+            return w, None
+        u = torch.add(group.minus_one, h, alpha=2.0)
+        a = torch.abs(u)
+        if beta >= 1:  # |u|^beta = |u|^(beta - 1) |u|; its derivative's direction sign(u) |u|^(beta - 1)
+            p = torch.pow(a, beta - 1)
+            total = torch.dot(p, a)
+            direction = torch.copysign(p, u, out=u)
+        else:  # (|u|^(beta - 1) is infinite at u = 0: there the derivative is taken as 0)
+            p = torch.pow(a, beta)
+            total = p.sum()
+            direction = torch.div(p, u).nan_to_num_(0.0)
+        penalty = torch.sub(group.numel_weight, total, alpha=group.weight)
+        ctx.save_for_backward(d, o_s, direction)
+        ctx.k = -2.0 * beta * group.weight * (ZETA - GAMMA)
+        return w, penalty
 
     @staticmethod
-    def backward(ctx, g_weight, g_h):
-        sig, inner, outer, scale = ctx.saved_tensors
-        if ctx.native and native.takes(g_weight, *([g_h] if g_h is not None else [])):
-            return (
-                native.soft_weight_backward(g_weight, g_h, scale, outer, inner, sig, ZETA - GAMMA),
-                None,
-                None,
-                None,
-                None,
-            )
-        t = torch.mul(g_weight, scale).mul_(outer)
-        if g_h is not None:
-            t.add_(g_h)
-        t.mul_(inner).mul_(ZETA - GAMMA)
-        return torch.ops.aten.sigmoid_backward.grad_input(t, sig, grad_input=t), None, None, None, None
+    def backward(ctx, g_w, g_penalty):
+        d, o_s, *direction = ctx.saved_tensors
+        t = torch.mul(g_w, o_s) if g_w is not None else torch.zeros_like(o_s)
+        if direction and g_penalty is not None:
+            t.addcmul_(direction[0], g_penalty, value=ctx.k)
+        return t.mul_(d), None, None
 
 
-class RoundingPenalty(torch.autograd.Function):
-    """``sum(1 - |2h - 1|^beta)`` with its gradient ``-2 beta |u|^beta / u`` (``u = 2h - 1``; 0 at
-    ``u = 0``): one power instead of autograd's two and a few passes fewer over the offsets."""
+class SoftRounding:
+    """The soft weights of several AdaRound quantizers (a unit's) from one flat ``alpha``, computed
+    together once per step, and their rounding penalty.
 
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, beta: float) -> torch.Tensor:
-        if native.takes(h):  # u and |u| in one pass (the same values)
-            u, p = native.penalty_prepare(h)
-            p = p.pow_(beta)
-        else:
-            u = h * 2 - 1
-            p = u.abs().pow_(beta)
-        ctx.save_for_backward(u, p)
-        ctx.beta = beta
-        return (1 - p).sum()
+    Each quantizer's ``alpha`` becomes a view of :attr:`alpha` (the parameter the optimiser updates;
+    the quantizers' own stop requiring gradients until :meth:`release`). Call :meth:`begin_step`
+    before each forward pass: the first quantizer that asks computes every weight (and with ``beta``
+    the penalty) in one pass of a few operations over all of them.
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        u, p = ctx.saved_tensors
-        c = g * (-2 * ctx.beta)
-        if native.takes(p, u, c):
-            return native.penalty_grad(p, u, c), None
-        grad = torch.div(p, u).nan_to_num_(0.0)  # |u|^beta / u = sign(u) |u|^(beta - 1); 0/0 at u = 0
-        return grad.mul_(c), None
+    Args:
+        quantizers: the AdaRound quantizers (soft, not grouped yet).
+        weight: the penalty's weight (``recon.round_weight``).
+    """
+
+    def __init__(self, quantizers: list[AdaRoundQuantizer], weight: float) -> None:
+        self.quantizers, self.weight = quantizers, float(weight)
+        self.sizes = [q.alpha.numel() for q in quantizers]
+        with torch.no_grad():
+            self.alpha = nn.Parameter(torch.cat([q.alpha.detach().reshape(-1) for q in quantizers]))
+            parts = self.alpha.detach().split(self.sizes)
+            for i, (q, part) in enumerate(zip(quantizers, parts, strict=True)):
+                q.alpha.data = part.view(q.alpha.shape)  # shares the flat parameter's memory
+                q.alpha.requires_grad_(False)
+                q.group, q.group_index = self, i
+
+            def flat(per_row) -> torch.Tensor:  # a per-row (or per-weight) value, one per weight
+                return torch.cat([per_row(q).expand(q.floor.shape).reshape(-1) for q in quantizers])
+
+            zp = flat(lambda q: q.base.zero_point.detach().float())
+            step = flat(lambda q: q.base.scale.detach().float())
+            self.floor_zp = flat(lambda q: q.floor) + zp
+            self.qmax = flat(lambda q: torch.tensor(2.0**q.bits - 1, device=q.floor.device))
+            self.step, self.zp_step = step, -zp * step
+            self.step_c1 = step * (ZETA - GAMMA)
+            like = self.alpha.detach()
+            self.gamma, self.zero, self.minus_one = (like.new_tensor(v) for v in (GAMMA, 0.0, -1.0))
+            self.numel_weight = like.new_tensor(self.alpha.numel() * self.weight)
+        self._weights: list[torch.Tensor] | None = None
+        self._taken: set[int] = set()
+        self._penalty: torch.Tensor | None = None
+        self.beta: float | None = None
+
+    def begin_step(self, beta: float | None) -> None:
+        """A new step: weights are computed afresh, with the penalty at ``beta`` (None: no penalty)."""
+        self._weights, self._penalty, self._taken, self.beta = None, None, set(), beta
+
+    def _compute(self) -> None:
+        w, self._penalty = _SoftWeights.apply(self.alpha, self, self.beta)
+        parts = w.split(self.sizes)
+        self._weights = [part.view(q.floor.shape) for part, q in zip(parts, self.quantizers, strict=True)]
+        self._taken = set()
+
+    def weight_of(self, index: int) -> torch.Tensor:
+        """The soft weight of quantizer ``index`` (flattened like its ``floor``) for this step."""
+        if torch.compiler.is_compiling():
+            return self._written_out(index)
+        if self._weights is None or index in self._taken:  # (a quantizer used twice: a new pass)
+            self._compute()
+        self._taken.add(index)
+        return self._weights[index]
+
+    def _written_out(self, index: int) -> torch.Tensor:
+        """The soft weight of quantizer ``index`` from the paper's formula, for autograd (the graph
+        ``torch.compile`` traces, where the compiler derives and fuses the backward)."""
+        lo = sum(self.sizes[:index])
+        part = slice(lo, lo + self.sizes[index])
+        h = rectified_sigmoid(self.alpha[part])
+        q = torch.clamp(self.floor_zp[part] + h, self.zero, self.qmax[part])
+        return torch.addcmul(self.zp_step[part], q, self.step[part]).view(self.quantizers[index].floor.shape)
+
+    def written_out_penalty(self, beta: torch.Tensor) -> torch.Tensor:
+        """:meth:`penalty` from the formula, ``beta`` a tensor (what ``torch.compile`` traces: one
+        graph for every step of the schedule)."""
+        u = rectified_sigmoid(self.alpha) * 2 - 1
+        return self.weight * (1 - u.abs().pow(beta)).sum()
+
+    def penalty(self) -> torch.Tensor:
+        """``weight * sum(1 - |2h - 1|^beta)`` over every offset, at this step's ``beta``."""
+        if self._penalty is None:
+            self._compute()
+        return self._penalty
+
+    def release(self) -> None:
+        """The quantizers learn through their own ``alpha`` again (their values are the group's)."""
+        for q in self.quantizers:
+            q.group = None
+            q.alpha.requires_grad_(q.soft)
+        self._weights, self._penalty = None, None
 
 
 def beta_schedule(step: int, iters: int, warmup: float, start: float, end: float) -> float:
@@ -135,7 +197,8 @@ class AdaRoundQuantizer(LearnedRounding):
             floor = torch.floor(scaled)
             self.register_buffer("floor", floor)
             self.alpha = nn.Parameter(init_alpha(scaled - floor))
-        self._h: torch.Tensor | None = None  # h(alpha) of the last forward with gradients (regulariser)
+        self.group: SoftRounding | None = None  # the unit's group while it trains (SoftRounding)
+        self.group_index = 0
 
     @property
     def learned(self) -> list[nn.Parameter]:
@@ -148,9 +211,7 @@ class AdaRoundQuantizer(LearnedRounding):
     def rounding(self) -> torch.Tensor:
         """The rounding offsets: ``h(alpha)`` while soft, ``[alpha >= 0]`` once hard."""
         if self.soft:
-            h = rectified_sigmoid(self.alpha)
-            self._h = h if torch.is_grad_enabled() and h.requires_grad else None
-            return h
+            return rectified_sigmoid(self.alpha)
         return (self.alpha >= 0).to(self.floor.dtype)
 
     def codes(self) -> torch.Tensor:
@@ -162,20 +223,16 @@ class AdaRoundQuantizer(LearnedRounding):
         return self.floor + (self.alpha >= 0).to(self.floor.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        learning = self.soft and self.base.active and torch.is_grad_enabled() and self.alpha.requires_grad
+        group = self.group
+        learning = group is not None and self.soft and self.base.active and torch.is_grad_enabled()
         if not learning or weight.shape != self.shape:  # (a wrong shape: the base class's error)
-            return super().forward(weight)
-        base = self.base
-        w, self._h = SoftWeight.apply(
-            self.alpha, self.floor, base.zero_point.detach(), base.scale.detach(), 2**self.bits - 1
-        )
-        return w.to(weight.dtype)
+            return super().forward(weight)  # (alone: autograd through the written-out formula)
+        return group.weight_of(self.group_index).to(weight.dtype)
 
     def regulariser(self, beta: float) -> torch.Tensor:
-        """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1 (from ``h(alpha)`` of this
-        step's forward pass where there was one, else computed here)."""
-        h, self._h = (self._h if self._h is not None else rectified_sigmoid(self.alpha)), None
-        return RoundingPenalty.apply(h, beta)
+        """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every offset to 0 or 1 (a unit's reconstruction
+        takes the penalty of all its quantizers at once from :meth:`SoftRounding.penalty`)."""
+        return (1 - (rectified_sigmoid(self.alpha) * 2 - 1).abs().pow(beta)).sum()
 
 
 def attach_adaround(layer: nn.Module) -> LearnedRounding | None:
@@ -193,6 +250,7 @@ finalize_adaround = finalize_rounding
 
 __all__ = [
     "AdaRoundQuantizer",
+    "SoftRounding",
     "attach_adaround",
     "beta_schedule",
     "finalize_adaround",

@@ -1,7 +1,6 @@
-// fimaq's native kernels: fused fake quantization with straight-through derivatives and QDrop,
-// AdaRound's soft weight and rounding penalty, a step's QDrop input mix, and torch's CPU random
-// draws; one pass over memory each, the eager values bit for bit (fimaq/quant/native.py builds and
-// calls them).
+// fimaq's native kernels: fused fake quantization with straight-through derivatives and QDrop, and
+// a step's QDrop input mix; one pass over memory each, the eager values bit for bit
+// (fimaq/quant/native.py builds and calls them).
 //
 // Fake quantization:
 // For every element, in the order of the eager kernel's operations (fimaq/quant/ste.py), so that
@@ -14,9 +13,8 @@
 // n-dimensional arrays with dimensions ordered outermost first; out, dx and ds share strides.
 // The backward pass (fimaq_fake_quant_backward) multiplies the upstream gradient by both.
 // No fast-math, no contraction: every operation is rounded as its eager counterpart.
-//
-// AdaRound's soft weight and rounding penalty are computed around torch's own sigmoid and power (the
-// callers run those): only public torch calls, no symbol of torch's libraries.
+// Only public torch calls reach these kernels (pointers and sizes through ctypes); no symbol of
+// torch's libraries is looked up.
 
 #include <cmath>
 #include <cstdint>
@@ -236,31 +234,6 @@ void rows_all(int64_t rows, int64_t cols, int threads, F f) {
     for (int64_t r = 0; r < rows; ++r) f(r);
 }
 
-// AdaRound's soft weight of one element from sig = sigmoid(alpha), in the eager SoftWeight's
-// operations: y = sig * c1 + c2;  h = clamp(y, 0, 1);  inner = (h == y);  c = floor + h + zp;
-// q = clamp(c, 0, qmax);  outer = (q == c);  w = (q - zp) * s. Returns the masks as bits (1: inner,
-// 2: outer); w and h through references (so that the loops around stay vectorised).
-inline int soft_element(float sig, float floor, float z, float s, float c1, float c2, float qmax, float& w,
-                        float& h) {
-    const float t = sig * c1;
-    const float y = t + c2;
-    const float hv = clamp(y, 0.0f, 1.0f);
-    const float c = (floor + hv) + z;
-    const float q = clamp(c, 0.0f, qmax);
-    h = hv;
-    w = (q - z) * s;
-    return (hv == y ? 1 : 0) | (q == c ? 2 : 0);
-}
-
-// The gradient of alpha of one element: sigmoid_backward(((g * s) * outer + gh) * inner * c1, sig), with
-// torch's sigmoid_backward a * (1 - b) * b; `Gh` false: no h gradient (nothing added)
-template <bool Gh>
-inline float alpha_grad(float g, float s, float outer, float gh, float inner, float sig, float c1) {
-    const float gw = (g * s) * outer;
-    const float t = ((Gh ? gw + gh : gw) * inner) * c1;
-    return (t * (1.0f - sig)) * sig;
-}
-
 }  // namespace
 
 extern "C" {
@@ -333,157 +306,6 @@ int fimaq_mix_rows(const float* a, const float* b, const int64_t* idx, int64_t c
         float* __restrict dst = out + o;
         for (int64_t i = 0; i < cols; ++i) dst[i] = lerp(ap[i], bp[i], kp[i] < threshold ? 1.0f : 0.0f);
     });
-    return 0;
-}
-
-// AdaRound's soft weight from sig = sigmoid(alpha) (torch's), every array a contiguous (rows, cols) one
-// but zp and scale (one per row): w, h and the masks inner and outer as floats (soft_element).
-int fimaq_soft_weight(const float* sig, const float* floor, const float* zp, const float* scale, float* w,
-                      float* h, float* inner, float* outer, float c1, float c2, float qmax, int64_t rows,
-                      int64_t cols, int threads) {
-    if (rows < 0 || cols < 0) return 1;
-    rows_all(rows, cols, threads, [=](int64_t r) {
-        const int64_t o = r * cols;
-        const float z = zp[r], s = scale[r];
-        const float* __restrict sp = sig + o;
-        const float* __restrict fp = floor + o;
-        float* __restrict wp = w + o;
-        float* __restrict hp = h + o;
-        float* __restrict ip = inner + o;
-        float* __restrict op = outer + o;
-        for (int64_t i = 0; i < cols; ++i) {
-            const int bits = soft_element(sp[i], fp[i], z, s, c1, c2, qmax, wp[i], hp[i]);
-            ip[i] = (bits & 1) ? 1.0f : 0.0f;
-            op[i] = (bits & 2) ? 1.0f : 0.0f;
-        }
-    });
-    return 0;
-}
-
-// Its backward: the gradient of alpha (alpha_grad); gh may be null.
-int fimaq_soft_weight_backward(const float* g, const float* gh, const float* scale, const float* outer,
-                               const float* inner, const float* sig, float* out, float c1, int64_t rows,
-                               int64_t cols, int threads) {
-    if (rows < 0 || cols < 0) return 1;
-    rows_all(rows, cols, threads, [=](int64_t r) {
-        const int64_t o = r * cols;
-        const float s = scale[r];
-        const float* __restrict gp = g + o;
-        const float* __restrict op = outer + o;
-        const float* __restrict ip = inner + o;
-        const float* __restrict sp = sig + o;
-        float* __restrict dst = out + o;
-        if (gh != nullptr) {
-            const float* __restrict hp = gh + o;
-            for (int64_t i = 0; i < cols; ++i) dst[i] = alpha_grad<true>(gp[i], s, op[i], hp[i], ip[i], sp[i], c1);
-        } else {
-            for (int64_t i = 0; i < cols; ++i) dst[i] = alpha_grad<false>(gp[i], s, op[i], 0.0f, ip[i], sp[i], c1);
-        }
-    });
-    return 0;
-}
-
-// AdaRound's rounding penalty sum(1 - |u|^beta), u = 2h - 1, around torch's power: u = h * 2 - 1
-// and a = |u| in one pass; then the gradient's factor nan_to_num(p / u) * c (p = a^beta; NaN at
-// u = 0 becomes 0, infinities the largest finite values, as torch.nan_to_num) in one pass.
-int fimaq_penalty_prepare(const float* h, float* u, float* a, int64_t n, int threads) {
-    if (n < 0) return 1;
-    flat_all(n, threads, [=](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const float v = h[i] * 2.0f - 1.0f;
-            u[i] = v;
-            a[i] = std::fabs(v);
-        }
-    });
-    return 0;
-}
-
-int fimaq_penalty_grad(const float* p, const float* u, float c, float* out, int64_t n, int threads) {
-    if (n < 0) return 1;
-    const float big = std::numeric_limits<float>::max();
-    flat_all(n, threads, [=](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            float q = p[i] / u[i];
-            q = q != q ? 0.0f : q;
-            q = q > big ? big : (q < -big ? -big : q);
-            out[i] = q * c;
-        }
-    });
-    return 0;
-}
-
-// torch.randint(-2**63, 2**63 - 1, (count,), dtype=int64) on a CPU generator, the same values and
-// the same generator state after: the Mersenne twister (mt19937) of torch's CPU generator, two
-// 32-bit outputs per value (the first the high half), reduced modulo 2**64 - 1 and shifted by
-// -2**63. `st` is the generator's state as torch.Generator.get_state() returns it (the legacy
-// layout: `left` an int32 at byte 8, `next` a uint64 at 16, the 624 state words as uint64 from 24),
-// read and updated in place; the caller checks the layout against torch once (a self-test).
-int fimaq_mt_randint64(uint8_t* st, uint64_t* out, int64_t count) {
-    constexpr int kN = 624, kM = 397;
-    constexpr uint32_t kMatrixA = 0x9908b0dfu, kUpper = 0x80000000u, kLower = 0x7fffffffu;
-    int32_t left;
-    uint64_t next64;
-    std::memcpy(&left, st + 8, 4);
-    std::memcpy(&next64, st + 16, 8);
-    const uint16_t probe = 1;
-    uint8_t little;
-    std::memcpy(&little, &probe, 1);
-    if (left < 1 || left > kN || next64 > static_cast<uint64_t>(kN) || little != 1) return 1;
-    uint32_t state[kN];
-    for (int i = 0; i < kN; ++i) {
-        uint64_t w;
-        std::memcpy(&w, st + 24 + 8 * i, 8);
-        state[i] = static_cast<uint32_t>(w);
-    }
-    uint32_t next = static_cast<uint32_t>(next64);
-    auto twist = [](uint32_t u, uint32_t v) { return (((u & kUpper) | (v & kLower)) >> 1) ^ (v & 1u ? kMatrixA : 0u); };
-    auto regenerate = [&]() {
-        int j = 0;
-        for (; j < kN - kM; ++j) state[j] = state[j + kM] ^ twist(state[j], state[j + 1]);
-        for (; j < kN - 1; ++j) state[j] = state[j + kM - kN] ^ twist(state[j], state[j + 1]);
-        state[kN - 1] = state[kM - 1] ^ twist(state[kN - 1], state[0]);
-        left = kN;
-        next = 0;
-    };
-    auto temper = [](uint32_t y) {
-        y ^= (y >> 11);
-        y ^= (y << 7) & 0x9d2c5680u;
-        y ^= (y << 15) & 0xefc60000u;
-        y ^= (y >> 18);
-        return y;
-    };
-    // the 32-bit outputs in order into out's memory, runs of stored words tempered at once
-    uint32_t* words = reinterpret_cast<uint32_t*>(out);
-    int64_t m = 2 * count;
-    while (m > 0) {
-        const int64_t avail = left - 1;  // draws before one regenerates the state
-        if (avail == 0) {
-            regenerate();  // the draw that finds left at 1 regenerates, then takes word 0
-            *words++ = temper(state[next++]);
-            --m;
-            continue;
-        }
-        const int64_t k = avail < m ? avail : m;
-        const uint32_t* src = state + next;
-        for (int64_t i = 0; i < k; ++i) words[i] = temper(src[i]);
-        words += k;
-        next += static_cast<uint32_t>(k);
-        left -= static_cast<int32_t>(k);
-        m -= k;
-    }
-    for (int64_t i = 0; i < count; ++i) {
-        const uint64_t w = out[i];  // the first output in the low half (little endian)
-        uint64_t v = (w << 32) | (w >> 32);  // first output high, second low
-        v = v == ~uint64_t(0) ? 0 : v;  // v % (2**64 - 1)
-        out[i] = v + (uint64_t(1) << 63);  // + (-2**63) modulo 2**64
-    }
-    std::memcpy(st + 8, &left, 4);
-    next64 = next;
-    std::memcpy(st + 16, &next64, 8);
-    for (int i = 0; i < kN; ++i) {
-        const uint64_t w = state[i];
-        std::memcpy(st + 24 + 8 * i, &w, 8);
-    }
     return 0;
 }
 

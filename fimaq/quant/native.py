@@ -1,8 +1,7 @@
 """fimaq's native kernels in C++ (``native.cpp``), each the eager computation's values bit for bit:
 fake quantization with both straight-through derivatives and the QDrop selection (the eager kernel
-of :mod:`fimaq.quant.ste`), AdaRound's soft weight and rounding penalty (:mod:`fimaq.quant.adaround`,
-around torch's own sigmoid and power), a reconstruction step's QDrop mix of its cached inputs
-(:mod:`fimaq.recon.module`), and the QDrop draws of torch's CPU generator.
+of :mod:`fimaq.quant.ste`), and a reconstruction step's QDrop mix of its cached inputs
+(:mod:`fimaq.recon.module`). They take pointers and sizes only: no symbol of torch's libraries.
 
 On the CPU eager PyTorch makes one pass over memory per operation, about ten per quantizer; a
 fused pass reads its inputs once and writes its results once. The library
@@ -45,12 +44,7 @@ _DIMS = ctypes.POINTER(ctypes.c_int64)
 _SIGNATURES = {  # every function returns 0, or a nonzero status for arguments it refuses
     "fimaq_fake_quant": [_P] * 7 + [_F, _I, _I] + [_DIMS] * 6 + [_I],
     "fimaq_fake_quant_backward": [_P] * 3 + [_N, _I],
-    "fimaq_soft_weight": [_P] * 8 + [_F] * 3 + [_N] * 2 + [_I],
-    "fimaq_soft_weight_backward": [_P] * 7 + [_F] + [_N] * 2 + [_I],
-    "fimaq_penalty_prepare": [_P] * 3 + [_N, _I],
-    "fimaq_penalty_grad": [_P] * 2 + [_F, _P, _N, _I],
     "fimaq_mix_rows": [_P, _P, _P, _N, _P, _I, _P, _N, _N, _I],
-    "fimaq_mt_randint64": [_P, _P, _N],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -159,6 +153,8 @@ def applies(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> bool:
     shapes that broadcast to ``x``'s, at most eight dimensions, and the library available."""
     if not (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and 0 < x.dim() <= MAX_DIMS):
         return False
+    if torch.compiler.is_compiling():  # (a traced step fuses the written-out operations instead)
+        return False
     if scale.dtype != torch.float32 or zp.dtype != torch.float32 or scale.device != x.device:
         return False
     if not (broadcasts_to(scale.shape, x.shape) and broadcasts_to(zp.shape, x.shape)):
@@ -264,7 +260,7 @@ def takes(*tensors: torch.Tensor) -> bool:
     """Whether the flat kernels (soft weight, rounding penalty) take these: float32, contiguous, on
     the CPU, and the library available."""
     ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-    return _enabled and ok and library() is not None
+    return _enabled and ok and not torch.compiler.is_compiling() and library() is not None
 
 
 def mix_rows(
@@ -284,102 +280,3 @@ def mix_rows(
         out.data_ptr(), rows, cols, torch.get_num_threads(),
     )  # fmt: skip
     return out
-
-
-def soft_weight(sig, floor, zp, scale, c1: float, c2: float, qmax: int):
-    """``(w, h, inner, outer)`` of AdaRound's soft weight from ``sig = sigmoid(alpha)`` (``native.cpp``):
-    the same values bit for bit as the eager passes of :class:`fimaq.quant.adaround.SoftWeight`."""
-    w, h, inner, outer = (torch.empty_like(floor) for _ in range(4))
-    rows = floor.shape[0]
-    _call(
-        "fimaq_soft_weight",
-        sig.data_ptr(), floor.data_ptr(), zp.data_ptr(), scale.data_ptr(), w.data_ptr(), h.data_ptr(),
-        inner.data_ptr(), outer.data_ptr(), c1, c2, float(qmax), rows, floor.numel() // max(rows, 1),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return w, h, inner, outer
-
-
-def soft_weight_backward(g, gh, scale, outer, inner, sig, c1: float) -> torch.Tensor:
-    """The gradient of ``alpha`` (see :func:`soft_weight`); ``gh`` may be None."""
-    out = torch.empty_like(sig)
-    rows = sig.shape[0]
-    _call(
-        "fimaq_soft_weight_backward",
-        g.data_ptr(), gh.data_ptr() if gh is not None else None, scale.data_ptr(), outer.data_ptr(),
-        inner.data_ptr(), sig.data_ptr(), out.data_ptr(), c1, rows, sig.numel() // max(rows, 1),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return out
-
-
-def penalty_prepare(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, |u|)`` with ``u = h * 2 - 1`` in one pass (``h``: see :func:`takes`)."""
-    u, a = torch.empty_like(h), torch.empty_like(h)
-    _call(
-        "fimaq_penalty_prepare", h.data_ptr(), u.data_ptr(), a.data_ptr(), h.numel(), torch.get_num_threads()
-    )
-    return u, a
-
-
-def penalty_grad(p: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``nan_to_num(p / u) * c`` in one pass (``c``: a one-element float32 tensor)."""
-    out = torch.empty_like(u)
-    _call(
-        "fimaq_penalty_grad",
-        p.data_ptr(),
-        u.data_ptr(),
-        float(c),
-        out.data_ptr(),
-        u.numel(),
-        torch.get_num_threads(),
-    )
-    return out
-
-
-_random_checked: bool | None = None
-
-
-def random_words(count: int, generator: torch.Generator | None) -> torch.Tensor | None:
-    """``torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, generator=generator)`` on the CPU:
-    the same values and the same generator state after, without the 64-bit division per value that
-    torch's kernel makes. None where it does not apply (no library; a layout of the generator's state
-    that the self-test, run once, did not confirm)."""
-    global _random_checked
-    if library() is None or (_random_checked is False):
-        return None
-    if _random_checked is None:
-        _random_checked = _random_self_test()
-        if not _random_checked:
-            log.info("fimaq: torch's generator state is not laid out as expected; random draws stay torch's")
-            return None
-    gen = generator if generator is not None else torch.default_generator
-    state = gen.get_state()
-    out = torch.empty(count, dtype=torch.int64)
-    if library().fimaq_mt_randint64(state.data_ptr(), out.data_ptr(), count) != 0:
-        return None
-    gen.set_state(state)
-    return out
-
-
-def torch_words(count: int, generator: torch.Generator | None, device=None) -> torch.Tensor:
-    """The draws :func:`random_words` reproduces, from torch itself."""
-    return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator, device=device)
-
-
-def _random_self_test() -> bool:
-    """The native draws against torch's: values and generator states, across the twister's regeneration
-    of its 624 words and from a state in the middle of them."""
-    global _random_checked
-    _random_checked = True  # random_words itself is what is tested
-    try:
-        ours, theirs = torch.Generator().manual_seed(20251130), torch.Generator().manual_seed(20251130)
-        for count in (5, 700, 1, 1500):
-            mine = random_words(count, ours)
-            if mine is None or not torch.equal(mine, torch_words(count, theirs)):
-                return False
-            if not torch.equal(ours.get_state(), theirs.get_state()):
-                return False
-        return True
-    except (RuntimeError, TypeError, ValueError):
-        return False

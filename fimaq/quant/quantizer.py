@@ -9,7 +9,7 @@ from torch import nn
 
 from fimaq.errors import FimaqError
 from fimaq.quant.fake_quant import broadcast_buffer, dense_order, fake_quant
-from fimaq.quant.ste import fake_quant_drop, fake_quant_ste, mask_dtype
+from fimaq.quant.ste import code_bounds, fake_quant_drop, fake_quant_ste, mask_dtype
 
 MIN_BITS, MAX_BITS = 2, 8
 FP_BITS = (None, 32)
@@ -47,6 +47,7 @@ class UniformQuantizer(nn.Module):
         # else its float value; ``masks(shape, p, device, dtype)`` draws the 0/1 keep masks.
         self.qdrop: float | None = None
         self.masks = None
+        self.bounds: tuple[torch.Tensor, ...] | None = None  # code_bounds while training (mode sets None)
 
     @property
     def active(self) -> bool:
@@ -80,4 +81,6 @@ class UniformQuantizer(nn.Module):
             p = self.qdrop if dtype is None else None  # the bytes' threshold
         if not grad:  # the same values without the derivatives (a Fisher refresh)
             return fake_quant_drop(xf, scale, self.zero_point, self.bits, keep, p).to(x.dtype)
-        return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep, p).to(x.dtype)
+        if self.bounds is None or self.bounds[0].device != xf.device:
+            self.bounds = code_bounds(self.zero_point, 2**self.bits - 1)
+        return fake_quant_ste(xf, scale, self.zero_point, self.bits, keep, p, self.bounds).to(x.dtype)

@@ -9,26 +9,21 @@ Backward (LSQ without gradient scaling):
 These are exactly the gradients autograd gives for the composed ops with ``round_ste``; the fused
 form needs far fewer passes over memory.
 
-Three kernels compute the forward's three tensors (``x_hat`` and the two local derivatives): on the
+Two kernels compute the forward's three tensors (``x_hat`` and the two local derivatives): on the
 CPU the C++ one of :mod:`fimaq.quant.native` (one pass over memory, reading the QDrop draws as raw
-bytes), else the eager one (a few in-place passes; the same values bit for bit); and, inside
-:func:`compiled_kernel`, the same arithmetic fused by ``torch.compile`` (identical values; the
-scale's gradient may differ in the last bits because the compiled backward sums in its own order).
+bytes), else the eager one (a few in-place passes; the same values bit for bit). Inside a step that
+``torch.compile`` traces (``recon.compile``) the written-out composition runs instead
+(:func:`fake_quant_ste_composed`): the compiler derives the same gradients and fuses the passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
-from fimaq.errors import FimaqError
 from fimaq.quant import native
 from fimaq.quant.fake_quant import (
     broadcast_buffer,
     broadcasts_to,
-    clamp_codes,
     dense_order,
     empty_in_order,
     fake_quant,
@@ -37,12 +32,25 @@ from fimaq.quant.fake_quant import (
 Derivatives = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _eager_kernel(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int, keep) -> Derivatives:
-    """``(x_hat, dx, ds)`` in three buffers and a few in-place passes (the codes clamped as
-    :func:`fimaq.quant.fake_quant.clamp_codes` does)."""
-    v = torch.div(x, scale)
+def code_bounds(zp: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(-zp, qmax - zp, 1.0)``: the bounds of the centred codes as tensors (one clamp against them,
+    whatever the zero points' shape) and a one for the QDrop selection; a quantizer computes them once
+    per training mode (its zero point does not change while it trains)."""
+    zp = zp.detach()
+    return torch.neg(zp), torch.rsub(zp, qmax), zp.new_ones(())
+
+
+def _eager_kernel(
+    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int, keep, bounds=None
+) -> Derivatives:
+    """``(x_hat, dx, ds)`` in three contiguous buffers and a few in-place passes (the codes clamped to
+    the :func:`code_bounds` of the zero point)."""
+    lo, hi, one = bounds if bounds is not None else code_bounds(zp, qmax)
+    # contiguous in x's logical order whatever its memory order: an attention operand (a permuted
+    # view of the qkv output) then reaches its product without a copy
+    v = torch.div(x, scale, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
     r = torch.round(v)
-    rc = clamp_codes(r, zp, qmax)
+    rc = torch.clamp(r, lo, hi)
     inside = torch.eq(r, rc, out=r)  # 1.0 where the code is not clamped (into r's memory)
     ds = torch.addcmul(rc, v, inside, value=-1, out=v)  # r - v inside, the bound (minus zp) outside
     out = rc.mul_(scale)
@@ -50,16 +58,16 @@ def _eager_kernel(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: 
         return out, inside, ds
     out = torch.lerp(x, out, keep, out=out)  # exact: weight 1 gives x_hat, weight 0 gives x
     ds.mul_(keep)
-    dx = torch.lerp(x.new_ones(()), inside, keep, out=inside)  # 1 where dropped
+    dx = torch.lerp(one, inside, keep, out=inside)  # 1 where dropped
     return out, dx, ds
 
 
 def _functional_kernel(
     x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int, keep
 ) -> Derivatives:
-    """The same values as :func:`_eager_kernel` without in-place operations (``torch.compile``'s
-    input); ``keep`` may be a 0/1 ``uint8`` mask, and ``dx`` is returned as ``uint8`` (a quarter of
-    the memory traffic)."""
+    """The same values as :func:`_eager_kernel` without in-place operations, for a scale or zero point
+    that broadcasts ``x`` to a larger shape; ``keep`` may be a 0/1 ``uint8`` mask, and ``dx`` is
+    returned as ``uint8`` (a quarter of the memory traffic)."""
     v = x / scale
     r = torch.round(v)
     rc = torch.clamp(r + zp, 0, qmax) - zp
@@ -82,32 +90,11 @@ def _functional_backward(
     return gx, gs
 
 
-_compiled = None
-_compiled_backward = None
-_use_compiled = False
-
-
-@contextmanager
-def compiled_kernel(enabled: bool = True) -> Iterator[None]:
-    """Use the ``torch.compile``-fused kernel in the block (needs a C++ compiler on the CPU, Triton on
-    a GPU; each new shape compiles once, a few seconds)."""
-    global _compiled, _compiled_backward, _use_compiled
-    if enabled and _compiled is None:
-        _compiled = torch.compile(_functional_kernel, dynamic=True)
-        _compiled_backward = torch.compile(_functional_backward, dynamic=True)
-    previous, _use_compiled = _use_compiled, enabled
-    try:
-        yield
-    finally:
-        _use_compiled = previous
-
-
 def mask_dtype(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.dtype | None:
-    """The dtype the QDrop masks for quantizing ``x`` should have: ``uint8`` 0/1 for the compiled
-    kernel (it converts them in its one pass), None (the raw random bytes, see :func:`mask_from_bytes`)
-    where the native kernel applies, else ``x``'s dtype."""
-    if _use_compiled:
-        return torch.uint8
+    """The dtype the QDrop masks for quantizing ``x`` should have: None (the raw random bytes, see
+    :func:`mask_from_bytes`) where the native kernel applies, else ``x``'s dtype."""
+    if torch.compiler.is_compiling():
+        return x.dtype
     return None if native.applies(x, scale, zero_point) else x.dtype
 
 
@@ -134,7 +121,7 @@ def fake_quant_drop(
     refresh's pass): the same values bit for bit from the same QDrop draws, in the same layout."""
     zp = zero_point.detach()
     if _is_raw(keep, p) or keep is None:
-        if not _use_compiled and native.applies(x, scale, zp):
+        if native.applies(x, scale, zp):
             return _native_kernel(x, scale.detach(), zp, 2**bits - 1, keep, p, derivatives=False)
         if keep is not None:
             keep = mask_from_bytes(keep, p, x.dtype, dense_order(x))
@@ -148,48 +135,35 @@ def _is_raw(keep, p) -> bool:
     return keep is not None and p is not None and keep.dtype == torch.uint8
 
 
-def _run_compiled(fn, *args):
-    try:
-        return fn(*args)
-    except Exception as exc:  # noqa: BLE001 - inductor raises many kinds; one line names the option
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FimaqError(
-            f"recon.compile: torch.compile failed on this machine ({reason[:200]}); run without it"
-        ) from None
-
-
 class FakeQuantSTE(torch.autograd.Function):
-    """``fake_quant_ste(x, scale, zero_point, bits, keep, p)``; ``keep`` = float 0/1 QDrop mask, the
-    compiled kernel's ``uint8`` 0/1 one, raw bytes with ``p`` (:func:`mask_from_bytes`), or None.
+    """``fake_quant_ste(x, scale, zero_point, bits, keep, p)``; ``keep`` = float 0/1 QDrop mask, raw
+    bytes with ``p`` (:func:`mask_from_bytes`), or None.
 
     Masks are float tensors and selections are ``lerp``/multiplications: on CPU, boolean masks and
     ``torch.where`` cost several times more memory passes than float arithmetic.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, bits: int, keep, p):
+    def forward(ctx, x, scale, zero_point, bits: int, keep, p, bounds=None):
         zp = zero_point.detach()
         layer_use = broadcasts_to(scale.shape, x.shape) and broadcasts_to(zp.shape, x.shape)
-        ctx.compiled = _use_compiled and layer_use
-        if (_is_raw(keep, p) or keep is None) and not ctx.compiled and native.applies(x, scale, zp):
+        if (_is_raw(keep, p) or keep is None) and native.applies(x, scale, zp):
             out, dx, ds = _native_kernel(x, scale.detach(), zp, 2**bits - 1, keep, p)
             ctx.save_for_backward(dx, ds)
             ctx.x_shape, ctx.scale_shape, ctx.in_place, ctx.native = x.shape, scale.shape, True, True
             return out
         ctx.native = False
         if _is_raw(keep, p):
-            keep = mask_from_bytes(keep, p, torch.uint8 if ctx.compiled else x.dtype, dense_order(x))
+            keep = mask_from_bytes(keep, p, x.dtype, dense_order(x))
         args = (x, scale.detach(), zp, 2**bits - 1, keep)
-        if ctx.compiled:
-            out, dx, ds = _run_compiled(_compiled, *args)
-        elif not layer_use or (keep is not None and keep.dtype != x.dtype):
+        if not layer_use or (keep is not None and keep.dtype != x.dtype):
             out, dx, ds = _functional_kernel(*args)
         else:
-            out, dx, ds = _eager_kernel(*args)
+            out, dx, ds = _eager_kernel(*args, bounds)
         ctx.save_for_backward(dx, ds)
         ctx.x_shape, ctx.scale_shape = x.shape, scale.shape
         # the eager kernel's derivatives are float buffers of x's shape that only this backward reads
-        ctx.in_place = not ctx.compiled and dx.dtype == x.dtype and dx.shape == x.shape
+        ctx.in_place = dx.dtype == x.dtype and dx.shape == x.shape
         return out
 
     @staticmethod
@@ -201,8 +175,6 @@ class FakeQuantSTE(torch.autograd.Function):
             # product in the same layout as the eager passes
             gx, gs = native.backward(g, dx, ds, want_x, want_s)
             gs = gs.sum_to_size(ctx.scale_shape) if gs is not None else None
-        elif ctx.compiled:
-            gx, gs = _run_compiled(_compiled_backward, g, dx, ds, ctx.scale_shape, want_x, want_s)
         elif ctx.in_place and g.shape == dx.shape and g.stride() == ds.stride():
             # into the saved buffers (no fresh allocations), where the product's layout and so the
             # order of the scale gradient's sum are the same as out of place
@@ -211,7 +183,7 @@ class FakeQuantSTE(torch.autograd.Function):
         else:
             gx, gs = _functional_backward(g, dx, ds, ctx.scale_shape, want_x, want_s)
             gx = gx.sum_to_size(ctx.x_shape) if gx is not None else None
-        return gx, gs, None, None, None, None
+        return gx, gs, None, None, None, None, None
 
 
 def fake_quant_ste(
@@ -221,26 +193,48 @@ def fake_quant_ste(
     bits: int,
     keep: torch.Tensor | None = None,
     p: float | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize with straight-through gradients to ``x`` and ``scale``; ``keep`` is a 0/1
-    mask (1 = quantized value, 0 = float value, QDrop; float, or ``uint8`` for the compiled kernel),
-    the raw random bytes of one (``uint8`` with ``p``: 1 where ``byte < 256 p``), or None."""
-    return FakeQuantSTE.apply(x, scale, zero_point, bits, keep, p)
+    mask (1 = quantized value, 0 = float value, QDrop; float or ``uint8``), the raw random bytes of
+    one (``uint8`` with ``p``: 1 where ``byte < 256 p``), or None;
+    ``bounds``: the zero point's :func:`code_bounds` where the caller keeps them."""
+    if torch.compiler.is_compiling():
+        if _is_raw(keep, p):
+            keep = mask_from_bytes(keep, p, x.dtype)
+        return fake_quant_ste_composed(x, scale, zero_point, bits, keep, bounds)
+    return FakeQuantSTE.apply(x, scale, zero_point, bits, keep, p, bounds)
+
+
+def fake_quant_ste_composed(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    keep: torch.Tensor | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`fake_quant_ste` written out for autograd (``keep``: a float 0/1 mask or None): the values
+    and gradients of :class:`FakeQuantSTE` from plain operations, what ``torch.compile`` traces."""
+    lo, hi, _ = bounds if bounds is not None else code_bounds(zero_point, 2**bits - 1)
+    v = x / scale
+    rounded = v + (torch.round(v) - v).detach()  # round with the straight-through gradient
+    out = torch.clamp(rounded, lo, hi) * scale
+    return out if keep is None else torch.lerp(x, out, keep.to(x.dtype))
 
 
 def random_bytes(
     shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
     """Uniform random bytes of ``shape`` (contiguous ``uint8``); one 64-bit draw gives eight bytes, an
-    eighth of the generator calls of ``rand``. On the CPU the draws come from the native kernel where
-    it applies (:func:`fimaq.quant.native.random_words`: the same values and generator state)."""
+    eighth of the generator calls of ``rand``."""
     n = 1
     for s in shape:
         n *= int(s)
     count = (n + 7) // 8
-    words = native.random_words(count, generator) if torch.device(device).type == "cpu" else None
-    if words is None:
-        words = native.torch_words(count, generator, device)
+    words = torch.randint(
+        -(2**63), 2**63 - 1, (count,), dtype=torch.int64, generator=generator, device=device
+    )
     return words.view(torch.uint8)[:n].reshape(shape)
 
 
@@ -257,7 +251,7 @@ def mask_from_bytes(
         return byte
     shape, device = byte.shape, byte.device
     threshold = drop_threshold(p)
-    if dtype == torch.uint8:  # the compiled kernel's masks
+    if dtype == torch.uint8:  # 0/1 bytes
         if threshold > 255:
             return empty_in_order(shape, order, dtype, device).fill_(1)
         below = torch.lt(byte, threshold)

@@ -81,8 +81,11 @@ def capture_unit(
                 shapes = [(n, *x.shape[1:])] + ([(n, *y.shape[1:])] if want_output else [])
                 if rank_zero_only.rank == 0:
                     log.info(describe_cache(unit, shapes, dtype, device))
-                x_all = torch.empty(shapes[0], device=device, dtype=dtype)
-                y_all = torch.empty(shapes[1], device=device, dtype=dtype) if want_output else None
+                # in host memory for a GPU model: page-locked, so that a step's rows copy without waiting
+                pin = torch.device(device).type == "cpu" and model_device.type == "cuda"
+                store = {"device": device, "dtype": dtype, "pin_memory": pin}
+                x_all = torch.empty(shapes[0], **store)
+                y_all = torch.empty(shapes[1], **store) if want_output else None
             x_all[start : start + x.shape[0]] = x.to(device=device, dtype=dtype)
             if want_output:
                 y_all[start : start + y.shape[0]] = y.to(device=device, dtype=dtype)

@@ -29,7 +29,6 @@ from fimaq.errors import FimaqError, Interrupted, defer_interrupts
 from fimaq.layers.mode import quant_mode, set_quant_mode
 from fimaq.parallel import Ranks
 from fimaq.quant.rounding import LearnedRounding, attach_rounding, finalize_rounding
-from fimaq.quant.ste import compiled_kernel
 from fimaq.recon.batches import BatchMasks
 from fimaq.recon.cache import DTYPES, UnitCache, capture_unit, soft_targets
 from fimaq.recon.fisher import FisherEstimator
@@ -370,8 +369,7 @@ def _train(
     )
     seconds = ctx.fisher.seconds if ctx.fisher is not None else 0.0
     t0 = time.perf_counter()
-    with compiled_kernel(cfg.compile):
-        trainer.fit(module, train_dataloaders=step_loader(ctx.shard[0], cfg, cfg.seed * 10_007 + i))
+    trainer.fit(module, train_dataloaders=step_loader(ctx.shard[0], cfg, cfg.seed * 10_007 + i))
     ctx.report.train_seconds[unit.name] = time.perf_counter() - t0
     ctx.report.step_seconds[unit.name] = clock.mean_seconds
     now = ctx.fisher.seconds if ctx.fisher is not None else 0.0

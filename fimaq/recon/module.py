@@ -12,12 +12,13 @@ from torch.utils.data import DataLoader, Dataset
 from fimaq.config import FisherConfig, ReconConfig
 from fimaq.errors import FimaqError
 from fimaq.quant import native
-from fimaq.quant.adaround import AdaRoundQuantizer, beta_schedule, round_regulariser_on
+from fimaq.quant.adaround import AdaRoundQuantizer, SoftRounding, beta_schedule, round_regulariser_on
 from fimaq.quant.rounding import LearnedRounding
 from fimaq.quant.ste import drop_threshold
 from fimaq.quant.ste_rounding import SteRoundingQuantizer
 from fimaq.recon.batches import BatchMasks, LocalBatch, local_batch
 from fimaq.recon.cache import UnitCache
+from fimaq.recon.compiled import CompiledStep
 from fimaq.recon.fisher import FisherEstimator
 from fimaq.recon.global_local import Suffix
 from fimaq.recon.losses import FisherStats, ReconObjective
@@ -28,6 +29,19 @@ def rows_of(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t[idx]`` for a 1-d index on dim 0: ``index_select`` copies whole rows, several times faster
     on the CPU than advanced indexing's element-by-element gather (same values)."""
     return t.index_select(0, idx.to(t.device))
+
+
+def rows_to(
+    t: torch.Tensor, idx: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """:func:`rows_of` on ``device`` (as ``dtype``). From a cache in host memory to a GPU the rows
+    are gathered into page-locked memory and copied without waiting: the host goes on queueing the
+    step while the copy runs (torch's pinned-memory cache reuses the buffer once the copy is done)."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        rows = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        torch.index_select(t, 0, idx.to(t.device), out=rows)
+        return rows.to(device, non_blocking=True).to(dtype or t.dtype)
+    return rows_of(t, idx).to(device, dtype or t.dtype)
 
 
 class StepIndices(Dataset):
@@ -100,8 +114,13 @@ class BlockReconModule(L.LightningModule):
         self.rest = rest
         self.roundings = [m for m in self.unit.modules() if isinstance(m, LearnedRounding)]
         self.adarounds = [m for m in self.roundings if isinstance(m, AdaRoundQuantizer)]
+        # every AdaRound weight of the unit in one pass per step (one flat alpha, released at the end)
+        self.soft_rounding = SoftRounding(self.adarounds, cfg.round_weight) if self.adarounds else None
+        if self.soft_rounding is not None:
+            self.rounding_alpha = self.soft_rounding.alpha  # (registered: the optimiser's, and DDP's)
         self.act_scales = self._activation_scales() if cfg.learn_act_scales else []
         self.stats: FisherStats | None = None
+        self.compiled = CompiledStep(self) if cfg.compile else None
 
     def _activation_scales(self) -> list[torch.nn.Parameter]:
         from fimaq.quant.quantizer import UniformQuantizer
@@ -136,10 +155,10 @@ class BlockReconModule(L.LightningModule):
             # the rows, the mask and the mix in one pass, from the same draws (the same values)
             keep = self.masks((idx.numel(), *x_fp.shape[1:]), self.cfg.drop_prob, dev, dtype=None)
             return native.mix_rows(x_fp, x_q, idx, keep, drop_threshold(self.cfg.drop_prob))
-        x_fp = rows_of(x_fp, idx).to(dev, torch.float32)
+        x_fp = rows_to(x_fp, idx, dev, torch.float32)
         if mode == "rinp":
             return x_fp
-        x_q = rows_of(x_q, idx).to(dev, torch.float32)
+        x_q = rows_to(x_q, idx, dev, torch.float32)
         if mode == "qinp":
             return x_q
         keep = self.masks(x_q.shape, self.cfg.drop_prob, dev)
@@ -151,7 +170,7 @@ class BlockReconModule(L.LightningModule):
         if self.rest is None:
             return None
         run, features_fp = self.rest
-        return run(pred), rows_of(features_fp, idx).to(self.device)
+        return run(pred), rows_to(features_fp, idx, self.device)
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum")
@@ -169,24 +188,16 @@ class BlockReconModule(L.LightningModule):
         idx = idx.to(self.cache.x_fp.device)
         beta = beta_schedule(step, iters, self.cfg.warmup, self.cfg.beta_start, self.cfg.beta_end)
         regularise = bool(self.adarounds) and round_regulariser_on(step, iters, self.cfg.warmup)
-        target = rows_of(self.cache.y_fp, idx).to(self.device, torch.float32)
-        grad = rows_of(self.brecq_grads, idx).to(self.device) if self.brecq_grads is not None else None
-        with self.masks.of(rows):
-            inputs = self._inputs(idx)
-            if self.cfg.norm_rounding == "hard" and self.objective.recording and self.adarounds:
-                self._record_norms_hard(inputs, target, grad, idx, share)
-            pred = self.unit(inputs)
-        features = self._features(pred, idx)
-        rec = self.objective(
-            pred, target, self.stats, grad, share=share, reduce_sum=self._sum_over_ranks, features=features
-        )
-        # data parallel: the ranks' mean gradient (the strategy's) is then the global batch's gradient
-        weight = world * share if share is not None else 1.0
-        if regularise:  # (no AdaRound quantizers with STE rounding)
-            rnd = self.cfg.round_weight * sum(a.regulariser(beta) for a in self.adarounds)
+        target = rows_to(self.cache.y_fp, idx, self.device, torch.float32)
+        grad = rows_to(self.brecq_grads, idx, self.device) if self.brecq_grads is not None else None
+        if self.compiled is not None and step > 0 and not self.objective.recording:
+            rec, rnd = self._compiled_step(step, idx, rows, target, grad)
         else:
-            rnd = torch.zeros((), device=self.device)
-        loss = rec * weight + rnd
+            rec, rnd = self._eager_step(beta if regularise else None, idx, rows, share, target, grad)
+        # data parallel: the ranks' mean gradient (the strategy's) is then the global batch's gradient
+        loss = rec * (world * share) if share is not None else rec
+        if rnd is not None:  # (no AdaRound quantizers with STE rounding)
+            loss = loss + rnd
         if (step + 1) % self.trainer.log_every_n_steps == 0 or step + 1 == iters:
             # every log_every_n_steps only: a finiteness check and a logged value each wait for the device
             if not torch.isfinite(loss):
@@ -194,9 +205,42 @@ class BlockReconModule(L.LightningModule):
             prefix = f"recon/{self.unit_name}"
             self.log(f"{prefix}/loss", rec.detach(), prog_bar=True)
             if self.cfg.rounding == "adaround":
-                self.log(f"{prefix}/round_loss", torch.as_tensor(rnd).detach())
+                self.log(f"{prefix}/round_loss", rnd.detach() if rnd is not None else 0.0)
                 self.log(f"{prefix}/beta", beta)
         return loss
+
+    def _eager_step(self, beta: float | None, idx, rows: LocalBatch | None, share, target, grad):
+        """``(reconstruction loss, rounding penalty at beta or None)`` of this step, eagerly (and the
+        normalisers recorded where a refresh asks for them)."""
+        if self.soft_rounding is not None:
+            self.soft_rounding.begin_step(beta)
+        record = self.cfg.norm_rounding == "hard" and self.objective.recording and bool(self.adarounds)
+        with self.masks.of(rows), self.masks.recording() as served:
+            inputs = self._inputs(idx)
+            pred = self.unit(inputs)
+        if record:  # the same batch and QDrop draws, the rounding hardened
+            with self.masks.replaying(served[1:] if self.cfg.input_mode == "qdrop" else served):
+                self._record_norms_hard(inputs, target, grad, idx, share)
+        features = self._features(pred, idx)
+        rec = self.objective(
+            pred, target, self.stats, grad, share=share, reduce_sum=self._sum_over_ranks, features=features
+        )
+        return rec, (self.soft_rounding.penalty() if beta is not None else None)
+
+    def _compiled_step(self, step: int, idx, rows: LocalBatch | None, target, grad):
+        """The same as :meth:`_eager_step`, compiled whole (:class:`fimaq.recon.compiled.CompiledStep`;
+        during the warm-up the penalty is computed and counted zero times)."""
+        dev, cache = self.device, self.cache
+        x_fp = rows_to(cache.x_fp, idx, dev, torch.float32)
+        x_q = x_fp if cache.x_q is cache.x_fp else rows_to(cache.x_q, idx, dev, torch.float32)
+        features_fp = rows_to(self.rest[1], idx, dev) if self.rest is not None else None
+        with self.masks.of(rows):
+            # the step's QDrop bytes at once: the draws the eager step takes one by one
+            draws = self.masks.stream.raw(self.masks.stream.chunk, dev) if self.masks.stream.chunk else None
+            try:
+                return self.compiled(step, x_fp, x_q, target, grad, features_fp, draws)
+            finally:
+                self.masks.traced_bytes(None)
 
     @torch.no_grad()
     def objective_sum(self, pred: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -224,10 +268,14 @@ class BlockReconModule(L.LightningModule):
             for a in self.adarounds:
                 a.soft = True
 
+    def on_train_end(self) -> None:
+        if self.soft_rounding is not None:
+            self.soft_rounding.release()
+
     def configure_optimizers(self):
         groups = []
         lambdas = []
-        alphas = [a.alpha for a in self.adarounds]
+        alphas = [self.soft_rounding.alpha] if self.soft_rounding is not None else []
         if alphas:
             groups.append({"params": alphas, "lr": self.cfg.lr_alpha})
             lambdas.append(lambda s: 1.0)

@@ -31,10 +31,13 @@ ROUNDING_QUANTIZERS: dict[str, type[LearnedRounding]] = {
 
 def recon_fingerprint(cfg: ReconConfig, fisher_cfg: FisherConfig, num_images: int) -> dict[str, Any]:
     """The settings a resumed run must share with the run that wrote the state (``compile`` changes
-    only how fast the same numbers come)."""
-    recon = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compile"}
+    how fast, and which QDrop draws, not what is optimised)."""
+    recon = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SPEED_ONLY}
     return {"recon": recon, "fisher": dataclasses.asdict(fisher_cfg), "images": num_images}
 
+
+SPEED_ONLY = ("compile", "compile_mode")
+"""Reconstruction settings a resumed run may change."""
 
 BEHAVIOUR_BEFORE = {"recon": {"norm_rounding": "soft", "keep_better": False}}
 """Settings whose default differs from what fimaq did before they existed: a state that predates one
@@ -49,7 +52,8 @@ def _with_defaults(fingerprint: dict[str, Any]) -> dict[str, Any]:
     for key, cls in (("recon", ReconConfig), ("fisher", FisherConfig)):
         if isinstance(out.get(key), dict):
             out[key] = {**dataclasses.asdict(cls()), **BEHAVIOUR_BEFORE.get(key, {}), **out[key]}
-            out[key].pop("compile", None)
+            for name in SPEED_ONLY:
+                out[key].pop(name, None)
     return out
 
 
