@@ -92,9 +92,8 @@ def _functional_backward(
 
 def mask_dtype(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.dtype | None:
     """The dtype the QDrop masks for quantizing ``x`` should have: None (the raw random bytes, see
-    :func:`mask_from_bytes`) where the native kernel applies, else ``x``'s dtype."""
-    if torch.compiler.is_compiling():
-        return x.dtype
+    :func:`mask_from_bytes`) where the native kernel applies (never inside a compiled step), else
+    ``x``'s dtype."""
     return None if native.applies(x, scale, zero_point) else x.dtype
 
 

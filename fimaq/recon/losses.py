@@ -298,7 +298,7 @@ class ReconObjective:
             e = flat_error(pred, target)
             low, diag = lowrank_loss(e, stats), diag_loss(e, stats.g_bar)
             return self.p1 * self._normalised("lr", low) + self.p2 * self._normalised("diag", diag)
-        if self.folded is None or self.folded[0] is not stats or not self.norms:
+        if self.folded is None or self.folded[0] is not stats:  # (a refresh resets both)
             low, diag = dplr_terms(pred, target, stats)  # (records the normalisers)
             loss = self.p1 * self._normalised("lr", low) + self.p2 * self._normalised("diag", diag)
             norms = self.norms["lr"], self.norms["diag"]

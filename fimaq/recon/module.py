@@ -4,6 +4,7 @@ STE, + learned activation scales + QDrop) against its FP output."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import lightning as L
 import torch
@@ -215,7 +216,7 @@ class BlockReconModule(L.LightningModule):
         if self.soft_rounding is not None:
             self.soft_rounding.begin_step(beta)
         record = self.cfg.norm_rounding == "hard" and self.objective.recording and bool(self.adarounds)
-        with self.masks.of(rows), self.masks.recording() as served:
+        with self.masks.of(rows), self.masks.recording() if record else nullcontext([]) as served:
             inputs = self._inputs(idx)
             pred = self.unit(inputs)
         if record:  # the same batch and QDrop draws, the rounding hardened
@@ -248,8 +249,8 @@ class BlockReconModule(L.LightningModule):
         indices) times their number: summed over batches and ranks and divided by the number of rows,
         the objective's mean over them. With the normalisers and Fisher statistics as they are (at the
         end of training: the objective the last steps minimised), without the rounding penalty."""
-        target = rows_of(self.cache.y_fp, rows).to(self.device, torch.float32)
-        grad = rows_of(self.brecq_grads, rows).to(self.device) if self.brecq_grads is not None else None
+        target = rows_to(self.cache.y_fp, rows, self.device, torch.float32)
+        grad = rows_to(self.brecq_grads, rows, self.device) if self.brecq_grads is not None else None
         features = self._features(pred, rows)
         return self.objective(pred.float(), target, self.stats, grad, features=features) * rows.numel()
 
