@@ -1,7 +1,7 @@
 """The harder proxy (digits composited on photos, 6-block DeiT): FP vs calibration only vs mse vs
 fisher_dplr reconstruction, and the options beyond FIMA-Q (``--methods fisher_dplr+rotation
-global_local fisher_dplr+ste ...``), several seeds each, top-1 on the proxy's validation images and
-wall time.
+global_local fisher_dplr+ste fisher_dplr+bf16 ...``), several seeds each, top-1 on the proxy's
+validation images and wall time.
 
 ``--calib-domain in`` calibrates and reconstructs on the proxy's own training images (the config's
 calibration and reconstruction sets). ``--calib-domain out`` uses images of another distribution
@@ -128,8 +128,9 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=["mse", "fisher_dplr"],
-        help="recon losses, each optionally with +rotation (quant.rotation hadamard) and +ste "
-        "(recon.rounding ste), e.g. fisher_dplr+rotation global_local+rotation+ste",
+        help="recon losses, each optionally with +rotation (quant.rotation hadamard), +ste "
+        "(recon.rounding ste) and +bf16 (recon.cache_dtype bfloat16), e.g. fisher_dplr+rotation "
+        "global_local+rotation+ste fisher_dplr+bf16",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=None, help="steps per unit (default: the config's)")
@@ -182,7 +183,10 @@ def main() -> None:
         for seed in (s for s in args.seeds if s not in done):
             model = copy.deepcopy(calibrated_model("hadamard" if "rotation" in options else "none"))
             rounding = "ste" if "ste" in options else "adaround"
-            recon_cfg = ReconConfig(iters=iters, loss=loss, seed=seed, rounding=rounding)
+            cache_dtype = "bfloat16" if "bf16" in options else "float32"
+            recon_cfg = ReconConfig(
+                iters=iters, loss=loss, seed=seed, rounding=rounding, cache_dtype=cache_dtype
+            )
             fisher_cfg = FisherConfig(num_samples=cfg["fisher_samples"])
             report = reconstruct_model(model, recon_images, recon_cfg, fisher_cfg, progress=False)
             row = {"seed": seed, "top1": top1(model, xv, yv), "seconds": report.total_seconds}

@@ -1,4 +1,5 @@
-"""Create a float timm ViT / DeiT / Swin from a name, keyword overrides and a local checkpoint."""
+"""Create a float timm model of a registered family from a name, keyword overrides and a local
+checkpoint."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from torch import nn
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.artifacts import check_finite, check_state_dict, safetensors_error
 from fimaq.errors import FimaqError, one_line
+from fimaq.models.registry import require_family
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_FAMILIES = ("vit_", "deit_", "deit3_", "swin_")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -90,7 +90,7 @@ def create_fp_model(
     """Build a float timm model in eval mode.
 
     Args:
-        arch: timm model name of the ViT, DeiT or Swin family (e.g. ``deit_small_patch16_224``).
+        arch: timm model name of a registered family (e.g. ``deit_small_patch16_224``).
         checkpoint_path: local weights (safetensors or a plain state dict); loaded strictly.
         pretrained: download timm's pretrained weights (needs network access); off by default.
         model_kwargs: keyword overrides for ``timm.create_model`` (img_size, depth, num_classes, ...).
@@ -101,15 +101,12 @@ def create_fp_model(
 
     if not timm.is_model(arch):
         raise FimaqError(f"unknown arch '{arch}': not a timm model name")
-    if not arch.startswith(SUPPORTED_FAMILIES):
-        raise FimaqError(
-            f"arch '{arch}' is not a ViT, DeiT or Swin model (supported prefixes: {SUPPORTED_FAMILIES})"
-        )
     kwargs = dict(model_kwargs or {})
     try:
         model = timm.create_model(arch, **kwargs)
     except Exception as exc:  # timm reports bad kwargs as TypeError, AssertionError, ValueError, ...
         raise FimaqError(f"timm rejects model_kwargs {kwargs} for '{arch}': {one_line(exc)}") from None
+    require_family(model, f"arch '{arch}' ({type(model).__name__})")
     if pretrained:
         try:
             model = timm.create_model(arch, pretrained=True, **kwargs)

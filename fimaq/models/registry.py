@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import nn
 
 from fimaq.config import QuantSpec
@@ -49,6 +50,10 @@ class SwapContext:
         token_shape: the module's input shape between the batch and the channel dims, recorded on an
             example forward pass (``(197,)`` for ViT tokens); ``None`` when it was not called.
         roles: the roles of the module's children (its entry's ``roles``).
+        example_kwargs: the tensors the module was given by keyword on the example forward pass (EVA's
+            ``rope``, a shared relative position bias): inputs that do not depend on the image, which a
+            quantized form keeps so that it computes the same when a reconstruction unit is called
+            with its input alone.
     """
 
     name: str
@@ -56,6 +61,7 @@ class SwapContext:
     spec: QuantSpec
     token_shape: tuple[int, ...] | None = None
     roles: Mapping[str, Role] = field(default_factory=dict)
+    example_kwargs: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def child(self, path: str) -> SwapContext:
         """The context of the child at ``path``, with the role the entry gives it."""
@@ -92,6 +98,8 @@ class Quantizable:
             absent ones and ones without parameters (``nn.Identity``) are skipped.
         cls_token: the unit's output carries the model's class token first when the model has one
             (``model.cls_token``).
+        keep_float: the module and everything inside it stay float (a relative position MLP outside
+            the attention): never swapped, its linears never quantized.
     """
 
     float_type: type[nn.Module]
@@ -105,6 +113,7 @@ class Quantizable:
     norms: Mapping[str, str] = field(default_factory=dict)
     heads: tuple[str, ...] = ()
     cls_token: bool = False
+    keep_float: bool = False
 
 
 _FLOAT: dict[type, Quantizable] = {}
@@ -268,6 +277,20 @@ def fold_partners(model: nn.Module) -> dict[str, str]:
             if linear is not None and isinstance(_get(model, _join(name, norm)), nn.LayerNorm):
                 partners[linear] = _join(name, norm)
     return partners
+
+
+def require_family(model: nn.Module, what: str | None = None) -> None:
+    """Refuse a model none of whose modules is a registered transformer block.
+
+    Raises:
+        FimaqError: naming the model (``what``, else its class) and how to add its family.
+    """
+    if not any(getattr(entry_of(m), "unit", None) == "block" for m in model.modules()):
+        name = what or type(model).__name__
+        raise FimaqError(
+            f"{name} has no registered transformer block: unsupported model (its family can be added "
+            "with fimaq.models.register)"
+        )
 
 
 @dataclass(frozen=True)

@@ -50,25 +50,31 @@ def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.zeros(batch, in_chans, h, w, device=p.device, dtype=p.dtype)
 
 
-def _record_token_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Input shapes (without batch and channel dims) of every registered module, on a zero image."""
+Examples = tuple[dict[str, tuple[int, ...]], dict[str, dict[str, torch.Tensor]]]
+
+
+def _record_examples(model: nn.Module) -> Examples:
+    """On a zero image: the input shape (without batch and channel dims) of every registered module,
+    and the tensors each was given by keyword (EVA's ``rope``, a shared relative position bias)."""
     shapes: dict[str, tuple[int, ...]] = {}
+    kwargs: dict[str, dict[str, torch.Tensor]] = {}
     hooks = []
     for name, mod in model.named_modules():
         if registry.entry_of(mod) is not None:
 
-            def hook(_m: nn.Module, args: tuple, _out: object, name: str = name) -> None:
+            def hook(_m: nn.Module, args: tuple, kw: dict, _out: object, name: str = name) -> None:
                 if args and isinstance(args[0], torch.Tensor):
                     shapes[name] = tuple(args[0].shape[1:-1])
+                kwargs[name] = {k: v.detach() for k, v in kw.items() if isinstance(v, torch.Tensor)}
 
-            hooks.append(mod.register_forward_hook(hook))
+            hooks.append(mod.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             model(example_input(model))
     finally:
         for h in hooks:
             h.remove()
-    return shapes
+    return shapes, kwargs
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None = None) -> nn.Module:
@@ -101,19 +107,21 @@ def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None
         quantize_model(model, spec, filter_fn=lambda module, name: name != "head")  # FP classifier
     """
     spec.validate()
-    if not any(getattr(registry.entry_of(m), "unit", None) == "block" for m in model.modules()):
-        raise FimaqError(f"{type(model).__name__} has no registered transformer block: unsupported model")
+    registry.require_family(model)
     if spec.rotation == "hadamard":
         from fimaq.models.rotation import rotate_model
 
         rotate_model(model)
-    shapes = _record_token_counts(model)
+    shapes, example_kwargs = _record_examples(model)
     declared = registry.declared_roles(model)
-    swapped: list[str] = []
+    swapped: list[str] = []  # and those kept float with their children
     for name, mod in list(model.named_modules()):
         if any(name.startswith(prefix + ".") for prefix in swapped):
-            continue  # built by the constructor of an enclosing module
+            continue  # built by the constructor of an enclosing module, or kept float
         found = registry.lookup(mod)
+        if found is not None and found[0].keep_float:
+            swapped.append(name)
+            continue
         if found is None or found[1] or found[0].quantize is None:
             continue
         entry = found[0]
@@ -121,7 +129,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None
             continue
         if filter_fn is not None and not filter_fn(mod, name):
             continue
-        ctx = SwapContext(name, registry.role_of(name, mod, declared), spec, shapes.get(name), entry.roles)
+        role = registry.role_of(name, mod, declared)
+        ctx = SwapContext(name, role, spec, shapes.get(name), entry.roles, example_kwargs.get(name, {}))
         model.set_submodule(name, entry.quantize(mod, ctx))
         swapped.append(name)
     spec.check_overrides(q.name for q in iter_qlayers(model))

@@ -46,7 +46,8 @@ def quantize_window_attention(attn: nn.Module, ctx: SwapContext) -> QuantWindowA
 
 
 def timm_families() -> tuple[Quantizable, ...]:
-    """The entries of the built-in families (timm is imported here, not at fimaq's import)."""
+    """The entries of the built-in families (timm is imported here, not at fimaq's import): ViT/DeiT
+    and Swin here, the others from :mod:`fimaq.models.families`."""
     from timm.layers import Attention, Mlp, PatchEmbed
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.swin_transformer import (
@@ -57,11 +58,13 @@ def timm_families() -> tuple[Quantizable, ...]:
     )
     from timm.models.vision_transformer import Block, VisionTransformer
 
+    from fimaq.models.families import entries as family_entries
+
     return (
         Quantizable(nn.Linear, quantize_linear, QuantLinear, role="linear"),
         Quantizable(nn.Conv2d, quantize_conv, QuantConv2d, needs_role=True),
         Quantizable(PatchEmbed, unit="patch_embed", roles={"proj": "patch_embed"}),
-        Quantizable(Mlp, roles=MLP_ROLES, input="fc1"),
+        Quantizable(Mlp, roles=MLP_ROLES, input="fc1", norms={"norm": "fc2"}),  # norm: scale_mlp
         # ViT / DeiT
         Quantizable(Attention, quantize_attention, QuantAttention, roles=ATTENTION_ROLES, input="qkv"),
         Quantizable(Block, unit="block", norms=BLOCK_NORMS, cls_token=True),
@@ -80,4 +83,5 @@ def timm_families() -> tuple[Quantizable, ...]:
             PatchMerging, unit="merge", roles={"reduction": "reduction"}, norms={"norm": "reduction"}
         ),
         Quantizable(SwinTransformer, heads=("head.fc",)),
+        *family_entries(),
     )
