@@ -32,7 +32,8 @@ from fimaq.pipeline import Pipeline
 from fimaq.recon import STATE_FILE
 
 DESCRIPTION = (
-    "fimaq: post-training quantization of timm ViT/DeiT/Swin models to 2-8 bits (FIMA-Q calibration and "
+    "fimaq: post-training quantization of timm vision transformers (ViT, DeiT, Swin, SwinV2, EVA, BEiT, "
+    "CaiT, ...) to 2-8 bits (FIMA-Q calibration and "
     "Fisher-loss block reconstruction, LampQ mixed precision). Subcommands: fit (the whole pipeline), "
     "calibrate, search_bits, validate, export; each takes one YAML (-c) plus --section.key=value."
 )

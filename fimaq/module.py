@@ -1,4 +1,4 @@
-"""QuantModel: a timm ViT/DeiT/Swin with fimaq's quantized layers, as a LightningModule."""
+"""QuantModel: a timm vision transformer with fimaq's quantized layers, as a LightningModule."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class QuantModel(L.LightningModule):
     """The model under quantization; ``validate`` reports top-1/top-5 in percent.
 
     Args:
-        arch: timm model name (ViT, DeiT or Swin family).
+        arch: timm model name of a registered family (ViT, DeiT, Swin, SwinV2, EVA, BEiT, CaiT, ViT-RelPos).
         checkpoint_path: float weights: a local safetensors/state-dict file, or ``embedded:NAME`` for a
             checkpoint shipped with fimaq (``embedded:digits_deit_tiny``).
         model_kwargs: overrides for ``timm.create_model`` (img_size, depth, num_classes, ...).

@@ -143,3 +143,10 @@ def test_main_calibrate_on_each_family_config_from_an_image_folder(config, bits,
 def test_a_model_of_no_registered_family_is_refused_by_name(arch):
     with pytest.raises(FimaqError, match=f"arch '{arch}' .* no registered transformer block"):
         create_fp_model(arch)
+
+
+@pytest.mark.parametrize("key", sorted(TINY_FAMILIES))
+def test_hadamard_rotation_is_refused_by_the_family_name(key):
+    model = tiny_model(key)
+    with pytest.raises(FimaqError, match=f"ViT/DeiT .* only \\({type(model).__name__}\\)"):
+        quantize_model(model, QuantSpec(w_bits=4, a_bits=4, rotation="hadamard"))

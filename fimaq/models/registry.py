@@ -3,10 +3,11 @@
 One :class:`Quantizable` describes one float module type: the constructor of its quantized form,
 whether it is a reconstruction unit (and of which kind), the roles of the layers inside it, which of
 its LayerNorms feeds which layer, and its classifier heads. :func:`register` adds a whole family in
-one call; the built-in families (:mod:`fimaq.models.timm_families`: timm ViT/DeiT and Swin, plain
-``nn.Linear``, the patch-embedding ``nn.Conv2d``) are the same kind of entries, added the first time
-the registry is consulted (so importing fimaq does not import timm). The registry is the one piece of
-process-wide state of the swap: scope test or experimental registrations with ``with register(...):``.
+one call; the built-in families (:mod:`fimaq.models.timm_families`: timm ViT/DeiT and Swin, the
+others in :mod:`fimaq.models.families`, plain ``nn.Linear``, the patch-embedding ``nn.Conv2d``) are
+the same kind of entries, added the first time the registry is consulted (so importing fimaq does
+not import timm). The registry is the one piece of process-wide state of the swap: scope test or
+experimental registrations with ``with register(...):``.
 
 A module's entry is found through its class's MRO (a subclass of a registered type shares its entry
 unless registered itself); a module whose class is the quantized form of an entry (``QuantLinear``,

@@ -88,7 +88,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None
     them.
 
     Args:
-        model: a float model of a registered family (timm ViT/DeiT/Swin built in).
+        model: a float model of a registered family (the timm families are built in).
         spec: bit-widths and per-layer overrides; a pattern among the overrides that matches none of
             the quantized layers is an error.
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` decides which registered modules are
