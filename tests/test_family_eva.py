@@ -90,26 +90,33 @@ def test_fused_qkv_bias_is_timm_concatenation_and_rope_is_kept():
             torch.testing.assert_close(q.blocks[1](tokens), fp.blocks[1](tokens, rope=rope))
 
 
-def _layers(q: nn.Module) -> list[tuple[str, str, str | None]]:
+def _layers(q: nn.Module) -> list[tuple]:
+    """(name, role, the LayerNorm folded into it, the other linears the fold compensates) in blocks.0."""
     names = {id(m): n for n, m in q.named_modules()}
-    return [(x.name, x.role, names.get(id(x.norm))) for x in iter_qlayers(q) if x.unit == "blocks.0"]
+    return [
+        (x.name, x.role, names.get(id(x.norm)), tuple(names[id(r)] for r in x.co_readers))
+        for x in iter_qlayers(q)
+        if x.unit == "blocks.0"
+    ]
 
 
 def _expected(key: str, attn_norm: str | None = None, pre_norm: bool = True) -> list[tuple]:
     b = "blocks.0"
     norm1 = f"{b}.norm1" if pre_norm else None
     norm2 = f"{b}.norm2" if pre_norm else None
-    if key == "eva_unfused":
-        attn = [(f"{b}.attn.{p}", "qkv", None) for p in ("q_proj", "k_proj", "v_proj")]
+    if key == "eva_unfused":  # one fold of norm1, owned by q_proj, compensating k_proj and v_proj
+        kv = (f"{b}.attn.k_proj", f"{b}.attn.v_proj") if pre_norm else ()
+        attn = [(f"{b}.attn.q_proj", "qkv", norm1, kv)]
+        attn += [(f"{b}.attn.{p}", "qkv", None, ()) for p in ("k_proj", "v_proj")]
     else:
-        attn = [(f"{b}.attn.qkv", "qkv", norm1)]
-    attn += [(f"{b}.attn.proj", "proj", attn_norm)]
-    attn += [(f"{b}.attn.matmul1", "matmul1", None), (f"{b}.attn.matmul2", "matmul2", None)]
-    if key == "eva02_swiglu":
-        mlp = [(f"{b}.mlp.fc1_g", "fc1", None), (f"{b}.mlp.fc1_x", "fc1", None)]
-        mlp += [(f"{b}.mlp.fc2", "fc2", f"{b}.mlp.norm")]
+        attn = [(f"{b}.attn.qkv", "qkv", norm1, ())]
+    attn += [(f"{b}.attn.proj", "proj", attn_norm, ())]
+    attn += [(f"{b}.attn.matmul1", "matmul1", None, ()), (f"{b}.attn.matmul2", "matmul2", None, ())]
+    if key == "eva02_swiglu":  # norm2 folds into fc1_g and fc1_x
+        mlp = [(f"{b}.mlp.fc1_g", "fc1", norm2, (f"{b}.mlp.fc1_x",) if pre_norm else ())]
+        mlp += [(f"{b}.mlp.fc1_x", "fc1", None, ()), (f"{b}.mlp.fc2", "fc2", f"{b}.mlp.norm", ())]
     else:
-        mlp = [(f"{b}.mlp.fc1", "fc1", norm2), (f"{b}.mlp.fc2", "fc2", None)]
+        mlp = [(f"{b}.mlp.fc1", "fc1", norm2, ()), (f"{b}.mlp.fc2", "fc2", None, ())]
     return attn + mlp
 
 
@@ -190,3 +197,29 @@ def test_w3a3_reconstruction_runs_and_leaves_finite_logits(key):
     with torch.no_grad():
         assert torch.isfinite(net(_images(4, seed=2))).all()
     assert all(type(m) is QuantLinear for m in net.blocks[0].mlp.children() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize("key", ["eva02_swiglu", "eva_unfused"])
+def test_a_layernorm_read_by_several_linears_folds_into_all_of_them(key):
+    """norm2 -> (fc1_g, fc1_x), norm1 -> (q_proj, k_proj, v_proj): the fold changes the LayerNorm
+    and every reader, and the float function stays (quantizers off)."""
+    fp = _model(key)
+    net = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=4, a_bits=4))
+    calibrate_model(net, _images(32, seed=1), CALIB, progress=False)
+    b, f = net.blocks[0], fp.blocks[0]
+    norm, readers = (
+        ("norm2", ("fc1_g", "fc1_x")) if key == "eva02_swiglu" else ("norm1", ("q_proj", "k_proj", "v_proj"))
+    )
+    parent, fparent = (b.mlp, f.mlp) if key == "eva02_swiglu" else (b.attn, f.attn)
+    assert not torch.equal(getattr(b, norm).weight, getattr(f, norm).weight)
+    for r in readers:
+        assert not torch.equal(getattr(parent, r).weight, getattr(fparent, r).weight), r
+    test = _images(16, seed=2)
+    with torch.no_grad(), quant_mode(net, enabled=False):
+        torch.testing.assert_close(net(test), fp(test), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # each reader's own output is unchanged in float (the fold compensated it)
+        x = torch.randn(2, 17, 48)
+        for r in readers:
+            with quant_mode(net, enabled=False):
+                mine = getattr(parent, r)(getattr(b, norm)(x))
+            torch.testing.assert_close(mine, getattr(fparent, r)(getattr(f, norm)(x)), rtol=1e-4, atol=1e-5)

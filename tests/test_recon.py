@@ -354,8 +354,15 @@ def test_inverse_gram_with_ridge_handles_repeated_rows():
     row = torch.rand(1, 6, dtype=torch.float64)
     M, cond = inverse_gram(torch.cat([row, row]), ridge=1e-8)
     assert torch.isfinite(M).all() and cond > 1e10
-    with pytest.raises(FimaqError, match="singular"):
-        inverse_gram(torch.zeros(2, 6, dtype=torch.float64), ridge=0.0)
+    with pytest.raises(FimaqError, match="singular"):  # one error row zero, no ridge
+        inverse_gram(torch.cat([row, torch.zeros_like(row)]), ridge=0.0)
+
+
+def test_an_all_zero_error_gives_a_zero_low_rank_term():
+    """A unit whose output quantization leaves unchanged (Delta = 0; a SwinV2 block with timm's
+    zero-initialised post-norms): no singular-matrix error, and M = 0, as any M would weigh Delta = 0."""
+    M, cond = inverse_gram(torch.zeros(3, 6, dtype=torch.float64), ridge=1e-4)
+    assert torch.equal(M, torch.zeros(3, 3, dtype=torch.float64)) and cond == 1.0
 
 
 def test_refresh_schedule():

@@ -100,7 +100,7 @@ def calibrate_layer(layer, captured, cfg: CalibConfig, num_images: int) -> None:
         calibrate_conv(mod, captured.inputs[0], captured.output, cfg)
     elif isinstance(mod, QuantLinear):
         x, y = _flat(captured.inputs[0]), _flat(captured.output)
-        calibrate_linear(mod, layer.norm, x, y, cfg, num_images)
+        calibrate_linear(mod, layer.norm, x, y, cfg, num_images, layer.co_readers)
     elif isinstance(mod, QuantMatMul):
         a, b = captured.inputs
         calibrate_matmul(mod, a, b, captured.output, cfg)
@@ -225,7 +225,7 @@ def calibrate_model(
                             done.append(layer.name)
                             save(force=not any(q.unit == unit for q in pending))
                         bar.update()
-                        if _folds(layer, cfg) and cfg.recapture_after_fold:
+                        if _folds(layer, cfg) and (cfg.recapture_after_fold or layer.co_readers):
                             break  # later layers see the folded LayerNorm's output, as in the reference
                     del store
     except Interrupted as exc:

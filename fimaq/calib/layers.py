@@ -4,6 +4,8 @@ evaluators and the tie rule of :mod:`fimaq.quant.search`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,9 +80,15 @@ def search_linear(
 
 
 def fold_layernorm(
-    norm: nn.LayerNorm, layer: QuantLinear, x: torch.Tensor, bits: int, cfg: CalibConfig
+    norm: nn.LayerNorm,
+    layer: QuantLinear,
+    x: torch.Tensor,
+    bits: int,
+    cfg: CalibConfig,
+    co_readers: Sequence[QuantLinear] = (),
 ) -> torch.Tensor:
-    """Section 2.2: per-input-channel qparams by input MSE, folded into the LayerNorm and the linear.
+    """Section 2.2: per-input-channel qparams by input MSE, folded into the LayerNorm and the linear
+    (and into the other linears reading the same LayerNorm output, ``co_readers`` **[fimaq]**).
 
     The float function is unchanged; returns the captured input transformed like the LayerNorm output.
     """
@@ -97,8 +105,9 @@ def fold_layernorm(
     with torch.no_grad():
         norm.weight.div_(r)
         norm.bias.copy_(norm.bias / r - beta)
-        layer.weight.mul_(r.view(1, -1))
-        layer.bias.add_(torch.mm(layer.weight, beta.view(-1, 1)).view(-1))
+        for reader in (layer, *co_readers):
+            reader.weight.mul_(r.view(1, -1))
+            reader.bias.add_(torch.mm(reader.weight, beta.view(-1, 1)).view(-1))
     return x / r - beta
 
 
@@ -109,11 +118,13 @@ def calibrate_linear(
     y: torch.Tensor,
     cfg: CalibConfig,
     num_images: int,
+    co_readers: Sequence[QuantLinear] = (),
 ) -> None:
-    """Calibrate one QuantLinear from its captured FP input ``x`` (M, in) and output ``y`` (M, out)."""
+    """Calibrate one QuantLinear from its captured FP input ``x`` (M, in) and output ``y`` (M, out);
+    a fold into ``norm`` also compensates ``co_readers``, the other linears reading its output."""
     w_bits, a_bits = layer.w_quantizer.bits, layer.a_quantizer.bits
     if norm is not None and a_bits is not None and cfg.fold_layernorm:
-        x = fold_layernorm(norm, layer, x, a_bits, cfg)
+        x = fold_layernorm(norm, layer, x, a_bits, cfg, co_readers)
     wq, aq = search_linear(layer.weight.detach(), layer.bias.detach(), x, y, w_bits, a_bits, cfg, num_images)
     if wq is not None:
         layer.w_quantizer.set_qparams(*wq)

@@ -92,7 +92,10 @@ class Quantizable:
             a patch embedding's projection is quantized).
         unit: ``patch_embed`` | ``block`` | ``merge`` when the module is a reconstruction unit.
         roles: child path -> role of the layers inside (``{"qkv": "qkv", "proj": "proj"}``).
-        input: child path of the layer that consumes the module's input first (``"qkv"``, ``"fc1"``).
+        input: child path of the layer that consumes the module's input first (``"qkv"``, ``"fc1"``);
+            a tuple when several linears read it (SwiGLU's ``("fc1_g", "fc1_x")``): a LayerNorm
+            feeding the module folds into all of them. Paths a module lacks (a child that is
+            ``None``: EVA's ``q_proj`` when its qkv is fused) are skipped.
         norms: LayerNorm child path -> child path of what it feeds (``{"norm1": "attn"}``); the fed
             module's ``input`` layers are followed down to a linear, the LayerNorm's fold partner.
         heads: child paths of the classifier layers (role ``head``, each a unit of kind ``head``);
@@ -110,7 +113,7 @@ class Quantizable:
     needs_role: bool = False
     unit: Literal["patch_embed", "block", "merge"] | None = None
     roles: Mapping[str, Role] = field(default_factory=dict)
-    input: str | None = None
+    input: str | tuple[str, ...] | None = None
     norms: Mapping[str, str] = field(default_factory=dict)
     heads: tuple[str, ...] = ()
     cls_token: bool = False
@@ -256,27 +259,34 @@ def role_of(name: str, module: nn.Module, declared: Mapping[str, Role]) -> Role 
     return entry.role if entry is not None else None
 
 
-def input_linear(model: nn.Module, name: str) -> str | None:
-    """The linear that first consumes the input of module ``name``, following ``input`` paths."""
+def input_linears(model: nn.Module, name: str) -> list[str]:
+    """The linears that read the input of module ``name``, following ``input`` paths; empty when a
+    path ends at something else (then nothing may fold into them)."""
     mod = _get(model, name)
-    while mod is not None and not isinstance(mod, nn.Linear):
-        entry = entry_of(mod)
-        if entry is None or entry.input is None:
-            return None
-        name = _join(name, entry.input)
-        mod = _get(model, name)
-    return name if mod is not None else None
+    if mod is None:
+        return []
+    if isinstance(mod, nn.Linear):
+        return [name]
+    entry = entry_of(mod)
+    if entry is None or entry.input is None:
+        return []
+    paths = (entry.input,) if isinstance(entry.input, str) else entry.input
+    found = [_join(name, p) for p in paths if _get(model, _join(name, p)) is not None]
+    linears = [inner for path in found for inner in input_linears(model, path)]
+    return linears if found and len(linears) >= len(found) else []
 
 
-def fold_partners(model: nn.Module) -> dict[str, str]:
-    """Linear qualified name -> the qualified name of the LayerNorm that feeds it directly."""
-    partners: dict[str, str] = {}
+def fold_partners(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """First reader (in model order) of each LayerNorm fold -> (the LayerNorm's qualified name, the
+    other linears that read the same LayerNorm output, which the fold compensates too)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    partners: dict[str, tuple[str, tuple[str, ...]]] = {}
     for name, mod in model.named_modules():
         entry = entry_of(mod)
         for norm, target in (entry.norms if entry is not None else {}).items():
-            linear = input_linear(model, _join(name, target))
-            if linear is not None and isinstance(_get(model, _join(name, norm)), nn.LayerNorm):
-                partners[linear] = _join(name, norm)
+            readers = sorted(input_linears(model, _join(name, target)), key=order.__getitem__)
+            if readers and isinstance(_get(model, _join(name, norm)), nn.LayerNorm):
+                partners[readers[0]] = (_join(name, norm), tuple(readers[1:]))
     return partners
 
 

@@ -12,7 +12,7 @@ from torch import nn
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.config import QuantSpec
 from fimaq.errors import FimaqError
-from fimaq.layers import QUANT_LAYER_TYPES
+from fimaq.layers import QUANT_LAYER_TYPES, QuantLinear
 from fimaq.models import registry
 from fimaq.models.registry import Role, SwapContext
 
@@ -30,6 +30,8 @@ class QLayer:
         unit: the reconstruction unit holding it (a block, a patch merging, the patch embedding or a
             head); a layer outside every unit is its own.
         norm: the LayerNorm feeding it directly (the calibration folds per-channel scales into it).
+        co_readers: the other linears reading that LayerNorm's output (SwiGLU's second input
+            projection, separate k and v projections): the fold compensates their weights too.
     """
 
     name: str
@@ -37,6 +39,7 @@ class QLayer:
     role: Role
     unit: str
     norm: nn.LayerNorm | None = None
+    co_readers: tuple[nn.Module, ...] = ()
 
 
 def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
@@ -150,6 +153,10 @@ def iter_qlayers(model: nn.Module) -> Iterator[QLayer]:
         if role is None:
             raise FimaqError(f"quantized layer {name} has no role: register the module that holds it")
         unit = next((u for u in units if name == u or name.startswith(u + ".")), name)
-        norm = modules.get(partners[name]) if name in partners else None
-        norm = norm if isinstance(norm, nn.LayerNorm) else None
-        yield QLayer(name, mod, role, unit, norm)
+        norm, co_readers = None, ()
+        if name in partners:
+            norm = modules.get(partners[name][0])
+            co_readers = tuple(modules[r] for r in partners[name][1])
+            if not isinstance(norm, nn.LayerNorm) or not all(isinstance(r, QuantLinear) for r in co_readers):
+                norm, co_readers = None, ()  # a reader kept float (no bias to move an offset into)
+        yield QLayer(name, mod, role, unit, norm, co_readers)

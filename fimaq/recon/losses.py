@@ -49,6 +49,9 @@ def inverse_gram(delta: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float
     d = delta.double()
     gram = d @ d.T
     j = gram.shape[0]
+    if not bool(gram.trace() > 0):  # Delta = 0 (a unit whose output quantization leaves unchanged,
+        # e.g. a SwinV2 block with timm's zero-initialised post-norms): the low-rank term is 0 for any M
+        return torch.zeros_like(gram).to(delta.dtype), 1.0
     cond = float(torch.linalg.cond(gram)) if j > 1 else 1.0
     if ridge > 0:
         gram = gram + ridge * gram.trace() / j * torch.eye(j, dtype=gram.dtype, device=gram.device)

@@ -34,9 +34,9 @@ def entries() -> tuple[Quantizable, ...]:
 
     The attention's sub-LayerNorm (``scale_attn_inner``) folds into ``proj`` and a GLU MLP's
     LayerNorm (``scale_mlp``) into ``fc2`` (an ``nn.Identity`` there folds nothing). ``SwiGLU`` feeds
-    its input to two linears (``fc1_g``, ``fc1_x``), so the block's ``norm2`` does not fold into it;
-    nor does ``norm1`` with separate q/k/v projections (the attention has no ``qkv`` then). The
-    post-norm block lists no norms: its LayerNorms follow the attention and the MLP.
+    its input to two linears (``fc1_g``, ``fc1_x``) and separate projections read the attention's
+    input three times: the block's LayerNorm folds into all of them. The post-norm block lists no
+    norms: its LayerNorms follow the attention and the MLP.
     """
     from timm.layers import GluMlp, SwiGLU
     from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
@@ -47,11 +47,16 @@ def entries() -> tuple[Quantizable, ...]:
             quantize_eva_attention,
             QuantEvaAttention,
             roles=EVA_ATTENTION_ROLES,
-            input="qkv",
+            input=("qkv", "q_proj", "k_proj", "v_proj"),  # fused, or the separate projections
             norms={"norm": "proj"},
         ),
         Quantizable(GluMlp, roles={"fc1": "fc1", "fc2": "fc2"}, input="fc1", norms={"norm": "fc2"}),
-        Quantizable(SwiGLU, roles={"fc1_g": "fc1", "fc1_x": "fc1", "fc2": "fc2"}, norms={"norm": "fc2"}),
+        Quantizable(
+            SwiGLU,
+            roles={"fc1_g": "fc1", "fc1_x": "fc1", "fc2": "fc2"},
+            input=("fc1_g", "fc1_x"),
+            norms={"norm": "fc2"},
+        ),
         Quantizable(EvaBlock, unit="block", norms={"norm1": "attn", "norm2": "mlp"}, cls_token=True),
         Quantizable(EvaBlockPostNorm, unit="block", cls_token=True),
         Quantizable(Eva, heads=("head",)),
