@@ -41,6 +41,10 @@ def test_there_are_configs_for_every_promised_model():
         "swin_tiny",
         "swin_small",
         "swin_base",
+        "swinv2_tiny",
+        "eva02_small",
+        "beit_base",
+        "cait_s24",
     ):
         assert {f"{model}_w3a3", f"{model}_w4a4"} <= names
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import _SMALL, TINY_FAMILIES, tiny_model
+from family_checks import CALIB, images, relative_error
 
 from fimaq.calib import calibrate_model
 from fimaq.calib.minmax import minmax_calibrate
@@ -38,16 +39,6 @@ VIT_VARIANTS = {
 W8A8_BOUND = 0.03
 
 
-def _images(n: int, size: tuple[int, int], seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def _relative_error(net, fp, x) -> float:
-    with torch.no_grad():
-        ref = fp(x)
-        return float((net(x) - ref).pow(2).sum() / ref.pow(2).sum())
-
-
 @pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
 def test_vit_variants_keep_the_float_function_and_calibrate_close(variant):
     import timm
@@ -56,14 +47,12 @@ def test_vit_variants_keep_the_float_function_and_calibrate_close(variant):
     torch.manual_seed(0)
     fp = timm.create_model(arch, **kwargs).eval()
     size = fp.patch_embed.img_size
-    x = _images(16, size, seed=2)
+    x = images(16, size, seed=2)
     net = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=8, a_bits=8))
     with torch.no_grad():
         assert torch.equal(net(x), fp(x))  # quantizers start off
-    calibrate_model(
-        net, _images(32, size, seed=1), CalibConfig(num_images=32, eq_n=32, search_rounds=1), progress=False
-    )
-    error = _relative_error(net, fp, x)
+    calibrate_model(net, images(32, size, seed=1), CALIB, progress=False)
+    error = relative_error(net, fp, x)
     assert 0 < error < W8A8_BOUND, error
 
 
@@ -80,7 +69,7 @@ def test_search_bits_allocates_within_the_budget(key):
     cfg = MixedPrecisionConfig(budget=3.0, rounds=1, micro_batch=4)
     calib = CalibConfig(num_images=8, eq_n=32, search_rounds=1)
     spec = QuantSpec(w_bits=3, a_bits=4)
-    plan = search_bit_plan(lambda: tiny_model(key), spec, _images(8, size, 0), cfg, calib, key, {}, False)
+    plan = search_bit_plan(lambda: tiny_model(key), spec, images(8, size, 0), cfg, calib, key, {}, False)
     bits = {layer["w_bits"] for layer in plan.layers.values()}
     assert plan.average_w_bits <= 3.0 + 1e-9 and bits <= set(cfg.candidates), plan.layers
 
@@ -94,7 +83,7 @@ def test_export_reloads_identically_and_onnx_matches(key, tmp_path, monkeypatch)
     arch, kwargs = TINY_FAMILIES[key]
     spec = QuantSpec(w_bits=4, a_bits=4)
     net = quantize_model(fp, spec)
-    x = _images(8, size, seed=1)
+    x = images(8, size, seed=1)
     minmax_calibrate(net, x)
     quant = {"w_bits": 4, "a_bits": 4, "head_a_bits": spec.head_a_bits, "overrides": {}}
     meta = {"arch": arch, "model_kwargs": kwargs, "quant": quant}

@@ -8,96 +8,57 @@ import copy
 import pytest
 import torch
 
-from fimaq.calib import calibrate_model
-from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
+from fimaq.config import QuantSpec
 from fimaq.layers.cait import QuantClassAttn, QuantTalkingHeadAttn
-from fimaq.layers.mode import quant_mode, set_quant_mode
+from fimaq.layers.mode import quant_mode
 from fimaq.models.swap import iter_qlayers, quantize_model
-from fimaq.recon import recon_units, reconstruct_model
+from tests import family_checks as checks
 from tests.conftest import tiny_model
 
-CALIB = CalibConfig(num_images=32, eq_n=32, search_rounds=1)
 W8A8_BOUND = 0.003  # measured 0.00094 (relative squared logit error on 16 random images; W3/A3: 0.029)
 ATTENTIONS = (QuantTalkingHeadAttn, QuantClassAttn)
 
 
+@pytest.fixture(scope="module", name="fp")
 def _float_model() -> torch.nn.Module:
     """The tiny CaiT with LayerScales of about 0.5 (timm's 1e-4 would hide every block's error)."""
-    fp = tiny_model("cait")
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in fp.named_parameters():
-            if name.endswith(("gamma_1", "gamma_2")):
-                p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=gen))
-    return fp
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _relative_error(net, fp, x) -> float:
-    with torch.no_grad():
-        ref = fp(x)
-        return float((net(x) - ref).pow(2).sum() / ref.pow(2).sum())
-
-
-@pytest.fixture(scope="module")
-def fp():
-    return _float_model()
+    return checks.redraw_parameters(
+        tiny_model("cait"), seed=3, rules={("gamma_1", "gamma_2"): lambda z: 0.5 + 0.1 * z}
+    )
 
 
 @pytest.fixture(scope="module")
 def calibrated(fp):
     """bits -> the model quantized at W{bits}/A{bits} and calibrated on 32 random images."""
-    nets = {}
-    for bits in (8, 3):
-        net = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))
-        calibrate_model(net, _images(32, seed=1), CALIB, progress=False)
-        nets[bits] = net
-    return nets
+    return {bits: checks.calibrated_copy(fp, bits, checks.images(32, 32, seed=1)) for bits in (8, 3)}
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_quantization_off_equals_timm(fp, fused):
     ref = copy.deepcopy(fp)
-    switched = [m for m in ref.modules() if hasattr(m, "fused_attn")]
+    switched = checks.set_fused_attn(ref, fused)
     assert len(switched) == 2  # the class attentions (timm's talking heads have no fused path)
-    for m in switched:
-        m.fused_attn = fused
-    q = quantize_model(copy.deepcopy(ref), QuantSpec(w_bits=3, a_bits=3))
+    q = checks.assert_off_equals_timm(ref, checks.images(3, 32, seed=5), features=False)
     assert [type(m) for m in q.modules() if isinstance(m, ATTENTIONS)] == [QuantTalkingHeadAttn] * 2 + [
         QuantClassAttn
     ] * 2
-    x = _images(3, seed=5)
-    with torch.no_grad():
-        assert torch.equal(q(x), ref(x))
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_explicit_matmul_path_matches_timm(fp, fused):
     ref = copy.deepcopy(fp)
-    for m in ref.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-    q = quantize_model(copy.deepcopy(ref), QuantSpec())
-    attns = [m for m in q.modules() if isinstance(m, ATTENTIONS)]
-    x = _images(2, seed=5)
-    with torch.no_grad(), quant_mode(q, enabled=False, explicit_matmuls=True):
-        assert all(m.explicit_matmuls and m._use_matmuls() for m in attns)
-        torch.testing.assert_close(q(x), ref(x), rtol=1e-5, atol=1e-5)
-    assert not any(m.explicit_matmuls for m in attns)
+    checks.set_fused_attn(ref, fused)
+    checks.assert_explicit_path_close(
+        ref, checks.images(2, 32, seed=5), features=False, attn_types=ATTENTIONS
+    )
 
 
 def test_w8a8_calibrates_close_and_w3a3_is_coarser(fp, calibrated):
-    x = _images(16, seed=2)
-    err8 = _relative_error(calibrated[8], fp, x)
-    err3 = _relative_error(calibrated[3], fp, x)
-    assert 0 < err8 < W8A8_BOUND, err8
-    assert err3 > err8, (err3, err8)
+    x = checks.images(16, 32, seed=2)
+    checks.assert_calibration_errors(fp, calibrated[8], calibrated[3], x, W8A8_BOUND)
     net = calibrated[3]  # the class-attention layers (outside every unit) are calibrated and act
     with quant_mode(net, only=list(net.blocks_token_only)):
-        assert _relative_error(net, fp, x) > 0
+        assert checks.relative_error(net, fp, x) > 0
 
 
 def test_roles_units_and_folds(fp):
@@ -137,13 +98,8 @@ def test_roles_units_and_folds(fp):
         "blocks_token_only.0.mlp.fc1": q.blocks_token_only[0].norm2,
         "blocks_token_only.1.mlp.fc1": q.blocks_token_only[1].norm2,
     }
-    units = [(u.name, u.kind, u.has_cls_token) for u in recon_units(q)]
-    assert units == [
-        ("patch_embed", "patch_embed", False),
-        ("blocks.0", "block", False),  # the class token is added after these blocks
-        ("blocks.1", "block", False),
-        ("head", "head", False),
-    ]
+    # no unit has a class token: it is added after these blocks
+    assert checks.unit_rows(q) == checks.vit_units(cls_token=False)
     # the class-attention blocks are no unit: each of their layers is its own calibration group
     assert all(layer.unit == n for n, layer in layers.items() if n.startswith("blocks_token_only."))
     mm1, mm2 = (
@@ -160,20 +116,14 @@ def test_roles_units_and_folds(fp):
 def test_w3a3_reconstruction_runs(fp, calibrated):
     net = copy.deepcopy(calibrated[3])
     class_weights = {n: p.clone() for n, p in net.blocks_token_only.named_parameters()}
-    cfg = ReconConfig(iters=10, batch_size=8, loss="mse", error_images=16)
-    report = reconstruct_model(net, _images(32, seed=1), cfg, FisherConfig(), progress=False)
+    report = checks.assert_reconstruction_runs(
+        net, checks.images(32, 32, seed=1), checks.images(4, 32, seed=2)
+    )
     assert list(report.error_after) == ["patch_embed", "blocks.0", "blocks.1", "head"]
     for n, p in net.blocks_token_only.named_parameters():  # not reconstructed: left as calibrated
         assert torch.equal(p, class_weights[n]), n
-    with torch.no_grad():
-        assert torch.isfinite(net(_images(4, seed=2))).all()
 
 
 def test_state_dict_round_trip(fp, calibrated):
-    net = calibrated[8]
     other = quantize_model(tiny_model("cait", seed=1), QuantSpec(w_bits=8, a_bits=8))
-    other.load_state_dict(net.state_dict(), strict=True)
-    set_quant_mode(other, enabled=True)
-    x = _images(2, seed=4)
-    with torch.no_grad():
-        assert torch.equal(net(x), other(x))
+    checks.assert_strict_round_trip(calibrated[8], other, checks.images(2, 32, seed=4))

@@ -9,18 +9,17 @@ import timm
 import torch
 from torch import nn
 
-from fimaq.calib import calibrate_model
-from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
+from fimaq.config import QuantSpec
 from fimaq.errors import FimaqError
 from fimaq.layers import QuantLinear
 from fimaq.layers.eva import QuantEvaAttention
 from fimaq.layers.mode import quant_mode
 from fimaq.models.swap import iter_qlayers, quantize_model
-from fimaq.recon import recon_units, reconstruct_model
+from fimaq.recon import recon_units
+from tests import family_checks as checks
 from tests.conftest import TINY_FAMILIES, tiny_model
 
 KEYS = ("eva02", "eva02_swiglu", "eva_unfused")
-CALIB = CalibConfig(num_images=32, eq_n=32, search_rounds=1)
 #: W8/A8 relative logit errors ||q(x) - fp(x)||^2 / ||fp(x)||^2 measured on the 16 seeded test images:
 #: eva02 1.45e-3, eva02_swiglu 1.79e-3, eva_unfused 6.3e-4 (W3/A3: 0.09-0.10; tiny ViT, same setup:
 #: 9.3e-3); the bound leaves about 3x margin
@@ -35,43 +34,20 @@ def _model(key: str, fused_attn: bool | None = None, **extra) -> nn.Module:
         model = timm.create_model(arch, **dict(kwargs, **extra)).eval()
     else:
         model = tiny_model(key)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_bias", "v_bias")):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    checks.redraw_parameters(model, seed=1, rules={("q_bias", "v_bias"): lambda z: z * 0.1})
     if fused_attn is not None:
-        for mod in model.modules():
-            if hasattr(mod, "fused_attn"):
-                mod.fused_attn = fused_attn
+        checks.set_fused_attn(model, fused_attn)
     return model
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _rel_error(net: nn.Module, fp: nn.Module, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        ref = fp(x)
-        return float((net(x) - ref).pow(2).sum() / ref.pow(2).sum())
 
 
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("fused", [True, False])
 def test_off_equals_timm_and_explicit_path_is_close(key, fused):
-    fp = _model(key, fused_attn=fused)
-    q = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=4, a_bits=4))
+    fp, x = _model(key, fused_attn=fused), checks.images(3, 32, seed=0)
+    q = checks.assert_off_equals_timm(fp, x, bits=4)
     assert all(type(b.attn) is QuantEvaAttention for b in q.blocks)
     assert type(q.rope) is type(fp.rope) and type(q.rope).__name__ == "RotaryEmbeddingCat"  # float
-    x = _images(3, seed=0)
-    with torch.no_grad():
-        assert torch.equal(q(x), fp(x))
-        assert torch.equal(q.forward_features(x), fp.forward_features(x))
-        with quant_mode(q, enabled=False, explicit_matmuls=True):
-            feats, logits = q.forward_features(x), q(x)
-        torch.testing.assert_close(feats, fp.forward_features(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(logits, fp(x), rtol=1e-5, atol=1e-5)
+    checks.assert_explicit_path_close(fp, x, q=q)
 
 
 def test_fused_qkv_bias_is_timm_concatenation_and_rope_is_kept():
@@ -123,13 +99,7 @@ def _expected(key: str, attn_norm: str | None = None, pre_norm: bool = True) -> 
 @pytest.mark.parametrize("key", KEYS)
 def test_roles_units_and_fold_partners(key):
     q = quantize_model(_model(key), QuantSpec())
-    units = [(u.name, u.kind, u.has_cls_token) for u in recon_units(q)]
-    assert units == [
-        ("patch_embed", "patch_embed", False),
-        ("blocks.0", "block", True),
-        ("blocks.1", "block", True),
-        ("head", "head", False),
-    ]
+    assert checks.unit_rows(q) == checks.vit_units(cls_token=True)
     assert _layers(q) == _expected(key)
     assert [(x.name, x.role) for x in iter_qlayers(q) if x.unit in ("patch_embed", "head")] == [
         ("patch_embed.proj", "patch_embed"),
@@ -142,7 +112,7 @@ def test_attention_sub_norm_and_qk_norm_and_post_norm_blocks():
     q = quantize_model(copy.deepcopy(fp), QuantSpec())
     assert _layers(q) == _expected("eva02", attn_norm="blocks.0.attn.norm")
     with torch.no_grad():
-        x = _images(2, seed=4)
+        x = checks.images(2, 32, seed=4)
         assert torch.equal(q(x), fp(x))
     post = _model("eva02_swiglu", use_post_norm=True)
     qp = quantize_model(copy.deepcopy(post), QuantSpec())
@@ -168,34 +138,23 @@ def test_gated_attention_and_separate_qkv_bias_are_refused():
 @pytest.mark.parametrize("key", KEYS)
 def test_calibration_error_bounds_and_state_dict_round_trip(key):
     fp = _model(key)
-    calib, test = _images(32, seed=1), _images(16, seed=2)
-    errors = {}
-    for bits in (8, 3):
-        net = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))
-        calibrate_model(net, calib, CALIB, progress=False)
-        errors[bits] = _rel_error(net, fp, test)
-    assert 0 < errors[8] < W8_BOUND, errors
-    assert errors[3] > errors[8], errors
-    fresh = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=3, a_bits=3))
-    fresh.load_state_dict(net.state_dict(), strict=True)
-    with quant_mode(fresh, enabled=True):
-        with torch.no_grad():
-            assert torch.equal(fresh(test), net(test))
+    calib, test = checks.images(32, 32, seed=1), checks.images(16, 32, seed=2)
+    w8, w3 = checks.calibrated_copy(fp, 8, calib), checks.calibrated_copy(fp, 3, calib)
+    checks.assert_calibration_errors(fp, w8, w3, test, W8_BOUND)
+    checks.assert_strict_round_trip(
+        w3, quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=3, a_bits=3)), test
+    )
 
 
 @pytest.mark.parametrize("key", KEYS)
 def test_w3a3_reconstruction_runs_and_leaves_finite_logits(key):
     fp = _model(key)
-    calib = _images(32, seed=1)
-    net = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=3, a_bits=3))
-    calibrate_model(net, calib, CALIB, progress=False)
+    calib = checks.images(32, 32, seed=1)
+    net = checks.calibrated_copy(fp, 3, calib)
     if key == "eva02_swiglu":  # the MLP's LayerNorm was folded into fc2
         assert not torch.equal(net.blocks[0].mlp.norm.weight, fp.blocks[0].mlp.norm.weight)
-    cfg = ReconConfig(iters=10, batch_size=8, loss="mse", error_images=16)
-    report = reconstruct_model(net, calib, cfg, FisherConfig(), progress=False)
+    report = checks.assert_reconstruction_runs(net, calib, checks.images(4, 32, seed=2))
     assert list(report.error_after) == ["patch_embed", "blocks.0", "blocks.1", "head"]
-    with torch.no_grad():
-        assert torch.isfinite(net(_images(4, seed=2))).all()
     assert all(type(m) is QuantLinear for m in net.blocks[0].mlp.children() if isinstance(m, nn.Linear))
 
 
@@ -204,8 +163,7 @@ def test_a_layernorm_read_by_several_linears_folds_into_all_of_them(key):
     """norm2 -> (fc1_g, fc1_x), norm1 -> (q_proj, k_proj, v_proj): the fold changes the LayerNorm
     and every reader, and the float function stays (quantizers off)."""
     fp = _model(key)
-    net = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=4, a_bits=4))
-    calibrate_model(net, _images(32, seed=1), CALIB, progress=False)
+    net = checks.calibrated_copy(fp, 4, checks.images(32, 32, seed=1))
     b, f = net.blocks[0], fp.blocks[0]
     norm, readers = (
         ("norm2", ("fc1_g", "fc1_x")) if key == "eva02_swiglu" else ("norm1", ("q_proj", "k_proj", "v_proj"))
@@ -214,7 +172,7 @@ def test_a_layernorm_read_by_several_linears_folds_into_all_of_them(key):
     assert not torch.equal(getattr(b, norm).weight, getattr(f, norm).weight)
     for r in readers:
         assert not torch.equal(getattr(parent, r).weight, getattr(fparent, r).weight), r
-    test = _images(16, seed=2)
+    test = checks.images(16, 32, seed=2)
     with torch.no_grad(), quant_mode(net, enabled=False):
         torch.testing.assert_close(net(test), fp(test), rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # each reader's own output is unchanged in float (the fold compensated it)

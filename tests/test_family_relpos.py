@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from fimaq.calib import calibrate_model
-from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
-from fimaq.layers.mode import quant_mode, set_quant_mode
+from fimaq.config import QuantSpec
+from fimaq.layers.mode import quant_mode
 from fimaq.layers.relpos import QuantRelPosAttention
 from fimaq.models.swap import iter_qlayers, quantize_model
-from fimaq.recon import recon_units, reconstruct_model
+from tests import family_checks as checks
 from tests.conftest import TINY_FAMILIES, tiny_model
 
 _SMALL = TINY_FAMILIES["relpos"][1]
@@ -29,7 +28,6 @@ VARIANTS = {
 }
 KEYS = ("relpos", "srelpos", *VARIANTS)
 PIPELINE_KEYS = ("relpos", "srelpos", "rpn", "clsgap")
-CALIB = CalibConfig(num_images=32, eq_n=32, search_rounds=1)
 #: W8/A8 relative logit errors measured on 16 test images (seeded): relpos ~4.1e-4, srelpos ~5.7e-4,
 #: rpn ~1.3e-3, clsgap ~6.1e-4 (W3/A3: 0.11, 0.14, 0.084, 0.093); the bounds leave 2.6-3x margin
 W8_BOUND = {"relpos": 1.2e-3, "srelpos": 1.5e-3, "rpn": 3.5e-3, "clsgap": 1.6e-3}
@@ -55,52 +53,26 @@ def _model(key: str, fused_attn: bool | None = None) -> nn.Module:
             elif "rel_pos." in name:  # tables and the position MLPs, per block and shared
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     if fused_attn is not None:
-        for mod in model.modules():
-            if hasattr(mod, "fused_attn"):
-                mod.fused_attn = fused_attn
+        checks.set_fused_attn(model, fused_attn)
     return model
 
 
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _rel_error(net: nn.Module, fp: nn.Module, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        ref = fp(x)
-        return float((net(x) - ref).pow(2).sum() / ref.pow(2).sum())
-
-
 def _calibrated(fp: nn.Module, bits: int) -> nn.Module:
-    net = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))
-    calibrate_model(net, _images(32, seed=2), CALIB, progress=False)
-    return net
+    return checks.calibrated_copy(fp, bits, checks.images(32, 32, seed=2))
 
 
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("fused", [True, False])
 def test_quantization_off_equals_timm(key, fused):
-    fp = _model(key, fused_attn=fused)
-    q = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=3, a_bits=3))
+    q = checks.assert_off_equals_timm(_model(key, fused_attn=fused), checks.images(3, 32, seed=0))
     assert all(type(b.attn) is QuantRelPosAttention and b.attn.fused_attn is fused for b in q.blocks)
-    x = _images(3, seed=0)
-    with torch.no_grad():
-        assert torch.equal(q.forward_features(x), fp.forward_features(x))
-        assert torch.equal(q(x), fp(x))
 
 
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("fused", [True, False])
 def test_explicit_matmul_path_matches_timm(key, fused):
     fp = _model(key, fused_attn=fused)
-    q = quantize_model(copy.deepcopy(fp), QuantSpec())
-    calls = []
-    q.blocks[0].attn.matmul1.register_forward_hook(lambda *_: calls.append(1))
-    x = _images(2, seed=0)
-    with torch.no_grad(), quant_mode(q, enabled=False, explicit_matmuls=True):
-        torch.testing.assert_close(q.forward_features(x), fp.forward_features(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(q(x), fp(x), rtol=1e-5, atol=1e-5)
-    assert calls  # the products went through the QuantMatMul modules
+    checks.assert_explicit_path_close(fp, checks.images(2, 32, seed=0), matmul="blocks.0.attn.matmul1")
 
 
 def test_relative_position_modules_stay_float():
@@ -139,65 +111,30 @@ def test_block_alone_uses_the_kept_shared_bias(key, explicit):
 @pytest.mark.parametrize("key", ["relpos", "srelpos", "rpn", "clsgap"])
 def test_roles_units_and_fold_partners(key):
     q = quantize_model(_model(key), QuantSpec())
-    cls = key == "clsgap"
-    units = [(u.name, u.kind, u.has_cls_token) for u in recon_units(q)]
-    assert units == [
-        ("patch_embed", "patch_embed", False),
-        ("blocks.0", "block", cls),
-        ("blocks.1", "block", cls),
-        ("head", "head", False),
-    ]
-    names = {id(m): n for n, m in q.named_modules()}
-    got = [(x.name, x.role, x.unit, names.get(id(x.norm))) for x in iter_qlayers(q)]
-    pre_norm = key != "rpn"  # the post-norm block's LayerNorms feed no linear
-    expected = [("patch_embed.proj", "patch_embed", "patch_embed", None)]
-    for i in range(2):
-        b = f"blocks.{i}"
-        expected += [
-            (f"{b}.attn.qkv", "qkv", b, f"{b}.norm1" if pre_norm else None),
-            (f"{b}.attn.proj", "proj", b, None),
-            (f"{b}.attn.matmul1", "matmul1", b, None),
-            (f"{b}.attn.matmul2", "matmul2", b, None),
-            (f"{b}.mlp.fc1", "fc1", b, f"{b}.norm2" if pre_norm else None),
-            (f"{b}.mlp.fc2", "fc2", b, None),
-        ]
-    expected.append(("head", "head", "head", None))
-    assert got == expected
-    n = 17 if cls else 16
-    layers = {x.name: x.module for x in iter_qlayers(q)}
-    assert layers["blocks.0.attn.qkv"].a_quantizer.scale.shape == (1, n, 1)
-    assert layers["blocks.0.attn.matmul1"].A_quantizer.scale.shape == (1, 3, n, 1)
-    assert layers["blocks.0.attn.matmul2"].B_quantizer.scale.shape == (1, 3, 1, 16)
+    # the post-norm block's LayerNorms feed no linear
+    checks.assert_vit_roles_units_and_folds(q, cls_token=key == "clsgap", pre_norm=key != "rpn")
 
 
 @pytest.mark.parametrize("key", PIPELINE_KEYS)
 def test_calibration_error_w8_small_and_w3_larger(key):
     fp = _model(key)
-    test = _images(16, seed=5)
-    w8 = _rel_error(_calibrated(fp, 8), fp, test)
-    w3 = _rel_error(_calibrated(fp, 3), fp, test)
-    assert 0 < w8 < W8_BOUND[key], w8
-    assert w3 > 5 * w8, (w3, w8)  # the quantizers really act
+    # factor=5: W3/A3 is more than 5x further off, the quantizers really act
+    w8, w3 = _calibrated(fp, 8), _calibrated(fp, 3)
+    checks.assert_calibration_errors(fp, w8, w3, checks.images(16, 32, seed=5), W8_BOUND[key], factor=5)
 
 
 @pytest.mark.parametrize("key", PIPELINE_KEYS)
 def test_w3_reconstruction_runs(key):
     fp = _model(key)
-    net = _calibrated(fp, 3)
-    cfg = ReconConfig(iters=10, batch_size=8, loss="mse", error_images=16)
-    reconstruct_model(net, _images(32, seed=2), cfg, FisherConfig(), progress=False)
-    with torch.no_grad():
-        assert torch.isfinite(net(_images(4, seed=6))).all()
+    checks.assert_reconstruction_runs(
+        _calibrated(fp, 3), checks.images(32, 32, seed=2), checks.images(4, 32, seed=6)
+    )
 
 
 @pytest.mark.parametrize("key", ["srelpos", "rpn"])
 def test_strict_state_dict_round_trip(key):
     fp = _model(key)
     net = _calibrated(fp, 4)
-    other = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=4, a_bits=4))
-    other.load_state_dict(net.state_dict(), strict=True)
-    set_quant_mode(net, enabled=True)
-    set_quant_mode(other, enabled=True)
-    x = _images(2, seed=7)
-    with torch.no_grad():
-        assert torch.equal(net(x), other(x))
+    checks.assert_strict_round_trip(
+        net, quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=4, a_bits=4)), checks.images(2, 32, seed=7)
+    )

@@ -8,59 +8,33 @@ import math
 import pytest
 import torch
 
-from fimaq.calib import calibrate_model
-from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
+from fimaq.config import QuantSpec
 from fimaq.errors import FimaqError
-from fimaq.layers.mode import quant_mode, set_quant_mode
 from fimaq.layers.swinv2 import QuantWindowAttentionV2
 from fimaq.models.swap import iter_qlayers, quantize_model
-from fimaq.recon import recon_units, reconstruct_model
+from fimaq.recon import recon_units
+from tests import family_checks as checks
 from tests.conftest import tiny_model
 
-CALIB = CalibConfig(num_images=32, eq_n=32, search_rounds=1)
 W8A8_BOUND = 0.03  # measured 0.0107 (relative squared logit error on 16 random images; W3/A3: 0.087)
 
 
+@pytest.fixture(scope="module", name="fp")
 def _float_model() -> torch.nn.Module:
     """The tiny SwinV2 with non-trivial q/v biases, logit scales and post-norms (timm initialises the
     first two constant and the blocks' norm1/norm2 to zero: the blocks would add nothing)."""
-    fp = tiny_model("swinv2")
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in fp.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight")):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(("q_bias", "v_bias", "norm1.bias", "norm2.bias")):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("logit_scale"):
-                p.copy_(math.log(10) + 0.5 * torch.randn(p.shape, generator=gen))
-    return fp
-
-
-def _images(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-
-
-def _relative_error(net, fp, x) -> float:
-    with torch.no_grad():
-        ref = fp(x)
-        return float((net(x) - ref).pow(2).sum() / ref.pow(2).sum())
-
-
-@pytest.fixture(scope="module")
-def fp():
-    return _float_model()
+    rules = {
+        ("norm1.weight", "norm2.weight"): lambda z: 1 + 0.1 * z,
+        ("q_bias", "v_bias", "norm1.bias", "norm2.bias"): lambda z: 0.1 * z,
+        "logit_scale": lambda z: math.log(10) + 0.5 * z,
+    }
+    return checks.redraw_parameters(tiny_model("swinv2"), seed=3, rules=rules)
 
 
 @pytest.fixture(scope="module")
 def calibrated(fp):
     """bits -> the model quantized at W{bits}/A{bits} and calibrated on 32 random images."""
-    nets = {}
-    for bits in (8, 3):
-        net = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=bits, a_bits=bits))
-        calibrate_model(net, _images(32, seed=1), CALIB, progress=False)
-        nets[bits] = net
-    return nets
+    return {bits: checks.calibrated_copy(fp, bits, checks.images(32, 64, seed=1)) for bits in (8, 3)}
 
 
 def test_quantization_off_equals_timm(fp):
@@ -68,21 +42,14 @@ def test_quantization_off_equals_timm(fp):
 
     # timm's v2 attention has no fused (SDPA) path: there is no fused_attn switch to test both ways
     assert not any(hasattr(m, "fused_attn") for m in fp.modules() if isinstance(m, WindowAttention))
-    q = quantize_model(copy.deepcopy(fp), QuantSpec(w_bits=3, a_bits=3))
+    q = checks.assert_off_equals_timm(fp, checks.images(3, 64, seed=5), features=False)
     assert sum(isinstance(m, QuantWindowAttentionV2) for m in q.modules()) == 4
-    x = _images(3, seed=5)
-    with torch.no_grad():
-        assert torch.equal(q(x), fp(x))
 
 
 def test_explicit_matmul_path_matches_timm(fp):
-    q = quantize_model(copy.deepcopy(fp), QuantSpec())
-    x = _images(2, seed=5)
-    attns = [m for m in q.modules() if isinstance(m, QuantWindowAttentionV2)]
-    with torch.no_grad(), quant_mode(q, enabled=False, explicit_matmuls=True):
-        assert all(m.explicit_matmuls and m._use_matmuls() for m in attns)
-        torch.testing.assert_close(q(x), fp(x), rtol=1e-5, atol=1e-5)
-    assert not any(m.explicit_matmuls for m in attns)
+    checks.assert_explicit_path_close(
+        fp, checks.images(2, 64, seed=5), features=False, attn_types=QuantWindowAttentionV2
+    )
 
 
 def test_qkv_bias_and_float_parts_are_kept(fp):
@@ -98,11 +65,9 @@ def test_qkv_bias_and_float_parts_are_kept(fp):
 
 
 def test_w8a8_calibrates_close_and_w3a3_is_coarser(fp, calibrated):
-    x = _images(16, seed=2)
-    err8 = _relative_error(calibrated[8], fp, x)
-    err3 = _relative_error(calibrated[3], fp, x)
-    assert 0 < err8 < W8A8_BOUND, err8
-    assert err3 > err8, (err3, err8)
+    checks.assert_calibration_errors(
+        fp, calibrated[8], calibrated[3], checks.images(16, 64, seed=2), W8A8_BOUND
+    )
 
 
 def test_roles_units_and_no_folds(fp):
@@ -127,8 +92,7 @@ def test_roles_units_and_no_folds(fp):
     assert layers[f"{block}.attn.matmul1"].unit == block
     assert layers[f"{block}.attn.matmul1"].module.A_quantizer.scale.shape == (1, 4, 16, 1)  # 4x4 windows
     assert layers[f"{block}.attn.matmul2"].module.B_quantizer.scale.shape == (1, 4, 1, 16)  # head dim 16
-    units = [(u.name, u.kind, u.has_cls_token) for u in recon_units(q)]
-    assert units == [
+    assert checks.unit_rows(q) == [
         ("patch_embed", "patch_embed", False),
         ("layers.0.blocks.0", "block", False),
         ("layers.0.blocks.1", "block", False),
@@ -141,21 +105,15 @@ def test_roles_units_and_no_folds(fp):
 
 def test_w3a3_reconstruction_runs(fp, calibrated):
     net = copy.deepcopy(calibrated[3])
-    cfg = ReconConfig(iters=10, batch_size=8, loss="mse", error_images=16)
-    report = reconstruct_model(net, _images(32, seed=1), cfg, FisherConfig(), progress=False)
+    report = checks.assert_reconstruction_runs(
+        net, checks.images(32, 64, seed=1), checks.images(4, 64, seed=2)
+    )
     assert list(report.error_after) == [u.name for u in recon_units(net)]
-    with torch.no_grad():
-        assert torch.isfinite(net(_images(4, seed=2))).all()
 
 
 def test_state_dict_round_trip(fp, calibrated):
-    net = calibrated[8]
     other = quantize_model(tiny_model("swinv2", seed=1), QuantSpec(w_bits=8, a_bits=8))
-    other.load_state_dict(net.state_dict(), strict=True)
-    set_quant_mode(other, enabled=True)
-    x = _images(2, seed=4)
-    with torch.no_grad():
-        assert torch.equal(net(x), other(x))
+    checks.assert_strict_round_trip(calibrated[8], other, checks.images(2, 64, seed=4))
 
 
 def test_separate_qkv_bias_is_refused():
