@@ -282,7 +282,9 @@ def test_help_describes_fimaq_and_offers_no_optimizer(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "fimaq: post-training quantization of timm ViT/DeiT/Swin" in out
+    assert "fimaq: post-training quantization of timm vision transformers (ViT, DeiT, Swin" in " ".join(
+        out.split()
+    )
     listing = " ".join(out.split("Available subcommands:")[1].split())  # the lines re-wrapped
     assert "fit The whole PTQ: calibrate, reconstruct every unit" in listing
     assert "validate Top-1/top-5 of the model" in listing
