@@ -321,7 +321,8 @@ def test_an_export_that_fails_the_check_writes_nothing_and_names_the_output(digi
     from fimaq.export_onnx import export_onnx
 
     net, xv, _ = digits
-    monkeypatch.setattr("fimaq.onnx_parity.MAX_REL", 1e-12)  # float noise alone now exceeds the bound
+    # a negative bound fails every export (onnxruntime may match PyTorch exactly on some CPUs)
+    monkeypatch.setattr("fimaq.onnx_parity.MAX_REL", -1.0)
     with pytest.raises(FimaqError) as exc:
         export_onnx(net, tmp_path / "model.onnx", xv[:2], check_input=xv[:16])
     assert re.search(
