@@ -169,3 +169,19 @@ def test_held_out_checkpoints_reach_their_floor_and_low_bit_calibration_costs_ac
         net, dm.calibration_tensors()[0][:32], CalibConfig(num_images=32, search_rounds=1), progress=False
     )
     assert top1(net) < fp_top1 - 1.0
+
+
+def test_an_unregistered_attention_inside_a_block_is_named_in_a_warning(caplog):
+    """EVA with ``attn_type="rope"`` uses timm's ``AttentionRope``, which fimaq does not register: its
+    linears are swapped, its products stay float, and quantize_model says so (the default EVA does not)."""
+    import timm
+
+    arch, kwargs = TINY_FAMILIES["eva02"]
+    with caplog.at_level("WARNING", logger="fimaq.models.swap"):
+        quantize_model(tiny_model("eva02"), QuantSpec(w_bits=4, a_bits=4))
+        assert "attention product" not in caplog.text
+        quantize_model(
+            timm.create_model(arch, **kwargs, attn_type="rope").eval(), QuantSpec(w_bits=4, a_bits=4)
+        )
+    assert "2 of 2 blocks (blocks.0, ...) hold no quantized attention product" in caplog.text
+    assert "(AttentionRope) is not a registered type" in caplog.text

@@ -3,6 +3,7 @@ order (``iter_qlayers``), both driven by the registry of :mod:`fimaq.models.regi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -12,9 +13,11 @@ from torch import nn
 import fimaq  # noqa: F401  (torchvision shim before timm)
 from fimaq.config import QuantSpec
 from fimaq.errors import FimaqError
-from fimaq.layers import QUANT_LAYER_TYPES, QuantLinear
+from fimaq.layers import QUANT_LAYER_TYPES, QuantLinear, QuantMatMul
 from fimaq.models import registry
 from fimaq.models.registry import Role, SwapContext
+
+log = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -137,7 +140,33 @@ def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None
         model.set_submodule(name, entry.quantize(mod, ctx))
         swapped.append(name)
     spec.check_overrides(q.name for q in iter_qlayers(model))
+    if filter_fn is None:
+        _warn_float_attention(model)
     return model
+
+
+def _warn_float_attention(model: nn.Module) -> None:
+    """Warn when blocks hold no quantized attention product: an attention type the registry does not
+    know (timm's ``AttentionRope``) had only its linears swapped, and computes its products in float."""
+    blocks = [u for u in registry.find_units(model) if u.kind == "block"]
+    bare = [u for u in blocks if not any(isinstance(m, QuantMatMul) for m in u.module.modules())]
+    if bare:
+        types = sorted(
+            {
+                type(m).__name__
+                for u in bare
+                for m in u.module.modules()
+                if registry.entry_of(m) is None and any(isinstance(c, QuantLinear) for c in m.children())
+            }
+        )
+        log.warning(
+            "%d of %d blocks (%s, ...) hold no quantized attention product: their attention (%s) is not "
+            "a registered type, so q @ k^T and attn @ v stay float; register it to quantize them",
+            len(bare),
+            len(blocks),
+            bare[0].name,
+            ", ".join(types) or "unknown",
+        )
 
 
 def iter_qlayers(model: nn.Module) -> Iterator[QLayer]:
