@@ -145,6 +145,38 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     return 100.0 * correct / len(images)
 
 
+def run_epochs(
+    recipe: Recipe,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    epochs: int,
+    seed: int,
+    eval_every: int = 1,
+) -> tuple[float, dict[int, float], float]:
+    """The seeded loop over fixed training tensors: a fresh shuffle per epoch, one ``recipe.epoch``,
+    validation every ``eval_every`` epochs and after the last (one printed line each).
+
+    Returns:
+        The last validation top-1, ``{epoch: top-1}`` of every validation, and the loop's seconds.
+    """
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    start_time = time.perf_counter()
+    val_top1, history = 0.0, {}
+    recipe.model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train[0]), generator=shuffle_gen)
+        loss = recipe.epoch(*train, order)
+        if epoch % eval_every == 0 or epoch == epochs:
+            val_top1 = evaluate(recipe.model, *val)
+            history[epoch] = round(val_top1, 4)
+            print(
+                f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  val top-1 {val_top1:.2f}%  "
+                f"lr {recipe.lr:.2e}  {elapsed(start_time):.0f}s",
+                flush=True,
+            )
+    return val_top1, history, elapsed(start_time)
+
+
 def save_checkpoint(
     model: nn.Module,
     out: Path,

@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from typing import Any
 
-import torch
 from _training import (
     REPO_ROOT,
     Recipe,
     add_recipe_args,
     check_out_path,
     command_line,
-    elapsed,
     ensure_repo_importable,
-    evaluate,
+    run_epochs,
     save_checkpoint,
     seed_everything,
     write_card,
@@ -85,20 +82,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     log.info("model %s %s: %.2fM parameters", ARCH, MODEL_KWARGS, n_params / 1e6)
 
     recipe = Recipe(model, args, len(train_x), args.epochs)
-    shuffle_gen = torch.Generator().manual_seed(args.seed)
-
-    start_time = time.perf_counter()
-    val_top1 = 0.0
-    model.train()
-    for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(train_x), generator=shuffle_gen)
-        loss = recipe.epoch(train_x, train_y, order)
-        val_top1 = evaluate(model, val_x, val_y)
-        print(
-            f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  val top-1 {val_top1:.2f}%  "
-            f"lr {recipe.lr:.2e}  {elapsed(start_time):.0f}s",
-            flush=True,
-        )
+    val_top1, _, seconds = run_epochs(recipe, (train_x, train_y), (val_x, val_y), args.epochs, args.seed)
 
     save_checkpoint(model, args.out, ARCH, MODEL_KWARGS, (val_x, val_y), val_top1)
     card = {
@@ -108,7 +92,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.epochs,
         "seed": args.seed,
         "command": command_line(),
-        "train_seconds": round(elapsed(start_time), 1),
+        "train_seconds": round(seconds, 1),
         "optimizer": recipe.card(args),
         "data": "fimaq.data.DigitsDataModule() defaults: 1347 train / 450 val",
     }

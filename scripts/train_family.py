@@ -24,19 +24,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from typing import Any
 
-import torch
 from _training import (
     REPO_ROOT,
     Recipe,
     add_recipe_args,
     check_out_path,
     command_line,
-    elapsed,
     ensure_repo_importable,
-    evaluate,
+    run_epochs,
     save_checkpoint,
     seed_everything,
     write_card,
@@ -130,24 +127,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     log.info("model %s %s: %.2fM parameters", arch, model_kwargs, n_params / 1e6)
 
     recipe = Recipe(model, args, len(train_x), args.epochs)
-    shuffle_gen = torch.Generator().manual_seed(args.seed)
-
-    start_time = time.perf_counter()
-    val_top1 = 0.0
-    history: dict[int, float] = {}
-    model.train()
-    for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(train_x), generator=shuffle_gen)
-        loss = recipe.epoch(train_x, train_y, order)
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            val_top1 = evaluate(model, val_x, val_y)
-            history[epoch] = round(val_top1, 4)
-            print(
-                f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  val top-1 {val_top1:.2f}%  "
-                f"lr {recipe.lr:.2e}  {elapsed(start_time):.0f}s",
-                flush=True,
-            )
-    train_seconds = elapsed(start_time)
+    train, val = (train_x, train_y), (val_x, val_y)
+    val_top1, history, train_seconds = run_epochs(recipe, train, val, args.epochs, args.seed, args.eval_every)
 
     save_checkpoint(model, args.out, arch, model_kwargs, (val_x, val_y), val_top1)
     card = {
