@@ -29,9 +29,6 @@ class _QuantAttentionBase(nn.Module):
 class QuantAttention(_QuantAttentionBase):
     """Quantized ``timm.layers.Attention`` (ViT, DeiT)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @classmethod
     def from_float(
         cls,
@@ -98,9 +95,6 @@ class QuantAttention(_QuantAttentionBase):
 
 class QuantWindowAttention(_QuantAttentionBase):
     """Quantized ``timm.models.swin_transformer.WindowAttention``."""
-
-    def __init__(self) -> None:
-        super().__init__()
 
     @classmethod
     def from_float(

@@ -33,9 +33,6 @@ class QuantBeitAttention(_QuantAttentionBase):
     relative_position_index: torch.Tensor | None
     shared_rel_pos_bias: torch.Tensor | None
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @classmethod
     def from_float(
         cls,

@@ -30,9 +30,6 @@ class QuantTalkingHeadAttn(_QuantAttentionBase):
     timm has no fused (SDPA) path for it.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @classmethod
     def from_float(cls, attn: nn.Module, num_tokens: int, bits: Bits) -> QuantTalkingHeadAttn:
         """Build from a timm ``TalkingHeadAttn``.
@@ -79,9 +76,6 @@ class QuantClassAttn(_QuantAttentionBase):
     one row). Float: the scaling of q and the softmax (the fused SDPA call when timm's ``fused_attn``
     is set and nothing is quantized).
     """
-
-    def __init__(self) -> None:
-        super().__init__()
 
     @classmethod
     def from_float(cls, attn: nn.Module, num_tokens: int, bits: Bits) -> QuantClassAttn:

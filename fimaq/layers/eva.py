@@ -34,9 +34,6 @@ class QuantEvaAttention(_QuantAttentionBase):
 
     rope: torch.Tensor | None
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @classmethod
     def from_float(
         cls, attn: nn.Module, num_tokens: int, bits: Bits, rope: torch.Tensor | None = None

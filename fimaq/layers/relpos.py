@@ -31,9 +31,6 @@ class QuantRelPosAttention(_QuantAttentionBase):
     rel_pos: nn.Module | None
     shared_rel_pos: torch.Tensor | None
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @classmethod
     def from_float(
         cls,

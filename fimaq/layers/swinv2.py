@@ -35,9 +35,6 @@ class QuantWindowAttentionV2(_QuantAttentionBase):
     ``v_bias`` become the bias of the quantized ``qkv`` (``cat(q_bias, 0, v_bias)``, as timm adds them).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @classmethod
     def from_float(
         cls, attn: nn.Module, bits: dict[str, tuple[int | None, int | None]]
