@@ -127,6 +127,7 @@ class QuantModel(L.LightningModule):
                 "overrides": self.quant.overrides,
                 # recorded only when on, so artifacts from before the option still match
                 **({"rotation": self.quant.rotation} if self.quant.rotation != "none" else {}),
+                **({"attn_probs": self.quant.attn_probs} if self.quant.attn_probs != "uniform" else {}),
             },
             "stage": self.stage,
         }

@@ -14,6 +14,7 @@ from fimaq.errors import FimaqError, require_choice
 from fimaq.quant.quantizer import check_bits
 
 Rotation = Literal["none", "hadamard"]
+AttnProbs = Literal["uniform", "log2", "adalog"]
 
 
 @dataclass
@@ -37,6 +38,9 @@ class QuantSpec:
         rotation: ``none`` or ``hadamard``: rotate the residual stream and the MLP hidden of a ViT/DeiT
             by Hadamard matrices before quantizing, LayerNorm affine folded, the float function
             unchanged (docs/algorithm.md, section 1.1; Swin is refused).
+        attn_probs: the grid of the attention probabilities (the left operand of ``attn @ v``):
+            ``uniform`` (FIMA-Q's), ``log2`` (levels ``s * 2^-q``) or ``adalog`` (levels ``s * 2^(-q c)``
+            with the base exponent ``c`` searched per head); docs/algorithm.md, section 2.5.
     """
 
     w_bits: int = 4
@@ -44,6 +48,7 @@ class QuantSpec:
     head_a_bits: int | None = None
     overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)
     rotation: Rotation = "none"
+    attn_probs: AttnProbs = "uniform"
 
     @staticmethod
     @lru_cache(maxsize=256)
@@ -67,6 +72,7 @@ class QuantSpec:
         check_bits(self.a_bits, "a_bits")
         check_bits(self.head_a_bits, "head_a_bits")
         require_choice("quant rotation", self.rotation, get_args(Rotation))
+        require_choice("quant attn_probs", self.attn_probs, get_args(AttnProbs))
         for name, bits in self.overrides.items():
             self.override_matcher(name)
             unknown = set(bits) - {"w_bits", "a_bits"}

@@ -14,6 +14,8 @@ from fimaq.config import CalibConfig
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
 from fimaq.quant import grids, matmul_sweep, search
 from fimaq.quant.fake_quant import fake_quant
+from fimaq.quant.log_quantizer import ADALOG_STEPS, LogQuantizer, log_fake_quant
+from fimaq.quant.search import fq
 
 
 def _pick(grid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -165,10 +167,79 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ca
     layer.w_quantizer.set_qparams(scale, zp)
 
 
+LOG_GRID_SCALES = 32  # scales per exponent in one period of a log grid (section 2.5)
+
+
+def calibrate_log_matmul(
+    layer: QuantMatMul, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: CalibConfig
+) -> None:
+    """Section 2.5: attention probabilities ``A`` on a log grid. Its (scale, exponent) per head by the
+    product's error with ``B`` in FP, then ``B``'s joint bounds with ``A`` quantized, ``A`` again
+    against the quantized ``B``, then ``B``'s coordinate descent (section 2.3's sweeps)."""
+    q, bb = layer.A_quantizer, layer.B_quantizer.bits
+    steps = ADALOG_STEPS if q.kind == "adalog" else (1.0,)
+    ipc = max(1, cfg.images_per_chunk, cfg.batch_size)
+
+    def search_a(b_hat: torch.Tensor) -> torch.Tensor:
+        scale, step = matmul_sweep.log_grid_search(a, b_hat, out, q.bits, steps, LOG_GRID_SCALES, ipc)
+        q.set_log_qparams(scale.view(1, -1, 1, 1), step.view(1, -1, 1, 1))
+        return log_fake_quant(a, q.scale.detach(), q.step, q.bits)
+
+    a_hat = search_a(b)
+    if bb is None:
+        return
+    up, lo = grids.matmul_operand_bounds(b, cfg.eq_n)
+    up, lo = up[: cfg.eq_n], lo[: cfg.eq_n]
+    heads = a.shape[1]
+    cols = torch.arange(heads)
+    sel = [torch.full((heads,), cfg.eq_n - 1, dtype=torch.long) for _ in range(2)]  # (upper, lower) index
+
+    def sweep(mode: str) -> None:
+        u, lw = up, lo
+        if mode == "upper":
+            lw = lo.gather(0, sel[1].view(1, -1)).expand_as(up)
+        elif mode == "lower":
+            u = up.gather(0, sel[0].view(1, -1)).expand_as(lo)
+        s, z = grids.bounds_to_qparams(u, lw, bb)
+        idx = matmul_sweep.matmul_sweep(
+            a_hat,
+            b,
+            out,
+            s,
+            z,
+            bb,
+            "B",
+            cfg.candidate_chunk,
+            max(1, cfg.images_per_chunk),
+            None,
+            "B_quantizer",
+        )
+        if mode in ("joint", "upper"):
+            sel[0] = idx
+        if mode in ("joint", "lower"):
+            sel[1] = idx
+
+    def b_qparams() -> tuple[torch.Tensor, torch.Tensor]:
+        return grids.bounds_to_qparams(up[sel[0], cols], lo[sel[1], cols], bb)
+
+    sweep("joint")
+    if cfg.search_rounds:
+        s, z = b_qparams()
+        a_hat = search_a(fq(b, s.view(1, -1, 1, 1), z.view(1, -1, 1, 1), bb))
+    for _ in range(cfg.search_rounds):
+        sweep("lower")
+        sweep("upper")
+    s, z = b_qparams()
+    layer.B_quantizer.set_qparams(s.view(1, -1, 1, 1), z.view(1, -1, 1, 1))
+
+
 def calibrate_matmul(
     layer: QuantMatMul, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: CalibConfig
 ) -> None:
     """Section 2.3: per-head operand bounds, joint sweeps for A then B, then coordinate descent."""
+    if isinstance(layer.A_quantizer, LogQuantizer) and layer.A_quantizer.bits is not None:
+        calibrate_log_matmul(layer, a, b, out, cfg)
+        return
     ab, bb = layer.A_quantizer.bits, layer.B_quantizer.bits
     if ab is None and bb is None:
         return

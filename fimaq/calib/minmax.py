@@ -9,11 +9,16 @@ from fimaq.calib.capture import capture_io, run_batches
 from fimaq.layers import QuantConv2d, QuantLinear, QuantMatMul
 from fimaq.layers.mode import quant_mode, set_quant_mode
 from fimaq.models.swap import iter_qlayers
+from fimaq.quant.log_quantizer import LogQuantizer
 from fimaq.quant.quantizer import UniformQuantizer
 
 
 def _minmax(q: UniformQuantizer, t: torch.Tensor) -> None:
     if q.bits is None:
+        return
+    if isinstance(q, LogQuantizer):  # the grid starts at each head's largest value, base 2
+        heads = t.shape[1]
+        q.set_log_qparams(t.transpose(0, 1).reshape(heads, -1).amax(1).clamp(min=1e-8).view(1, -1, 1, 1))
         return
     lo, hi = t.min().clamp(max=0), t.max().clamp(min=0)
     scale = ((hi - lo) / (2**q.bits - 1)).clamp(min=1e-8)

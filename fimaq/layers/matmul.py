@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fimaq.quant.log_quantizer import LogQuantizer
 from fimaq.quant.quantizer import UniformQuantizer
 
 
@@ -27,6 +28,12 @@ class QuantMatMul(nn.Module):
         super().__init__()
         self.A_quantizer = UniformQuantizer(a_bits, (1, num_heads, rows, 1), (1, num_heads, 1, 1))
         self.B_quantizer = UniformQuantizer(b_bits, (1, num_heads, 1, cols), (1, num_heads, 1, 1))
+
+    def use_log_grid(self, kind: str) -> None:
+        """Quantize ``A`` (attention probabilities) on a log grid (:mod:`fimaq.quant.log_quantizer`)."""
+        old = self.A_quantizer
+        self.A_quantizer = LogQuantizer(old.bits, tuple(old.scale.shape), tuple(old.zero_point.shape), kind)
+        self.A_quantizer.to(old.scale.device)
 
     @property
     def active(self) -> bool:

@@ -83,6 +83,13 @@ def _record_examples(model: nn.Module) -> Examples:
     return shapes, kwargs
 
 
+def _log_attention_probs(model: nn.Module, kind: str) -> None:
+    """Put the attention probabilities (``A`` of every attention's ``matmul2 = attn @ v``) on a log grid."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantMatMul) and name.rsplit(".", 1)[-1] == "matmul2" and mod.A_quantizer.bits:
+            mod.use_log_grid(kind)
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None = None) -> nn.Module:
     """Swap the registered quantizable modules of a model for their quantized forms, in place.
 
@@ -140,6 +147,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, filter_fn: FilterFn | None
         model.set_submodule(name, entry.quantize(mod, ctx))
         swapped.append(name)
     spec.check_overrides(q.name for q in iter_qlayers(model))
+    if spec.attn_probs != "uniform":
+        _log_attention_probs(model, spec.attn_probs)
     if filter_fn is None:
         _warn_float_attention(model)
     return model

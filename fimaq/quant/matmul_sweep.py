@@ -186,3 +186,71 @@ def matmul_sweep(
         )
 
     return choose(totals, rescore, keep_rtol, scales, zps, what)
+
+
+def log_grid_errors(
+    a: torch.Tensor,
+    b_hat: torch.Tensor,
+    out: torch.Tensor,
+    scales: torch.Tensor,
+    steps: torch.Tensor,
+    bits: int,
+    images_per_chunk: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Squared error of ``fq_log(a) @ b_hat`` against ``out`` per (candidate, head), summed over the
+    images in float64: candidates of the log grid of ``a`` (:mod:`fimaq.quant.log_quantizer`) with
+    grids ``scales`` / ``steps`` (P, H); the product in ``dtype`` (float64: the exact re-scoring)."""
+    from fimaq.quant.log_quantizer import log_fake_quant
+
+    num, heads = scales.shape
+    totals = torch.zeros(num, heads, dtype=torch.float64, device=a.device)
+    other = b_hat.to(dtype)
+    for i0 in range(0, a.shape[0], images_per_chunk):
+        sl = slice(i0, i0 + images_per_chunk)
+        ak, bk, ok = a[sl], other[sl], out[sl].to(dtype)
+        for p in range(num):
+            a_hat = log_fake_quant(ak, scales[p].view(1, -1, 1, 1), steps[p].view(1, -1, 1, 1), bits)
+            err = ok - a_hat.to(dtype) @ bk
+            totals[p] += err.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
+    return totals
+
+
+def log_grid_search(
+    a: torch.Tensor,
+    b_hat: torch.Tensor,
+    out: torch.Tensor,
+    bits: int,
+    step_choices: tuple[float, ...],
+    num_scales: int,
+    images_per_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (scale, base exponent) of the log grid of ``a`` in ``a @ b_hat`` by the product's
+    squared error (docs/algorithm.md, section 2.5), under the tie rule of :func:`choose`.
+
+    A log grid repeats itself when its scale is multiplied by ``2^c``, so one period below each head's
+    largest value holds every distinct candidate: scales ``max * 2^(-c t)``, ``t = linspace(0, 1,
+    num_scales)``, for every exponent ``c`` of ``step_choices``.
+    """
+    heads = a.shape[1]
+    top = a.transpose(0, 1).reshape(heads, -1).amax(dim=1).clamp_min(1e-8)  # (H,)
+    rtol = tie_rtol(bits)
+
+    def best(step_grid: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # step_grid (S, H): candidates are every (exponent, t) pair
+        steps = step_grid.repeat_interleave(t.numel(), dim=0)  # (P, H)
+        scales = top.view(1, -1) * torch.exp2(-steps * t.repeat(step_grid.shape[0]).view(-1, 1))
+        values = log_grid_errors(a, b_hat, out, scales, steps, bits, images_per_chunk)
+
+        def rescore(c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            return log_grid_errors(
+                a[:, g], b_hat[:, g], out[:, g], scales[c][:, g], steps[c][:, g], bits, images_per_chunk,
+                torch.float64,
+            )  # fmt: skip
+
+        idx = choose(values, rescore, rtol, scales, steps, "A_quantizer")
+        cols = torch.arange(heads, device=a.device)
+        return scales[idx, cols], steps[idx, cols]
+
+    choices = torch.tensor(step_choices, dtype=a.dtype, device=a.device).view(-1, 1).expand(-1, heads)
+    return best(choices, torch.linspace(0, 1, num_scales, device=a.device))
