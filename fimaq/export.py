@@ -35,7 +35,6 @@ from fimaq.files import atomic_write_bytes
 from fimaq.layers import QuantConv2d, QuantLinear
 from fimaq.layers.mode import set_quant_mode
 from fimaq.quant.fake_quant import dequantize, quantize
-from fimaq.quant.log_quantizer import LogQuantizer
 from fimaq.quant.quantizer import UniformQuantizer
 from fimaq.quant.rounding import LearnedRounding
 
@@ -64,13 +63,6 @@ def quantizers(net: nn.Module) -> dict[str, UniformQuantizer]:
 def require_quantized(net: nn.Module) -> dict[str, UniformQuantizer]:
     """The quantizers of ``net`` (see :func:`quantizers`), all of which must be on."""
     qs = quantizers(net)
-    logs = [n for n, q in qs.items() if isinstance(q, LogQuantizer)]
-    if logs:
-        raise FimaqError(
-            f"export: {logs[0]} quantizes the attention probabilities on a {qs[logs[0]].kind} grid "
-            f"(quant.attn_probs={qs[logs[0]].kind}), which export does not write yet: validate the "
-            "saved model with fimaq, or calibrate with quant.attn_probs=uniform to export"
-        )
     off = [n for n, q in qs.items() if not q.enabled]
     if off:
         raise FimaqError(

@@ -15,6 +15,8 @@ The exported graph computes what the PyTorch model computes, with fimaq's quanti
   input one, the per-token scale slots all equal) with a zero point in ``[0, 255]`` become
   ``QuantizeLinear`` (``uint8``) -> ``Clip(0, 2^b - 1)`` (only for b < 8, as ``QuantizeLinear``
   saturates to ``[0, 255]``) -> ``DequantizeLinear``.
+* **Log-grid quantizers** (``quant.attn_probs: log2 | adalog``) are explicit arithmetic too:
+  ``Max``, ``Div``, ``Log``, ``Round``, ``Pow``, ``Where`` (:func:`fimaq.quant.log_quantizer.log_fake_quant`).
 * Every other activation quantizer is explicit arithmetic ``Div``, ``Round``, ``Add``, ``Clip``, ``Sub``,
   ``Mul``: per-(head, row) matmul scales after reconstruction, which QDQ cannot express, and also
   per-axis ones (per token, per head: calibrated matmul operands) that QDQ could express but that
@@ -42,6 +44,7 @@ from fimaq.files import atomic_write_bytes
 from fimaq.layers import QuantConv2d, QuantLinear
 from fimaq.onnx_parity import onnx_parity
 from fimaq.quant.fake_quant import dequantize, fake_quant
+from fimaq.quant.log_quantizer import LogQuantizer, log_fake_quant
 from fimaq.quant.quantizer import UniformQuantizer
 
 DEFAULT_OPSET = 18
@@ -131,6 +134,22 @@ class ExportQuantizer(nn.Module):
         return fake_quant(x, self.scale, self.zero_point, self.bits)
 
 
+class LogExportQuantizer(nn.Module):
+    """Stand-in for an active :class:`LogQuantizer`: its arithmetic, written out in ONNX ops."""
+
+    active = True
+    kind = "log"
+
+    def __init__(self, q: LogQuantizer) -> None:
+        super().__init__()
+        self.bits = q.bits
+        self.register_buffer("scale", q.scale.detach().float().clone())
+        self.register_buffer("step", q.step.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return log_fake_quant(x, self.scale, self.step, self.bits)
+
+
 class ExportLayer(nn.Module):
     """Stand-in for a QuantLinear/QuantConv2d: dequantized integer weight codes, quantized input."""
 
@@ -187,7 +206,9 @@ def export_module(net: nn.Module) -> nn.Module:
         if isinstance(mod, (QuantLinear, QuantConv2d)):
             model.set_submodule(name, ExportLayer(mod, name))
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, UniformQuantizer):
+        if isinstance(mod, LogQuantizer) and mod.active:
+            model.set_submodule(name, LogExportQuantizer(mod))
+        elif isinstance(mod, UniformQuantizer):
             model.set_submodule(name, ExportQuantizer(mod) if mod.active else _PassThrough())
     return model
 
@@ -196,7 +217,7 @@ def export_summary(model: nn.Module) -> dict[str, int]:
     """How many quantizers/weights of an :func:`export_module` copy took each ONNX form."""
     counts: dict[str, int] = {}
     for mod in model.modules():
-        if isinstance(mod, ExportQuantizer):
+        if isinstance(mod, (ExportQuantizer, LogExportQuantizer)):
             key = f"act_{mod.kind}"
         elif isinstance(mod, ExportLayer):
             key = f"weight_{mod.kind}"

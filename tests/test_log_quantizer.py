@@ -124,24 +124,36 @@ def test_calibrated_probabilities_lie_on_the_grid(kind):
     assert nonzero.float().mean() > 0.5  # most probabilities keep a level at 3 bits
 
 
-def test_state_round_trip_and_export_refused(tmp_path):
-    from fimaq.export import export_quantized
+def test_state_round_trip_and_exports(tmp_path):
+    from fimaq.export import export_quantized, load_quantized
+    from fimaq.export_onnx import export_onnx
+    from tests.conftest import TINY_VIT
 
     torch.manual_seed(0)
     model = tiny_model("vit")
-    images = torch.randn(4, 3, 32, 32)
+    images = torch.randn(8, 3, 32, 32)
     spec = QuantSpec(w_bits=4, a_bits=4, attn_probs="adalog")
     quantize_model(model, spec)
-    calibrate_model(model, images, CalibConfig(num_images=4, eq_n=32, search_rounds=0), progress=False)
+    calibrate_model(model, images, CalibConfig(num_images=8, eq_n=32, search_rounds=0), progress=False)
     state = model.state_dict()
     assert "blocks.0.attn.matmul2.A_quantizer.step" in state
     other = quantize_model(tiny_model("vit"), spec)
     other.load_state_dict(state, strict=True)
     set_quant_mode(other, enabled=True)
     with torch.no_grad():
-        torch.testing.assert_close(other(images), model(images))
-    with pytest.raises(FimaqError, match="blocks.0.attn.matmul2.A_quantizer .*adalog"):
-        export_quantized(model, {"arch": "x", "model_kwargs": {}, "quant": {}}, tmp_path / "m.safetensors")
+        want = model(images)
+        torch.testing.assert_close(other(images), want)
+    quant = {"w_bits": 4, "a_bits": 4, "head_a_bits": None, "overrides": {}, "attn_probs": "adalog"}
+    meta = {"arch": TINY_VIT[0], "model_kwargs": TINY_VIT[1], "quant": quant, "stage": "calibrated"}
+    export_quantized(model, meta, tmp_path / "m.safetensors", check_input=images)  # checks the reload
+    loaded = load_quantized(tmp_path / "m.safetensors")
+    assert isinstance(loaded.blocks[1].attn.matmul2.A_quantizer, LogQuantizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), want)
+    pytest.importorskip("onnxruntime")
+    result = export_onnx(model, tmp_path / "m.onnx", images[:2], check_input=images)
+    assert result["forms"]["act_log"] == 2 and result["parity"]["ok"]
+    assert result["parity"]["max_abs_diff"] < 1e-5
 
 
 def test_reconstruction_learns_the_log_scale():
