@@ -14,7 +14,9 @@ Example (the README's "From Python")::
 Every stage writes ``<default_root_dir>/metrics.json`` (accuracies in percent, wall seconds per
 stage). ``calibrate`` also writes ``calibrated.safetensors``; ``fit`` writes ``recon_state.safetensors``
 (after every unit, for resuming), ``quantized.safetensors`` and ``recon_errors.png``; ``search_bits``
-writes ``bit_plan.yaml``/``.png``; ``export`` writes ``export.safetensors`` and ``model.onnx``.
+writes ``bit_plan.yaml``/``.png``; ``export`` writes ``export.safetensors`` and ``model.onnx``. With
+``--data.synthetic true`` the images come from the float model and are kept in ``synthetic.safetensors``
+(docs/synthetic.md).
 With a Trainer of ``strategy="ddp", devices=N`` every stage runs on N processes (Lightning launches
 them; each runs the same script): each holds a shard of the images, and only rank 0 writes files.
 """
@@ -36,6 +38,7 @@ from fimaq.artifacts import save_quantized
 from fimaq.calib import CALIB_STATE_FILE
 from fimaq.config import MixedPrecisionConfig
 from fimaq.data import PTQDataModule
+from fimaq.data.synthetic import SYNTHETIC_FILE, weights_fingerprint
 from fimaq.errors import FimaqError, require_int
 from fimaq.mixed_precision.plan import BitPlan
 from fimaq.module import QuantModel
@@ -166,6 +169,7 @@ class Pipeline:
                 seconds["validate_fp"] = fp["seconds"]
                 rank_zero_info(f"FP top-1 {fp['top1']:.2f}%")
             datamodule.setup("fit")
+            seconds.update(self._use_synthetic(datamodule))
             images, _ = datamodule.calibration_tensors()
             model.to(self.trainer.strategy.root_device)
             report = model.calibrate(
@@ -204,21 +208,25 @@ class Pipeline:
         with self._stage(datamodule) as root:
             check_run_dir(root, model.artifact_meta())
             self._check_precision()
+            if model.quantized and model.stage != "calibrated":
+                raise FimaqError(f"the model is already {model.stage}: start fit from a calibrated artifact")
+            synthesis = self._use_synthetic(datamodule, reconstruction=True)  # before any quantization
+            if synthesis:
+                self._write_metrics({}, synthesis)
             if (root / STATE_FILE).is_file() and not model.quantized:
                 rank_zero_info(f"resuming from {root / STATE_FILE}")  # it holds the calibration
             elif not model.quantized:
                 self.calibrate(datamodule)
-            elif model.stage == "calibrated":  # from an artifact: measure the starting point once
+            else:  # calibrated, from an artifact: measure the starting point once
                 start = self._top1(datamodule)
                 self._write_metrics({"calibrated_top1": start["top1"], "calibrated_top5": start["top5"]})
                 rank_zero_info(f"calibrated top-1 {start['top1']:.2f}% (from --model.init_from)")
-            else:
-                raise FimaqError(f"the model is already {model.stage}: start fit from a calibrated artifact")
             return self._reconstruct(datamodule, root)
 
     def _reconstruct(self, datamodule: PTQDataModule, root: Path) -> dict[str, Any]:
         model, trainer = self.model, self.trainer
         datamodule.setup("fit")
+        self._use_synthetic(datamodule, reconstruction=True)  # (fit made them: from its cache)
         images, _ = datamodule.reconstruction_tensors()
         model.to(trainer.strategy.root_device)
         report = model.reconstruct(
@@ -267,6 +275,38 @@ class Pipeline:
         CPU) before any work."""
         autocast(self.trainer.precision, self.trainer.strategy.root_device)
 
+    def _use_synthetic(self, datamodule: PTQDataModule, reconstruction: bool = False) -> dict[str, float]:
+        """With ``--data.synthetic true``: synthesise the calibration (and reconstruction) images from
+        the float model, kept in ``<root>/synthetic.safetensors``; returns the wall seconds (empty
+        without). Every rank reads that file, rank 0 writes it."""
+        if not getattr(datamodule, "synthetic", False):
+            return {}
+        model = self.model
+        model.to(self.trainer.strategy.root_device)
+        start = time.perf_counter()
+        made = datamodule.use_synthetic(
+            model.net,
+            reconstruction,
+            cache_dir=self.root,
+            progress=self._bars,
+            fingerprint=weights_fingerprint(
+                model.arch,
+                model.model_kwargs,
+                model.hparams.get("checkpoint_path"),
+                model.hparams.get("pretrained"),
+            ),
+            write_cache=self.ranks.is_main,
+        )
+        seconds = time.perf_counter() - start
+        if not made:
+            return {}
+        which = "calibration and reconstruction" if reconstruction else "calibration"
+        rank_zero_info(
+            f"synthetic {which} images from the float model in {seconds:.1f} s ({where()}); kept in "
+            f"{self.root / SYNTHETIC_FILE}"
+        )
+        return {"synthesize": seconds}
+
     def _check_calibration(self, datamodule: PTQDataModule) -> None:
         """The checks of a calibration that cost nothing, before the float validation."""
         self._check_precision()
@@ -305,6 +345,7 @@ class Pipeline:
         with self._stage(datamodule) as root:
             self._check_calibration(datamodule)
             datamodule.setup("fit")
+            self._use_synthetic(datamodule)
             images, _ = datamodule.calibration_tensors()
             device = self.trainer.strategy.root_device
             start = time.perf_counter()
@@ -359,6 +400,7 @@ class Pipeline:
         with self._stage(datamodule) as root:
             check_run_dir(root, model.artifact_meta())
             datamodule.setup("fit")
+            self._use_synthetic(datamodule)
             images, _ = datamodule.calibration_tensors()
             if not self.ranks.is_main:
                 return {}

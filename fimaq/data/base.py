@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fimaq.config import check_model_kwargs
+from fimaq.data.synthetic import SYNTHETIC_FILE, shifted_views, synthesize_images
 from fimaq.errors import FimaqError, require_int
 
 
@@ -20,15 +23,46 @@ class PTQDataModule(L.LightningDataModule):
     and ``--model.model_kwargs``, so that input size and transforms follow the model. A data module of
     your own subclasses this class and accepts both arguments.
 
+    With ``synthetic`` the calibration and reconstruction images are optimised from noise by the float
+    model (:mod:`fimaq.data.synthetic`, docs/synthetic.md) instead of read from the data: the stages
+    call :meth:`use_synthetic` with the model first, and ``calibration_tensors`` and
+    ``reconstruction_tensors`` return :meth:`synthetic_tensors` when it is not None (a data module of
+    your own does the same). Validation still uses the real images.
+
     Args:
         arch: timm model name of the model the images are for.
         model_kwargs: the model's ``timm.create_model`` overrides (``img_size``, ``in_chans``, ...).
+        synthetic: calibrate and reconstruct on images synthesised from the float model.
+        synthetic_steps: Adam steps per chunk of synthetic images.
+        synthetic_lr: Adam's initial learning rate for the synthetic images (cosine decay).
+        synthetic_size: images optimised from noise (default: ``calib_size``); the rows of the
+            reconstruction set beyond them are seeded shifted copies of them.
     """
 
-    def __init__(self, arch: str | None = None, model_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        arch: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        synthetic: bool = False,
+        synthetic_steps: int = 20,
+        synthetic_lr: float = 0.5,
+        synthetic_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.arch = arch
         self.model_kwargs = check_model_kwargs(model_kwargs)
+        if not isinstance(synthetic, bool):
+            raise FimaqError(f"synthetic must be true or false, got {synthetic!r}")
+        require_int("synthetic_steps", synthetic_steps, 0)
+        lr_ok = isinstance(synthetic_lr, (int, float)) and not isinstance(synthetic_lr, bool)
+        if not (lr_ok and 0 < synthetic_lr < float("inf")):
+            raise FimaqError(f"synthetic_lr must be a positive number, got {synthetic_lr!r}")
+        if synthetic_size is not None:
+            require_int("synthetic_size", synthetic_size, 1, note=" or null")
+        self.synthetic, self.synthetic_steps, self.synthetic_lr = synthetic, synthetic_steps, synthetic_lr
+        self.synthetic_size = synthetic_size
+        self._optimised: tuple[Tensor, Tensor] | None = None  # the synthetic images made from noise
+        self._synthetic: tuple[Tensor, Tensor] | None = None  # and their shifted views, if more are needed
 
     def _keep_settings(
         self,
@@ -67,6 +101,72 @@ class PTQDataModule(L.LightningDataModule):
         """``"classes beyond the model's: a, b; "`` for the classes from index ``start`` on, where the
         data module knows their names (else empty)."""
         return ""
+
+    def use_synthetic(
+        self,
+        model: nn.Module,
+        reconstruction: bool = False,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+        fingerprint: Mapping[str, Any] | None = None,
+        write_cache: bool = True,
+    ) -> bool:
+        """With ``synthetic``: synthesise the calibration images (``reconstruction``: and the
+        reconstruction images) from ``model`` computing in float; without: nothing.
+
+        Args:
+            model: the float network (quantizers, if any, are switched off while it synthesises).
+            reconstruction: also the reconstruction images (the calibration images are their first rows).
+            cache_dir: the run folder: the images and the progress are kept in ``SYNTHETIC_FILE``
+                there, so that an interrupted synthesis resumes and a finished one is reused.
+            progress: show a progress bar.
+            fingerprint: what identifies the model's weights (a cache of another model is not reused).
+            write_cache: False: read the cache but do not write it (data-parallel ranks other than 0).
+
+        Returns:
+            Whether it added images to those it held (synthesised, read from the cache, or views).
+        """
+        if not self.synthetic:
+            return False
+        calib_size, recon_size = getattr(self, "calib_size", None), getattr(self, "recon_size", None)
+        if not isinstance(calib_size, int) or (reconstruction and not isinstance(recon_size, int)):
+            raise FimaqError(f"{type(self).__name__} keeps no calib_size/recon_size: synthetic needs both")
+        n = max(calib_size, recon_size) if reconstruction else calib_size
+        if self._synthetic is not None and self._synthetic[0].shape[0] >= n:
+            return False
+        seed, optimised = getattr(self, "seed", 0), min(n, self.synthetic_size or calib_size)
+        if self._optimised is not None and self._optimised[0].shape[0] >= optimised:
+            images, labels = self._optimised
+            self._synthetic = shifted_views(images[:optimised], labels[:optimised], n, seed)
+            return True
+        self._optimised = synthesize_images(
+            model,
+            optimised,
+            seed=seed,
+            steps=self.synthetic_steps,
+            lr=self.synthetic_lr,
+            batch_size=getattr(self, "batch_size", 32),
+            progress=progress,
+            state_path=None if cache_dir is None else Path(cache_dir) / SYNTHETIC_FILE,
+            fingerprint=fingerprint,
+            write_state=write_cache,
+        )
+        self._synthetic = shifted_views(*self._optimised, n, seed)
+        return True
+
+    def synthetic_tensors(self, num_images: int) -> tuple[Tensor, Tensor] | None:
+        """The first ``num_images`` synthetic images and their target classes with ``synthetic``
+        (after :meth:`use_synthetic`), None without."""
+        if not self.synthetic:
+            return None
+        have = 0 if self._synthetic is None else self._synthetic[0].shape[0]
+        if have < num_images:
+            raise FimaqError(
+                f"synthetic=true: {num_images} images are needed but {have} were synthesised; the stages "
+                "synthesise them from the model (from Python: call use_synthetic(model) first)"
+            )
+        images, labels = self._synthetic  # type: ignore[misc]
+        return images[:num_images], labels[:num_images]
 
     def calibration_tensors(self) -> tuple[Tensor, Tensor]:
         """Calibration images (already transformed) and labels."""

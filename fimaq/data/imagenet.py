@@ -143,6 +143,10 @@ class ImageNetDataModule(PTQDataModule):
         seed: int = 3407,
         num_workers: int = 4,
         val_limit: int | None = None,
+        synthetic: bool = False,
+        synthetic_steps: int = 20,
+        synthetic_lr: float = 0.5,
+        synthetic_size: int | None = None,
     ) -> None:
         """Check the folder layout and options; the folders are scanned in :meth:`setup`.
 
@@ -157,8 +161,15 @@ class ImageNetDataModule(PTQDataModule):
             seed: Seed of the subset permutations and of the training-transform randomness.
             num_workers: Worker processes of every data loader.
             val_limit: Evaluate on a seeded subset of this many validation images (``None``: all).
+            synthetic: Calibrate and reconstruct on images synthesised from the float model
+                (docs/synthetic.md); validation still uses the real images, so ``root`` must still
+                hold ``train`` and ``val`` (its train classes are still checked against the model).
+            synthetic_steps: Adam steps per chunk (``batch_size`` images) of synthetic images.
+            synthetic_lr: Adam's initial learning rate for the synthetic images (cosine decay).
+            synthetic_size: Synthetic images optimised from noise (default: ``calib_size``); the
+                reconstruction rows beyond them are seeded shifted copies of them.
         """
-        super().__init__(arch, model_kwargs)
+        super().__init__(arch, model_kwargs, synthetic, synthetic_steps, synthetic_lr, synthetic_size)
         self._keep_settings(calib_size, recon_size, batch_size, val_batch_size, seed, num_workers)
         if val_limit is not None:
             require_int("val_limit", val_limit, 1, note=" or null")
@@ -306,6 +317,9 @@ class ImageNetDataModule(PTQDataModule):
 
     def calibration_tensors(self) -> tuple[Tensor, Tensor]:
         """Calibration images (training transform, reproducible) and labels, built once then cached."""
+        synthetic = self.synthetic_tensors(self.calib_size)
+        if synthetic is not None:
+            return synthetic
         self.setup()
         if self._calib is None:
             if self._recon is not None:
@@ -319,6 +333,9 @@ class ImageNetDataModule(PTQDataModule):
 
         The first ``calib_size`` rows equal the calibration images.
         """
+        synthetic = self.synthetic_tensors(self.recon_size)
+        if synthetic is not None:
+            return synthetic
         self.setup()
         if self._recon is None:
             self._recon = self._materialise(self._recon_indices)

@@ -216,6 +216,10 @@ class ProxyDataModule(InMemoryDataModule):
         val_batch_size: int = 256,
         seed: int = 3407,
         num_workers: int = 0,
+        synthetic: bool = False,
+        synthetic_steps: int = 20,
+        synthetic_lr: float = 0.5,
+        synthetic_size: int | None = None,
     ) -> None:
         """Validate and store the options; tensors are built lazily in :meth:`setup`.
 
@@ -231,8 +235,14 @@ class ProxyDataModule(InMemoryDataModule):
             val_batch_size: Batch size of the validation and test loaders.
             seed: Seed of the calibration/reconstruction permutation and the train shuffle.
             num_workers: Worker processes of every data loader.
+            synthetic: Calibrate and reconstruct on images synthesised from the float model
+                (docs/synthetic.md); validation still uses the real images.
+            synthetic_steps: Adam steps per chunk (``batch_size`` images) of synthetic images.
+            synthetic_lr: Adam's initial learning rate for the synthetic images (cosine decay).
+            synthetic_size: Synthetic images optimised from noise (default: ``calib_size``); the
+                reconstruction rows beyond them are seeded shifted copies of them.
         """
-        super().__init__(arch, model_kwargs)
+        super().__init__(arch, model_kwargs, synthetic, synthetic_steps, synthetic_lr, synthetic_size)
         model_size = self.model_kwargs.get("img_size")
         if img_size is None:
             img_size = 32 if model_size is None else model_size
@@ -343,8 +353,14 @@ class ProxyDataModule(InMemoryDataModule):
 
     def calibration_tensors(self) -> tuple[Tensor, Tensor]:
         """Return the calibration images and labels (the first rows of the reconstruction set)."""
+        synthetic = self.synthetic_tensors(self.calib_size)
+        if synthetic is not None:
+            return synthetic
         return self._set("calib")
 
     def reconstruction_tensors(self) -> tuple[Tensor, Tensor]:
         """Return the reconstruction images and labels in permutation order."""
+        synthetic = self.synthetic_tensors(self.recon_size)
+        if synthetic is not None:
+            return synthetic
         return self._set("recon")
