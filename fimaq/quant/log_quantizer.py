@@ -79,10 +79,9 @@ class LogQuantizer(UniformQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-        scale = self.scale.to(xf.dtype) if xf.dtype != self.scale.dtype else self.scale
-        grad = torch.is_grad_enabled()
-        x_hat = log_fake_quant(xf, scale, self.step.to(xf.dtype), self.bits, ste=self.ste and grad)
+        xf, scale = self.float_operands(x)
+        ste = self.ste and torch.is_grad_enabled()
+        x_hat = log_fake_quant(xf, scale, self.step.to(xf.dtype), self.bits, ste=ste)
         if self.ste and self.qdrop is not None and self.qdrop < 1:
             keep = self.masks(xf.shape, self.qdrop, xf.device, xf.dtype, order=dense_order(xf))
             x_hat = torch.where(keep.bool(), x_hat, xf)

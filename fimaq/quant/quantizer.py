@@ -62,12 +62,16 @@ class UniformQuantizer(nn.Module):
             self.scale.copy_(scale.to(self.scale).expand_as(self.scale))
             self.zero_point.copy_(zero_point.to(self.zero_point).expand_as(self.zero_point))
 
+    def float_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` and the scale for float32 arithmetic whatever the input (autocast hands bf16/fp16
+        activations over)."""
+        xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        return xf, self.scale.to(xf.dtype) if xf.dtype != self.scale.dtype else self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        # float32 arithmetic whatever the input (autocast hands bf16/fp16 activations over)
-        xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-        scale = self.scale.to(xf.dtype) if xf.dtype != self.scale.dtype else self.scale
+        xf, scale = self.float_operands(x)
         grad = torch.is_grad_enabled()
         if not self.ste:
             buffer = None if grad else broadcast_buffer(xf, scale, self.zero_point)  # in-place passes
