@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from fimaq.quant.fake_quant import centered_codes
+from fimaq.quant.log_quantizer import log_fake_quant
 from fimaq.quant.search import candidate_chunks, choose, first_occurrences, fq, tie_rtol
 
 
@@ -201,8 +202,6 @@ def log_grid_errors(
     """Squared error of ``fq_log(a) @ b_hat`` against ``out`` per (candidate, head), summed over the
     images in float64: candidates of the log grid of ``a`` (:mod:`fimaq.quant.log_quantizer`) with
     grids ``scales`` / ``steps`` (P, H); the product in ``dtype`` (float64: the exact re-scoring)."""
-    from fimaq.quant.log_quantizer import log_fake_quant
-
     num, heads = scales.shape
     totals = torch.zeros(num, heads, dtype=torch.float64, device=a.device)
     other = b_hat.to(dtype)
