@@ -7,12 +7,20 @@ validation images and wall time.
 calibration and reconstruction sets). ``--calib-domain out`` uses images of another distribution
 than the validation set: the plain scikit-learn digits of :class:`fimaq.data.DigitsDataModule` (grey
 ink on black, upsampled to 32x32 and repeated to RGB; the same training digits and permutation, so
-only the rendering differs: no photo, no colour, no placement). Validation is the proxy's either way.
+only the rendering differs: no photo, no colour, no placement). ``--calib-domain synthetic`` uses no
+data: images optimised from noise by the float model (:func:`fimaq.data.synthetic.synthesize_images`,
+the config's seed; the reconstruction set is their seeded shifted copies, as ``--data.synthetic true``
+makes them), with the synthesis seconds recorded. Validation is the proxy's either way.
 
-Calibration is deterministic, so it runs once per domain; every reconstruction starts from it.
+A method is a reconstruction loss or ``calibration`` (calibration only), each optionally with
+``+rotation``, ``+ste``, ``+bf16`` and ``+log2`` / ``+adalog`` (``quant.attn_probs``), e.g.
+``calibration+adalog fisher_dplr+adalog``.
+
+Calibration is deterministic, so it runs once per domain and grid; every reconstruction starts from
+it. Runs go seed by seed (every method's seed 0 first).
 Results are appended to a JSON file as they come (a long run can be stopped and resumed). The two
 domains can run at once, one thread each, into two files; ``--report FILE ...`` prints their table.
-Run: python benchmarks/proxy.py [--calib-domain in|out] [--seeds 0 1 2] [--iters N] [--threads 2]
+Run: python benchmarks/proxy.py [--calib-domain in|out|synthetic] [--seeds 0 1 2] [--iters N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from fimaq.artifacts import resolve_checkpoint
 from fimaq.calib import calibrate_model
 from fimaq.config import CalibConfig, FisherConfig, QuantSpec, ReconConfig
 from fimaq.data import DigitsDataModule, ProxyDataModule
+from fimaq.data.synthetic import shifted_views, synthesize_images
 from fimaq.models import create_fp_model
 from fimaq.models.swap import quantize_model
 from fimaq.recon import reconstruct_model
@@ -56,6 +65,7 @@ def read_config(path: Path) -> dict[str, Any]:
         "fisher_samples": model.get("fisher", {}).get("num_samples", FisherConfig().num_samples),
         "calib_size": data.get("calib_size", 128),
         "recon_size": data.get("recon_size", 1024),
+        "seed": cfg.get("seed_everything", 0),
     }
 
 
@@ -102,7 +112,7 @@ def print_table(results: dict[str, Any], bits: str, iters: int) -> None:
         method = key.split("/")[-1].split("@")[0]
         if "/" in key and method not in methods:
             methods.append(method)
-    for domain in ("in", "out"):
+    for domain in ("in", "out", "synthetic"):
         for method in methods:
             rows = results.get(_key(domain, bits, method, iters))
             if rows:
@@ -110,27 +120,30 @@ def print_table(results: dict[str, Any], bits: str, iters: int) -> None:
                 name = {"calibration": "calibration only", "fisher_dplr": "`fisher_dplr` (default)"}
                 label = name.get(method, f"`{method}`")
                 print(f"| {domain} | {label} | {mean:.2f} ± {std:.2f} | {len(rows)} | {secs:.0f} |")
-    drops = []
-    for method in methods:
-        rows_in = results.get(_key("in", bits, method, iters))
-        rows_out = results.get(_key("out", bits, method, iters))
-        if rows_in and rows_out:
-            drops.append(f"{method} {summary(rows_out)[0] - summary(rows_in)[0]:+.2f}")
-    if drops:
-        print(f"\nout-of-domain minus in-domain (points of top-1): {', '.join(drops)}")
+    if "synthesis" in results:
+        print(f"\nsynthesis of the calibration images: {results['synthesis'][0]['seconds']:.0f} s")
+    for other in ("out", "synthetic"):
+        drops = []
+        for method in methods:
+            rows_in = results.get(_key("in", bits, method, iters))
+            rows_other = results.get(_key(other, bits, method, iters))
+            if rows_in and rows_other:
+                drops.append(f"{method} {summary(rows_other)[0] - summary(rows_in)[0]:+.2f}")
+        if drops:
+            print(f"\n{other} minus in (points of top-1): {', '.join(drops)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="proxy config (bits, steps)")
-    parser.add_argument("--calib-domain", choices=["in", "out"], default="in")
+    parser.add_argument("--calib-domain", choices=["in", "out", "synthetic"], default="in")
     parser.add_argument(
         "--methods",
         nargs="+",
         default=["mse", "fisher_dplr"],
-        help="recon losses, each optionally with +rotation (quant.rotation hadamard), +ste "
-        "(recon.rounding ste) and +bf16 (recon.cache_dtype bfloat16), e.g. fisher_dplr+rotation "
-        "global_local+rotation+ste fisher_dplr+bf16",
+        help="recon losses or 'calibration', each optionally with +rotation (quant.rotation hadamard), "
+        "+ste (recon.rounding ste), +bf16 (recon.cache_dtype bfloat16) and +log2 / +adalog "
+        "(quant.attn_probs), e.g. fisher_dplr+rotation global_local+rotation+ste calibration+adalog",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=None, help="steps per unit (default: the config's)")
@@ -152,36 +165,54 @@ def main() -> None:
     results = load_results(args.out)
     val = ProxyDataModule()
     xv, yv = val.val_tensors()
-    calib, recon_images = calib_sets(args.calib_domain, cfg["calib_size"], cfg["recon_size"])
     fp = create_fp_model(cfg["arch"], resolve_checkpoint(cfg["checkpoint"]), model_kwargs=cfg["model_kwargs"])
+    if args.calib_domain == "synthetic":
+        t0 = time.perf_counter()
+        calib, labels = synthesize_images(
+            copy.deepcopy(fp), cfg["calib_size"], seed=cfg["seed"], progress=False
+        )
+        results.setdefault("synthesis", [{"seconds": time.perf_counter() - t0}])
+        recon_images = shifted_views(calib, labels, cfg["recon_size"], cfg["seed"])[0]
+    else:
+        calib, recon_images = calib_sets(args.calib_domain, cfg["calib_size"], cfg["recon_size"])
     if "fp" not in results:
         results["fp"] = [{"top1": top1(fp, xv, yv), "seconds": 0.0}]
         save_results(args.out, results)
-    calibrated: dict[str, torch.nn.Module] = {}
+    calibrated: dict[tuple[str, str], torch.nn.Module] = {}
 
-    def calibrated_model(rotation: str) -> torch.nn.Module:
-        """Calibrated once per rotation (calibration is deterministic)."""
-        if rotation not in calibrated:
-            spec = QuantSpec(w_bits=cfg["w_bits"], a_bits=cfg["a_bits"], rotation=rotation)
+    def calibrated_model(rotation: str, attn_probs: str) -> torch.nn.Module:
+        """Calibrated once per rotation and attention-probability grid (calibration is deterministic)."""
+        if (rotation, attn_probs) not in calibrated:
+            spec = QuantSpec(
+                w_bits=cfg["w_bits"], a_bits=cfg["a_bits"], rotation=rotation, attn_probs=attn_probs
+            )
             net = quantize_model(copy.deepcopy(fp), spec)
             t0 = time.perf_counter()
             calibrate_model(net, calib, CalibConfig(), progress=False)
             row = {"top1": top1(net, xv, yv), "seconds": time.perf_counter() - t0}
             name = "calibration" + ("+rotation" if rotation != "none" else "")
+            name += f"+{attn_probs}" if attn_probs != "uniform" else ""
             results[f"{args.calib_domain}/{bits}/{name}"] = [row]
             save_results(args.out, results)
             print(f"{args.calib_domain}/{bits} {name}: top-1 {row['top1']:.2f}%  {row['seconds']:.0f} s")
-            calibrated[rotation] = net
-        return calibrated[rotation]
+            calibrated[(rotation, attn_probs)] = net
+        return calibrated[(rotation, attn_probs)]
 
-    if not any("+rotation" in m for m in args.methods):
-        calibrated_model("none")
-    for method in args.methods:
-        loss, *options = method.split("+")
-        key = _key(args.calib_domain, bits, method, iters)
-        done = {r["seed"] for r in results.get(key, [])}
-        for seed in (s for s in args.seeds if s not in done):
-            model = copy.deepcopy(calibrated_model("hadamard" if "rotation" in options else "none"))
+    def grids(options: list[str]) -> tuple[str, str]:
+        rotation = "hadamard" if "rotation" in options else "none"
+        return rotation, next((o for o in options if o in ("log2", "adalog")), "uniform")
+
+    for seed in args.seeds:  # every method's first seed before any second one
+        for method in args.methods:
+            loss, *options = method.split("+")
+            if loss == "calibration":
+                if seed == args.seeds[0] and f"{args.calib_domain}/{bits}/{method}" not in results:
+                    calibrated_model(*grids(options))
+                continue
+            key = _key(args.calib_domain, bits, method, iters)
+            if seed in {r["seed"] for r in results.get(key, [])}:
+                continue
+            model = copy.deepcopy(calibrated_model(*grids(options)))
             rounding = "ste" if "ste" in options else "adaround"
             cache_dtype = "bfloat16" if "bf16" in options else "float32"
             recon_cfg = ReconConfig(
