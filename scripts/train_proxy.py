@@ -34,8 +34,7 @@ Together 48.5 minutes. A third stage checked that accuracy had stopped rising: `
 STAGE2.safetensors --epochs 40 --lr 3e-4 --threads 1 --clutter-start 1.0`` (1083 s on one core, the
 other busy) scored 79.33, 78.56, 79.22, 79.22, 80.11, 79.56, 79.78 and 79.44 at epochs 5-40: it
 moves within 8 validation images below and 6 above where it started and ends there, so it was not
-shipped. Other thread counts
-may change the last bits of the result.
+shipped. Other thread counts may change the last bits of the result.
 
 Example (stage 1):
     PYTHONPATH=. python scripts/train_proxy.py --epochs 30 --eval-every 5 --threads 1 --out STAGE1.safetensors
